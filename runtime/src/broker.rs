@@ -1,0 +1,257 @@
+//! Connections to RabbitMQ and the publisher every binary sends through.
+//!
+//! Invariant: every publish waits for the broker's confirm and is
+//! `mandatory`, so an unroutable message is an error, never a silent drop.
+//! While the broker is unreachable a publish fails within the confirm
+//! timeout instead of hanging, and the next publish reconnects.
+
+use crate::envelope::Outgoing;
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+/// How long a publish may wait for the broker's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker is unreachable or the channel broke: worth retrying later.
+    #[error("the broker is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the broker did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    /// No queue is bound for this exchange and routing key: a topology bug,
+    /// or a queue deleted by hand.
+    #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// Opens a connection, named for the management UI, within [`CONNECT_TIMEOUT`].
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(result) => result,
+        Err(_) => Err(lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "connecting to the broker timed out",
+        ))),
+    }
+}
+
+/// Connects, retrying with exponential backoff (capped at 5 s) until it
+/// succeeds. Callers race it against their shutdown signal.
+pub async fn connect_with_backoff(url: &str, name: &str) -> Connection {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let result = (|| connect(url, name))
+        .retry(backoff)
+        .notify(|e, delay| warn!(connection = name, error = %e, retry_in = ?delay, "Broker unreachable"))
+        .await;
+    match result {
+        Ok(c) => {
+            info!(connection = name, "Connected to the broker");
+            c
+        }
+        // `without_max_times` never gives up, so this arm cannot be reached.
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Publishes with confirms on a connection of its own (the broker throttles
+/// publishing connections, which must not slow down consumers).
+pub struct Publisher {
+    url: String,
+    name: String,
+    channel: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A publisher that connects on first use (and after any failure).
+    pub fn lazy(url: &str, name: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            name: name.to_owned(),
+            channel: Mutex::new(None),
+        }
+    }
+
+    /// A publisher that is connected before it is returned.
+    pub async fn connect(url: &str, name: &str) -> Result<Self, PublishError> {
+        let publisher = Self::lazy(url, name);
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+
+    /// Whether the last connection is still open (for readiness checks).
+    pub async fn is_connected(&self) -> bool {
+        let guard = self.channel.lock().await;
+        guard
+            .as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let mut guard = self.channel.lock().await;
+        if let Some((connection, channel)) = guard.as_ref()
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        *guard = None;
+        let unavailable = |e: lapin::Error| PublishError::Unavailable(e.to_string());
+        let connection = connect(&self.url, &self.name).await.map_err(unavailable)?;
+        let channel = connection.create_channel().await.map_err(unavailable)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(unavailable)?;
+        info!(connection = %self.name, "Publisher connected");
+        *guard = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    async fn forget_channel(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
+        self.publish_raw(
+            &message.exchange,
+            &message.routing_key,
+            &message.body,
+            message.properties(),
+        )
+        .await
+    }
+
+    /// Publishes several messages back to back and then waits for all the
+    /// confirms, so a batch costs one round trip rather than one each.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let channel = self.channel().await?;
+        let mut pending = Vec::with_capacity(messages.len());
+        for m in messages {
+            match start_publish(
+                &channel,
+                &m.exchange,
+                &m.routing_key,
+                &m.body,
+                m.properties(),
+            )
+            .await
+            {
+                Ok(confirm) => pending.push((m, confirm)),
+                Err(e) => {
+                    self.forget_channel().await;
+                    return Err(e);
+                }
+            }
+        }
+        for (m, confirm) in pending {
+            if let Err(e) = await_confirm(confirm, &m.exchange, &m.routing_key).await {
+                if matches!(e, PublishError::Unavailable(_) | PublishError::Timeout(_)) {
+                    self.forget_channel().await;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a body with explicit properties (retry tiers, dead queues, replays).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let channel = self.channel().await?;
+        let result = match start_publish(&channel, exchange, routing_key, body, properties).await {
+            Ok(confirm) => await_confirm(confirm, exchange, routing_key).await,
+            Err(e) => Err(e),
+        };
+        if matches!(
+            result,
+            Err(PublishError::Unavailable(_) | PublishError::Timeout(_))
+        ) {
+            self.forget_channel().await;
+        }
+        result
+    }
+
+    pub async fn close(&self) {
+        if let Some((connection, _)) = self.channel.lock().await.take() {
+            let _ = connection.close(200, "shutting down".into()).await;
+        }
+    }
+}
+
+async fn start_publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<lapin::PublisherConfirm, PublishError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            options,
+            body,
+            properties,
+        )
+        .await
+        .map_err(|e| PublishError::Unavailable(e.to_string()))
+}
+
+async fn await_confirm(
+    confirm: lapin::PublisherConfirm,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), PublishError> {
+    let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+        .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        // confirm_select is always on, so the broker always confirms.
+        Confirmation::NotRequested => Err(PublishError::Nacked),
+    }
+}

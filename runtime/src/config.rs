@@ -1,0 +1,152 @@
+//! Typed settings read from the environment, with the contract's local defaults.
+//!
+//! Every binary builds its settings here, fails with a message naming the
+//! variable when one is wrong, and logs the effective values with secrets
+//! masked.
+
+use std::{fmt, str::FromStr, time::Duration};
+use topology::RetryDelays;
+
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
+
+/// A value that must never reach a log line in clear, such as a URL with a
+/// password in it. `Debug` and `Display` mask the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, for the one place that connects with it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&mask_password(&self.0))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:****@host/…`.
+pub fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    match authority[..at].find(':') {
+        Some(colon) => format!(
+            "{}{}:****{}",
+            &url[..scheme_end + 3],
+            &authority[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{name}={value:?} is not valid: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// Reads `name` from the environment, or `default` when it is unset or empty.
+pub fn env_or<T>(name: &'static str, default: &str) -> Result<T, ConfigError>
+where
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let value = std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned());
+    value.trim().parse().map_err(|e: T::Err| ConfigError {
+        name,
+        value,
+        reason: e.to_string(),
+    })
+}
+
+/// Settings shared by every worker binary.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub amqp_url: SecretUrl,
+    pub database_url: SecretUrl,
+    pub retry_delays: RetryDelays,
+    /// Unacknowledged deliveries the broker may push to this consumer (`PREFETCH`).
+    pub prefetch: u16,
+    /// Messages handled at once (`CONCURRENCY`); at most `prefetch`.
+    pub concurrency: usize,
+    /// Connections in the database pool (`DATABASE_POOL_SIZE`).
+    pub database_pool_size: u32,
+    /// How old an outbox row must be before the sweeper relays it (`OUTBOX_SWEEP_AFTER`).
+    pub outbox_sweep_after: Duration,
+}
+
+impl WorkerSettings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let prefetch: u16 = env_or("PREFETCH", "32")?;
+        if prefetch == 0 {
+            return Err(ConfigError {
+                name: "PREFETCH",
+                value: "0".into(),
+                reason: "must be at least 1 (0 would mean unbounded)".into(),
+            });
+        }
+        let concurrency: usize = env_or("CONCURRENCY", &prefetch.to_string())?;
+        let concurrency = concurrency.clamp(1, prefetch.into());
+        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 2).min(32).to_string())?;
+        let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
+        Ok(Self {
+            amqp_url: SecretUrl::new(env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?),
+            database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
+            retry_delays: env_or("RETRY_DELAYS", "1s,5s,30s,2m,10m")?,
+            prefetch,
+            concurrency,
+            database_pool_size: pool.max(2),
+            outbox_sweep_after: Duration::from_millis(sweep_after_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_masked_and_the_rest_is_kept() {
+        assert_eq!(
+            mask_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:****@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            mask_password("postgres://postgres@127.0.0.1:5432/orderflow"),
+            "postgres://postgres@127.0.0.1:5432/orderflow"
+        );
+        assert_eq!(
+            mask_password("postgres://u:p@ss@db/x"),
+            "postgres://u:****@db/x"
+        );
+        assert_eq!(mask_password("not a url"), "not a url");
+        let s = SecretUrl::new("amqp://a:b@h/");
+        assert_eq!(format!("{s:?}"), "\"amqp://a:****@h/\"");
+    }
+}

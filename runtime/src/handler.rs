@@ -1,0 +1,117 @@
+//! The handler API: what a domain worker implements.
+//!
+//! A handler sees a typed message and a [`Context`] holding the open database
+//! transaction, and answers done (`Ok`) or a classified [`Failure`]. It never
+//! acks, retries or dead-letters: the runtime turns the outcome into that.
+
+use crate::envelope::{Envelope, Inbound, Outgoing};
+use sqlx::{PgConnection, Postgres, Transaction};
+use std::future::Future;
+
+/// Why a handler could not finish a message.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Worth trying again later: a timeout, a 5xx, a lost connection, a
+    /// serialization conflict. The message goes to the next retry tier.
+    #[error("{0}")]
+    Transient(String),
+    /// No retry can help: a business rule or validation. The message goes
+    /// to the dead queue at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl Failure {
+    pub fn transient(cause: impl std::fmt::Display) -> Self {
+        Self::Transient(cause.to_string())
+    }
+
+    pub fn permanent(cause: impl std::fmt::Display) -> Self {
+        Self::Permanent(cause.to_string())
+    }
+}
+
+/// Database errors are classified by SQLSTATE class, never by message text:
+/// connection loss, conflicts and resource limits pass; the rest is a fault
+/// in the data or the code that a retry would repeat.
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        if is_transient(&e) {
+            Failure::Transient(format!("database: {e}"))
+        } else {
+            Failure::Permanent(format!("database: {e}"))
+        }
+    }
+}
+
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // 08 connection, 40 rollback (serialization, deadlock), 53
+            // resources, 57 operator intervention (shutdown), 58 system, 55P03 lock.
+            ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class))
+                || code == "55P03"
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// What the handler may touch while it handles one message.
+pub struct Context {
+    envelope: Envelope,
+    tx: Transaction<'static, Postgres>,
+    outbox: Vec<Outgoing>,
+}
+
+impl Context {
+    pub(crate) fn new(envelope: Envelope, tx: Transaction<'static, Postgres>) -> Self {
+        Self {
+            envelope,
+            tx,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The message's envelope (id, type, correlation id, attempt).
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The transaction the inbox row was written in; commit is the runtime's.
+    pub fn db(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Sends `message` once the transaction has committed, continuing this
+    /// message's trace and correlation. Written to the outbox in the same
+    /// transaction, so it is sent if and only if the effect is committed.
+    pub fn emit(&mut self, message: Outgoing) {
+        let message = message.caused_by(&self.envelope);
+        self.outbox.push(message);
+    }
+
+    pub(crate) fn into_parts(self) -> (Transaction<'static, Postgres>, Vec<Outgoing>) {
+        (self.tx, self.outbox)
+    }
+}
+
+/// A domain handler for the messages of one work queue.
+pub trait Handler: Send + Sync + 'static {
+    /// The payloads this queue carries, decoded by `type`.
+    type Message: Inbound;
+
+    fn handle(
+        &self,
+        ctx: &mut Context,
+        message: Self::Message,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+}

@@ -1,0 +1,27 @@
+//! The orderflow messaging runtime.
+//!
+//! Every worker binary stands on this crate: connections with recovery, a
+//! publisher with confirms, the consumer loop with bounded concurrency, the
+//! handler API, retry tiers and dead-lettering, the inbox and the
+//! transactional outbox, migrations, settings, logging and shutdown.
+//! Domain handlers use only [`Handler`], [`Context`] and [`Failure`]; they
+//! never touch channels, acks or retry plumbing.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod handler;
+pub mod routing;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+pub use broker::{PublishError, Publisher};
+pub use config::{SecretUrl, WorkerSettings};
+pub use envelope::{Envelope, Inbound, Malformed, Message, Outgoing, decode_json};
+pub use handler::{Context, Failure, Handler};
+pub use routing::DeadKind;
+pub use worker::{Worker, WorkerSpec};

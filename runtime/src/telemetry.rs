@@ -1,0 +1,19 @@
+//! Logging set-up shared by every binary.
+
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); `LOG_FORMAT=json`
+/// switches to one JSON object per line for log shippers.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = if std::env::var("LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+    // A second init (tests) keeps the first subscriber; that is fine.
+    drop(result);
+}

@@ -1,0 +1,635 @@
+//! The consumer loop: from a delivery to an ack, a retry tier or the dead queue.
+//!
+//! Invariants kept here:
+//! - Only this module acks, nacks, retries or dead-letters a delivery.
+//! - A delivery is acked only after its effect is committed, or after its
+//!   copy in a retry tier or dead queue was confirmed by the broker.
+//! - Concurrency is bounded by `PREFETCH` (broker side) and `CONCURRENCY`.
+//! - On shutdown: stop taking deliveries, finish those in flight, relay what
+//!   is left in the outbox, close connections, return.
+
+use crate::broker::{self, PublishError, Publisher};
+use crate::config::WorkerSettings;
+use crate::db;
+use crate::envelope::{Envelope, Inbound, Malformed, header_int, header_str};
+use crate::handler::{Context, Failure, Handler, is_transient};
+use crate::routing::{self, DeadKind, Route};
+use crate::store::Store;
+use backon::{ExponentialBuilder, Retryable};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Connection};
+use sqlx::PgPool;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use topology::{Domain, Topology, headers};
+use tracing::{debug, error, info, warn};
+
+/// How often a message may be handed to its handler without reaching an
+/// outcome (its worker died or hung each time). At the next redelivery the
+/// runtime dead-letters it with kind `delivery-limit` instead. Starts are
+/// counted in the database rather than read from the broker's
+/// `x-delivery-count`, because the broker also counts messages that merely
+/// sat in a dying worker's prefetch buffer, which would condemn innocent
+/// neighbours of a poison message. The queue's `x-delivery-limit` is higher
+/// and only a backstop.
+pub const MAX_STARTS: i32 = 3;
+
+/// The longest error text kept in `x-error`.
+const MAX_ERROR_LEN: usize = 1000;
+
+/// What a worker binary is: its name (inbox consumer, connection names,
+/// logs), the domain whose queue it consumes and the schema it owns.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSpec {
+    pub name: &'static str,
+    pub domain: Domain,
+    pub schema: &'static str,
+}
+
+pub struct Worker<H: Handler> {
+    inner: Arc<Inner<H>>,
+}
+
+struct Inner<H> {
+    spec: WorkerSpec,
+    settings: WorkerSettings,
+    topology: Topology,
+    pool: PgPool,
+    publisher: Publisher,
+    store: Store,
+    handler: H,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Connects the database (creating and migrating it as needed). The
+    /// broker is connected by [`Worker::run`], which waits for it.
+    pub async fn build(
+        spec: WorkerSpec,
+        settings: WorkerSettings,
+        handler: H,
+    ) -> anyhow::Result<Self> {
+        let pool = db::connect(settings.database_url.expose(), settings.database_pool_size).await?;
+        db::migrate(&pool).await?;
+        Ok(Self::with_pool(spec, settings, pool, handler))
+    }
+
+    /// A worker on an existing pool whose migrations have run.
+    pub fn with_pool(spec: WorkerSpec, settings: WorkerSettings, pool: PgPool, handler: H) -> Self {
+        let topology = Topology::contract(&settings.retry_delays).for_domain(spec.domain);
+        let publisher = Publisher::lazy(
+            settings.amqp_url.expose(),
+            &format!("{} publisher", spec.name),
+        );
+        let store = Store::new(spec.schema, spec.name);
+        Self {
+            inner: Arc::new(Inner {
+                spec,
+                settings,
+                topology,
+                pool,
+                publisher,
+                store,
+                handler,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Consumes until `shutdown` resolves, reconnecting after broker loss.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let token = CancellationToken::new();
+        let trigger = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let inner = self.inner;
+        let sweeper = tokio::spawn(sweep_loop(inner.clone(), token.clone()));
+        let name = format!("{} consumer", inner.spec.name);
+        loop {
+            let connection = tokio::select! {
+                () = token.cancelled() => break,
+                c = broker::connect_with_backoff(inner.settings.amqp_url.expose(), &name) => c,
+            };
+            let result = consume(&inner, &connection, &token).await;
+            let _ = connection.close(200, "consumer stopping".into()).await;
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(worker = inner.spec.name, error = %e, "Consumer lost its connection, reconnecting");
+                    tokio::select! {
+                        () = token.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+        let _ = sweeper.await;
+        // Relay whatever the last handlers left, regardless of age.
+        if let Err(e) = sweep_once(&inner, Duration::ZERO).await {
+            warn!(worker = inner.spec.name, error = %e, "Outbox not flushed at shutdown; the next start relays it");
+        }
+        inner.publisher.close().await;
+        inner.pool.close().await;
+        info!(worker = inner.spec.name, "Stopped");
+        Ok(())
+    }
+}
+
+/// One consuming session on one connection. Returns Ok on shutdown and Err
+/// when the connection or channel is lost.
+async fn consume<H: Handler>(
+    inner: &Arc<Inner<H>>,
+    connection: &Connection,
+    token: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mismatches = topology::declare(connection, &inner.topology).await?;
+    for m in &mismatches {
+        // The existing queue keeps being used; an operator must reconcile it.
+        error!(worker = inner.spec.name, mismatch = %m, "Topology differs from the broker");
+    }
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let queue = inner.spec.domain.queue();
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            format!("{}-{}", inner.spec.name, uuid::Uuid::new_v4())
+                .as_str()
+                .into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(
+        worker = inner.spec.name,
+        queue,
+        prefetch = inner.settings.prefetch,
+        concurrency = inner.settings.concurrency,
+        "Consuming"
+    );
+    let stream_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen_error = stream_error.clone();
+    // The delivery stream does not always end when the connection dies, so
+    // the connection is watched too: either way, stop taking deliveries and
+    // let the ones in flight finish (their acks fail; the broker redelivers).
+    let connection_lost = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if !connection.status().connected() || !channel.status().connected() {
+                return;
+            }
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            () = token.cancelled() => {}
+            () = connection_lost => {}
+        }
+    };
+    consumer
+        .take_until(stop)
+        .for_each_concurrent(inner.settings.concurrency, |delivery| {
+            let inner = inner.clone();
+            let token = token.clone();
+            let seen_error = seen_error.clone();
+            async move {
+                match delivery {
+                    // Spawned so handlers use every core; awaited so the
+                    // concurrency bound holds.
+                    Ok(delivery) => {
+                        let _ =
+                            tokio::spawn(async move { process(&inner, delivery, &token).await })
+                                .await;
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = seen_error.lock() {
+                            *slot = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+    if token.is_cancelled() {
+        let _ = channel.close(200, "shutting down".into()).await;
+        return Ok(());
+    }
+    let reason = stream_error
+        .lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .unwrap_or_else(|| "the connection or channel closed".to_owned());
+    anyhow::bail!(reason)
+}
+
+/// Handles one delivery to its end: ack, retry tier, dead queue, or (when
+/// the infrastructure is down) left for the broker to redeliver.
+async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &CancellationToken) {
+    let queue = inner.spec.domain.queue();
+    let envelope = match Envelope::parse(&delivery.properties) {
+        Ok(e) => e,
+        Err(m) => {
+            return dead_letter(inner, &delivery, DeadKind::Malformed, &m.to_string(), 1).await;
+        }
+    };
+    let redelivered = delivery.redelivered
+        || delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| header_int(h, headers::DELIVERY_COUNT))
+            .is_some_and(|n| n > 0);
+    if redelivered {
+        match inner
+            .store
+            .count_start(&inner.pool, envelope.message_id)
+            .await
+        {
+            // The first start was not counted: it was not a redelivery.
+            Ok(starts) if starts >= MAX_STARTS => {
+                let why = format!(
+                    "handed to the handler {} times without an outcome; it crashes or hangs its worker",
+                    starts
+                );
+                dead_letter(
+                    inner,
+                    &delivery,
+                    DeadKind::DeliveryLimit,
+                    &why,
+                    envelope.attempt,
+                )
+                .await;
+                let _ = inner
+                    .store
+                    .forget_starts(&inner.pool, envelope.message_id)
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+            // The database is away; `begin` below waits for it.
+            Err(e) => debug!(error = %e, "Start not counted"),
+        }
+    }
+    let message = match H::Message::decode(&envelope.kind, &delivery.data) {
+        Ok(m) => m,
+        Err(m) => {
+            return dead_letter(
+                inner,
+                &delivery,
+                DeadKind::Malformed,
+                &m.to_string(),
+                envelope.attempt,
+            )
+            .await;
+        }
+    };
+
+    let Some(mut tx) = begin(inner, token).await else {
+        // Shutting down while the database is away: leave it to the broker.
+        return;
+    };
+    let outcome = match inner.store.record_inbox(&mut tx, envelope.message_id).await {
+        Ok(false) => {
+            drop(tx);
+            debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
+            return ack(&delivery).await;
+        }
+        Ok(true) => {
+            let mut ctx = Context::new(envelope.clone(), tx);
+            let result = AssertUnwindSafe(inner.handler.handle(&mut ctx, message))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    Err(Failure::Permanent(format!(
+                        "handler panicked: {}",
+                        panic_text(&panic)
+                    )))
+                });
+            match result {
+                Ok(()) => commit(inner, ctx).await,
+                Err(f) => Err(f),
+            }
+        }
+        Err(e) => Err(Failure::from(e)),
+    };
+    match outcome {
+        Ok(ids_and_messages) => {
+            relay(inner, ids_and_messages).await;
+            if redelivered {
+                let _ = inner
+                    .store
+                    .forget_starts(&inner.pool, envelope.message_id)
+                    .await;
+            }
+            debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
+            ack(&delivery).await;
+        }
+        Err(Failure::Permanent(why)) => {
+            dead_letter(
+                inner,
+                &delivery,
+                DeadKind::Permanent,
+                &why,
+                envelope.attempt,
+            )
+            .await;
+        }
+        Err(Failure::Transient(why)) => {
+            match routing::after_transient(envelope.attempt, &inner.settings.retry_delays) {
+                Route::Retry { tier, delay } => {
+                    retry(inner, &delivery, &envelope, tier, delay, &why).await
+                }
+                Route::Dead(kind) => {
+                    dead_letter(inner, &delivery, kind, &why, envelope.attempt).await
+                }
+            }
+        }
+    }
+}
+
+type Committed = (Vec<i64>, Vec<crate::envelope::Outgoing>);
+
+async fn commit<H>(inner: &Inner<H>, ctx: Context) -> Result<Committed, Failure> {
+    let (mut tx, outbox) = ctx.into_parts();
+    let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
+    tx.commit().await?;
+    Ok((ids, outbox))
+}
+
+/// Sends what the handler emitted, right after commit. A failure here loses
+/// nothing: the rows stay and the sweeper sends them.
+async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
+    if messages.is_empty() {
+        return;
+    }
+    match inner.publisher.publish_all(&messages).await {
+        Ok(()) => {
+            if let Err(e) = inner.store.delete_outbox(&inner.pool, &ids).await {
+                warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted; the sweeper resends them and consumers deduplicate");
+            }
+        }
+        Err(e) => {
+            warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
+        }
+    }
+}
+
+/// Opens the handler's transaction, waiting out a database outage rather
+/// than spending the message's attempts on it.
+async fn begin<H>(
+    inner: &Inner<H>,
+    token: &CancellationToken,
+) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let attempt = (|| inner.pool.begin())
+        .retry(backoff)
+        .when(is_transient)
+        .notify(|e, delay| warn!(worker = inner.spec.name, error = %e, retry_in = ?delay, "Database unavailable"));
+    tokio::select! {
+        result = attempt => match result {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                error!(worker = inner.spec.name, error = %e, "Cannot open a database transaction");
+                None
+            }
+        },
+        () = token.cancelled() => None,
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The channel is gone; the broker redelivers and the inbox dedupes.
+        warn!(error = %e, "Ack failed");
+    }
+}
+
+/// Gives the delivery back to the broker after a failed move, so it is not
+/// held unacked while the publisher is away.
+async fn requeue(delivery: &Delivery, error: &PublishError) {
+    warn!(error = %error, "Could not move the message; returning it to its queue");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
+}
+
+async fn retry<H>(
+    inner: &Inner<H>,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    tier: usize,
+    delay: Duration,
+    why: &str,
+) {
+    let queue = inner.spec.domain.queue();
+    let next = envelope.attempt + 1;
+    let mut properties = failure_properties(
+        delivery,
+        why,
+        &[(headers::ATTEMPT, AMQPValue::LongLongInt(next.into()))],
+    );
+    properties = properties.with_expiration(
+        routing::jittered(delay)
+            .as_millis()
+            .to_string()
+            .as_str()
+            .into(),
+    );
+    let target = inner.spec.domain.retry_queue(tier);
+    match publish_with_retries(inner, &target, &delivery.data, properties).await {
+        Ok(()) => {
+            warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, error = why, "Transient failure, retrying");
+            ack(delivery).await;
+        }
+        Err(e) => requeue(delivery, &e).await,
+    }
+}
+
+async fn dead_letter<H>(
+    inner: &Inner<H>,
+    delivery: &Delivery,
+    kind: DeadKind,
+    why: &str,
+    attempts: u32,
+) {
+    let queue = inner.spec.domain.queue();
+    let properties = failure_properties(
+        delivery,
+        why,
+        &[
+            (
+                headers::ERROR_KIND,
+                AMQPValue::LongString(kind.as_str().into()),
+            ),
+            (headers::ATTEMPTS, AMQPValue::LongLongInt(attempts.into())),
+        ],
+    );
+    let target = inner.spec.domain.dead_queue();
+    match publish_with_retries(inner, &target, &delivery.data, properties).await {
+        Ok(()) => {
+            let message_id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            error!(
+                queue,
+                message_id,
+                kind = kind.as_str(),
+                attempts,
+                error = why,
+                "Message dead-lettered"
+            );
+            ack(delivery).await;
+        }
+        Err(e) => requeue(delivery, &e).await,
+    }
+}
+
+async fn publish_with_retries<H>(
+    inner: &Inner<H>,
+    queue: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_times(3);
+    (|| {
+        inner
+            .publisher
+            .publish_raw("", queue, body, properties.clone())
+    })
+    .retry(backoff)
+    .await
+}
+
+/// The delivery's properties with the failure headers: the error, when it
+/// first failed and where it was first published (kept from an earlier
+/// failure), plus `extra`.
+fn failure_properties(
+    delivery: &Delivery,
+    why: &str,
+    extra: &[(&str, AMQPValue)],
+) -> BasicProperties {
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let mut set = |name: &str, value: AMQPValue| {
+        table.insert(ShortString::from(name), value);
+    };
+    let existing = delivery.properties.headers().clone().unwrap_or_default();
+    if header_str(&existing, headers::FIRST_FAILED_AT).is_none() {
+        set(
+            headers::FIRST_FAILED_AT,
+            AMQPValue::LongString(chrono::Utc::now().to_rfc3339().as_str().into()),
+        );
+    }
+    if header_str(&existing, headers::ORIGINAL_EXCHANGE).is_none() {
+        set(
+            headers::ORIGINAL_EXCHANGE,
+            AMQPValue::LongString(delivery.exchange.as_str().into()),
+        );
+        set(
+            headers::ORIGINAL_ROUTING_KEY,
+            AMQPValue::LongString(delivery.routing_key.as_str().into()),
+        );
+    }
+    let mut error = why.to_owned();
+    if error.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    set(
+        headers::ERROR,
+        AMQPValue::LongString(LongString::from(error.as_str())),
+    );
+    for (name, value) in extra {
+        set(name, value.clone());
+    }
+    // The broker's delivery count belongs to the old queue; a fresh copy starts at zero.
+    let mut inner = table.inner().clone();
+    inner.remove(&ShortString::from(headers::DELIVERY_COUNT));
+    delivery
+        .properties
+        .clone()
+        .with_headers(FieldTable::from(inner))
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
+
+/// Relays outbox rows that the post-commit relay did not (a crash between
+/// commit and relay, or the broker away at that moment).
+async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
+    let every = (inner.settings.outbox_sweep_after / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match sweep_once(&inner, inner.settings.outbox_sweep_after).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                worker = inner.spec.name,
+                messages = n,
+                "Outbox sweeper relayed messages"
+            ),
+            Err(e) => warn!(worker = inner.spec.name, error = %e, "Outbox sweep failed"),
+        }
+    }
+}
+
+/// Relays every outbox row older than `age`, in batches; returns how many.
+async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Result<usize> {
+    let mut total = 0;
+    loop {
+        let mut tx = inner.pool.begin().await?;
+        let rows = inner.store.lock_stale_outbox(&mut tx, age, 500).await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let (ids, messages): (Vec<i64>, Vec<_>) = rows.into_iter().unzip();
+        inner.publisher.publish_all(&messages).await?;
+        inner.store.delete_outbox_in(&mut tx, &ids).await?;
+        tx.commit().await?;
+        total += ids.len();
+    }
+}
+
+impl From<Malformed> for Failure {
+    fn from(m: Malformed) -> Self {
+        Failure::Permanent(m.to_string())
+    }
+}

@@ -1,0 +1,101 @@
+#![allow(dead_code, clippy::unwrap_used)]
+
+pub mod probe;
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+use probe::{PROBE_TABLES, Probe, ProbeHandler, probe_spec};
+use runtime::{Outgoing, Worker, WorkerSettings};
+use std::time::Duration;
+use testkit::TestEnv;
+use tokio::sync::oneshot;
+
+pub fn settings(env: &TestEnv, retry_delays: &str) -> WorkerSettings {
+    WorkerSettings {
+        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+        database_url: runtime::SecretUrl::new(env.database_url.clone()),
+        retry_delays: retry_delays.parse().unwrap(),
+        prefetch: 16,
+        concurrency: 8,
+        database_pool_size: 10,
+        outbox_sweep_after: Duration::from_millis(500),
+    }
+}
+
+/// Migrates the test database and creates the probe tables.
+pub async fn prepare(env: &TestEnv) -> sqlx::PgPool {
+    let pool = env.pool().await;
+    runtime::db::migrate(&pool).await.unwrap();
+    sqlx::raw_sql(PROBE_TABLES).execute(&pool).await.unwrap();
+    pool
+}
+
+/// A worker running in this process until the returned sender fires.
+pub struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Declares the whole topology, as `topology apply` does before a deployment.
+pub async fn apply_topology(env: &TestEnv, retry_delays: &str) {
+    let t = topology::Topology::contract(&retry_delays.parse().unwrap());
+    let conn = env.connection().await;
+    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
+    let _ = conn.close(200, "done".into()).await;
+}
+
+pub async fn start_worker(env: &TestEnv, retry_delays: &str) -> Running {
+    runtime::telemetry::init();
+    apply_topology(env, retry_delays).await;
+    let pool = prepare(env).await;
+    let handler = ProbeHandler { pool: pool.clone() };
+    let worker = Worker::with_pool(probe_spec(), settings(env, retry_delays), pool, handler);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { stop, task }
+}
+
+pub async fn send(env: &TestEnv, probe: &Probe) -> Outgoing {
+    let out = Outgoing::of(probe).correlated(&probe.id);
+    env.publish(&out.exchange, &out.routing_key, out.properties(), &out.body)
+        .await;
+    out
+}
+
+pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+pub fn header(props: &BasicProperties, name: &str) -> Option<AMQPValue> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h: &FieldTable| h.inner().get(name).cloned())
+}
+
+pub fn header_text(props: &BasicProperties, name: &str) -> String {
+    match header(props, name) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+pub fn header_number(props: &BasicProperties, name: &str) -> Option<i64> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| runtime::envelope::header_int(h, name))
+}

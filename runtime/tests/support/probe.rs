@@ -1,0 +1,110 @@
+//! A handler whose behaviour each message chooses, for the runtime's tests:
+//! succeed, fail transiently until some attempt, fail permanently, crash the
+//! process, sleep, emit an event. It records each invocation outside the
+//! transaction and each effect inside it, so tests can count both.
+
+use runtime::{Context, Failure, Handler, Inbound, Malformed, Message, Outgoing, decode_json};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+pub const PROBE_KIND: &str = "inventory.probe";
+pub const PROBED_KIND: &str = "inventory.probed";
+
+pub const PROBE_TABLES: &str = "
+    CREATE TABLE IF NOT EXISTS probe_invocations (id text NOT NULL, attempt int NOT NULL, at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE IF NOT EXISTS probe_effects (id text NOT NULL, message_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT now());
+";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Probe {
+    pub id: String,
+    /// `transient`, `permanent` or `crash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail: Option<String>,
+    /// With `transient`: the attempt that finally succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub succeed_at_attempt: Option<u32>,
+    #[serde(default)]
+    pub sleep_ms: u64,
+    #[serde(default)]
+    pub emit: bool,
+}
+
+impl Message for Probe {
+    const KIND: &'static str = PROBE_KIND;
+    const EXCHANGE: &'static str = topology::COMMANDS;
+}
+
+#[derive(Debug, Serialize)]
+pub struct Probed {
+    pub id: String,
+}
+
+impl Message for Probed {
+    const KIND: &'static str = PROBED_KIND;
+    const EXCHANGE: &'static str = topology::EVENTS;
+}
+
+pub enum ProbeMessage {
+    Probe(Probe),
+}
+
+impl Inbound for ProbeMessage {
+    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
+        match kind {
+            PROBE_KIND => decode_json(kind, body).map(ProbeMessage::Probe),
+            other => Err(Malformed::UnknownType(other.to_owned())),
+        }
+    }
+}
+
+pub struct ProbeHandler {
+    pub pool: sqlx::PgPool,
+}
+
+impl Handler for ProbeHandler {
+    type Message = ProbeMessage;
+
+    async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
+        let ProbeMessage::Probe(probe) = message;
+        let attempt = ctx.envelope().attempt;
+        sqlx::query("INSERT INTO probe_invocations (id, attempt) VALUES ($1, $2)")
+            .bind(&probe.id)
+            .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+            .execute(&self.pool)
+            .await?;
+        if probe.sleep_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(probe.sleep_ms)).await;
+        }
+        match probe.fail.as_deref() {
+            Some("transient") if probe.succeed_at_attempt.is_none_or(|n| attempt < n) => {
+                return Err(Failure::transient(format!(
+                    "probe {} fails at attempt {attempt}",
+                    probe.id
+                )));
+            }
+            Some("permanent") => {
+                return Err(Failure::permanent(format!("probe {} is refused", probe.id)));
+            }
+            Some("crash") => std::process::abort(),
+            _ => {}
+        }
+        sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
+            .bind(&probe.id)
+            .bind(ctx.envelope().message_id)
+            .execute(ctx.db())
+            .await?;
+        if probe.emit {
+            ctx.emit(Outgoing::of(&Probed { id: probe.id }));
+        }
+        Ok(())
+    }
+}
+
+pub fn probe_spec() -> runtime::WorkerSpec {
+    runtime::WorkerSpec {
+        name: "probe-worker",
+        domain: topology::Domain::Inventory,
+        schema: "inventory",
+    }
+}

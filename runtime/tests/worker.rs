@@ -1,0 +1,384 @@
+//! The consumer loop against the real broker and database: retries, dead
+//! letters, malformed input, duplicates, the outbox and lost connections.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use lapin::BasicProperties;
+use runtime::Outgoing;
+use std::time::Duration;
+use support::probe::Probe;
+use support::*;
+use testkit::{TestEnv, eventually};
+use topology::headers;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn probe(id: &str) -> Probe {
+    Probe {
+        id: id.into(),
+        ..Probe::default()
+    }
+}
+
+#[tokio::test]
+async fn transient_failure_is_retried_through_the_tiers_then_succeeds() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms,200ms,300ms").await;
+    let pool = env.pool().await;
+
+    send(
+        &env,
+        &Probe {
+            fail: Some("transient".into()),
+            succeed_at_attempt: Some(3),
+            ..probe("p1")
+        },
+    )
+    .await;
+
+    eventually(WAIT, "the third attempt commits", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 'p1'").await == 1
+    })
+    .await;
+    let attempts: Vec<i32> =
+        sqlx::query_scalar("SELECT attempt FROM probe_invocations ORDER BY at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn exhausted_attempts_end_in_the_dead_queue_with_the_contract_headers() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms,200ms").await;
+
+    let sent = send(
+        &env,
+        &Probe {
+            fail: Some("transient".into()),
+            ..probe("p2")
+        },
+    )
+    .await;
+
+    eventually(WAIT, "the message is dead", || async {
+        env.depth("inventory.dead").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    let (props, body) = &dead[0];
+    assert_eq!(body, &sent.body);
+    assert_eq!(
+        props.message_id().as_ref().unwrap().as_str(),
+        sent.message_id.to_string()
+    );
+    assert_eq!(header_text(props, headers::ERROR_KIND), "exhausted");
+    assert_eq!(header_number(props, headers::ATTEMPTS), Some(3));
+    assert_eq!(header_text(props, headers::ORIGINAL_EXCHANGE), "commands");
+    assert_eq!(
+        header_text(props, headers::ORIGINAL_ROUTING_KEY),
+        "inventory.probe"
+    );
+    assert!(header_text(props, headers::ERROR).contains("fails at attempt 3"));
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&header_text(props, headers::FIRST_FAILED_AT)).is_ok()
+    );
+    for tier in 1..=2 {
+        assert_eq!(env.depth(&format!("inventory.retry.{tier}")).await, 0);
+    }
+    let pool = env.pool().await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM probe_effects").await, 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_invocations").await,
+        3
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_goes_to_the_dead_queue_at_once() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms,200ms").await;
+
+    send(
+        &env,
+        &Probe {
+            fail: Some("permanent".into()),
+            ..probe("p3")
+        },
+    )
+    .await;
+
+    eventually(WAIT, "the message is dead", || async {
+        env.depth("inventory.dead").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert_eq!(header_number(&dead[0].0, headers::ATTEMPTS), Some(1));
+    assert_eq!(
+        header_text(&dead[0].0, headers::ERROR),
+        "probe p3 is refused"
+    );
+    let pool = env.pool().await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_invocations").await,
+        1
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn garbage_is_dead_lettered_as_malformed_while_valid_messages_keep_flowing() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let good = Outgoing::of(&probe("template"));
+    let props = good.properties();
+    let garbage: Vec<(BasicProperties, Vec<u8>)> = vec![
+        (
+            props
+                .clone()
+                .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+            b"{not json".to_vec(),
+        ),
+        (
+            props
+                .clone()
+                .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+            vec![0xff, 0x00, 0xfe, 0x12],
+        ),
+        (
+            props
+                .clone()
+                .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+            br#"{"no_id": true}"#.to_vec(),
+        ),
+        (
+            props
+                .clone()
+                .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
+                .with_type("inventory.unknown".into()),
+            br#"{"id": "x"}"#.to_vec(),
+        ),
+        (
+            props
+                .clone()
+                .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
+                .with_content_type("text/plain".into()),
+            br#"{"id": "x"}"#.to_vec(),
+        ),
+        (
+            props.clone().with_message_id("not-a-uuid".into()),
+            br#"{"id": "x"}"#.to_vec(),
+        ),
+        (BasicProperties::default(), b"".to_vec()),
+    ];
+    for (i, (p, body)) in garbage.iter().enumerate() {
+        env.publish("commands", "inventory.probe", p.clone(), body)
+            .await;
+        send(&env, &probe(&format!("good-{i}"))).await;
+    }
+
+    let pool = env.pool().await;
+    eventually(WAIT, "all valid messages applied", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 7
+    })
+    .await;
+    eventually(WAIT, "all garbage dead", || async {
+        env.depth("inventory.dead").await == 7
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert!(
+        dead.iter()
+            .all(|(p, _)| header_text(p, headers::ERROR_KIND) == "malformed")
+    );
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|(p, _)| header_text(p, headers::ERROR))
+        .collect();
+    for expected in [
+        "is not valid",
+        "unknown message type",
+        "content_type",
+        "not a UUID",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "{expected} in {errors:?}"
+        );
+    }
+    // The garbage bodies are kept as they were, for `dlq show`.
+    assert!(dead.iter().any(|(_, b)| b == &vec![0xff, 0x00, 0xfe, 0x12]));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_same_message_id_delivered_twice_has_one_effect() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let out = Outgoing::of(&probe("dup"));
+
+    env.publish(&out.exchange, &out.routing_key, out.properties(), &out.body)
+        .await;
+    env.publish(&out.exchange, &out.routing_key, out.properties(), &out.body)
+        .await;
+    send(&env, &probe("marker")).await;
+
+    let pool = env.pool().await;
+    eventually(WAIT, "both copies consumed", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 'marker'",
+        )
+        .await
+            == 1
+            && env.depth("inventory").await == 0
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 'dup'").await,
+        1
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM inventory.inbox").await,
+        2
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+
+    let sent = send(
+        &env,
+        &Probe {
+            emit: true,
+            ..probe("emitter")
+        },
+    )
+    .await;
+
+    // `inventory.probed` on `events` is routed to the order queue.
+    eventually(WAIT, "the event reaches the order queue", || async {
+        env.depth("order").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let (props, body) = env.drain("order").await.remove(0);
+    assert_eq!(props.kind().as_ref().unwrap().as_str(), "inventory.probed");
+    assert_eq!(props.correlation_id().as_ref().unwrap().as_str(), "emitter");
+    assert_eq!(body, br#"{"id":"emitter"}"#);
+    let trace = |t: &str| t.split('-').nth(1).map(str::to_owned);
+    let received = header_text(&props, headers::TRACEPARENT);
+    let sent_trace = sent.traceparent.clone().unwrap();
+    assert_eq!(
+        trace(&received),
+        trace(&sent_trace),
+        "the event continues the trace"
+    );
+    assert_ne!(received, sent_trace, "the event is a new span");
+    assert_eq!(props.delivery_mode(), &Some(2));
+    let pool = env.pool().await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM inventory.outbox").await,
+        0
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
+    let env = TestEnv::new().await;
+    let pool = prepare(&env).await;
+    // Rows committed by a handler whose process died before relaying them.
+    let store = runtime::store::Store::new("inventory", "probe-worker");
+    let left = vec![
+        Outgoing::of(&support::probe::Probed { id: "a".into() }).correlated("a"),
+        Outgoing::of(&support::probe::Probed { id: "b".into() }).correlated("b"),
+    ];
+    let mut tx = pool.begin().await.unwrap();
+    store.insert_outbox(&mut tx, &left).await.unwrap();
+    tx.commit().await.unwrap();
+    let worker = start_worker(&env, "100ms").await;
+
+    eventually(WAIT, "both rows relayed", || async {
+        env.depth("order").await == 2
+    })
+    .await;
+    eventually(WAIT, "the outbox is empty", || async {
+        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
+    })
+    .await;
+    worker.stop().await;
+    let ids: Vec<String> = env
+        .drain("order")
+        .await
+        .iter()
+        .map(|(p, _)| p.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert!(left.iter().all(|m| ids.contains(&m.message_id.to_string())));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message_once() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms,200ms").await;
+    let pool = env.pool().await;
+    for i in 0..60 {
+        send(
+            &env,
+            &Probe {
+                sleep_ms: 20,
+                emit: true,
+                ..probe(&format!("m{i}"))
+            },
+        )
+        .await;
+    }
+    eventually(WAIT, "some progress", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await >= 10
+    })
+    .await;
+
+    // The management API lists a connection once its stats are collected.
+    eventually(WAIT, "the worker's connections are cut", || async {
+        env.close_connections("probe-worker").await >= 2
+    })
+    .await;
+
+    eventually(WAIT, "every message applied", || async {
+        count(&pool, "SELECT count(DISTINCT id) FROM probe_effects").await == 60
+    })
+    .await;
+    eventually(WAIT, "every event relayed", || async {
+        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(count(&pool, "SELECT count(*) FROM probe_effects").await, 60);
+    // Events may be relayed twice (sweeper and relay racing a lost confirm),
+    // never lost; the consumer's inbox removes such duplicates.
+    let events = env.drain("order").await;
+    let mut ids: Vec<String> = events
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 60);
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    env.cleanup().await;
+}

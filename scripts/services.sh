@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Makes sure RabbitMQ (with the management plugin) and PostgreSQL run on this
+# machine, installing them from Debian packages where they are missing.
+# Idempotent: on a machine where both already run it only checks them.
+set -euo pipefail
+
+log() { echo "services: $*" >&2; }
+
+need_root_for() {
+    if [ "$(id -u)" != 0 ]; then
+        log "$1 needs root (apt-get); run as root or install it yourself"
+        exit 1
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    need_root_for "installing $*"
+    if [ "$apt_updated" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+    local port=$1 what=$2
+    for _ in $(seq 1 120); do
+        port_open "$port" && return 0
+        sleep 0.5
+    done
+    log "$what did not open port $port"
+    exit 1
+}
+
+# --- PostgreSQL -------------------------------------------------------------
+if ! command -v pg_ctlcluster >/dev/null && ! command -v psql >/dev/null; then
+    log "installing PostgreSQL"
+    apt_install postgresql
+fi
+if ! port_open 5432; then
+    log "starting PostgreSQL"
+    version=$(ls /etc/postgresql | sort -V | tail -n1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    wait_port 5432 PostgreSQL
+fi
+# Local development uses trust auth for the postgres user on loopback, as the
+# contract's default DATABASE_URL has no password. Only touch a fresh install.
+if ! psql -h 127.0.0.1 -U postgres -d postgres -Atc 'select 1' >/dev/null 2>&1; then
+    need_root_for "configuring PostgreSQL trust auth on loopback"
+    version=$(ls /etc/postgresql | sort -V | tail -n1)
+    hba=/etc/postgresql/$version/main/pg_hba.conf
+    sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+fi
+psql -h 127.0.0.1 -U postgres -d postgres -Atc "select 1 from pg_database where datname = 'orderflow'" | grep -q 1 \
+    || psql -h 127.0.0.1 -U postgres -d postgres -qc 'create database orderflow'
+
+# --- RabbitMQ ---------------------------------------------------------------
+if ! command -v rabbitmq-server >/dev/null; then
+    log "installing RabbitMQ"
+    apt_install rabbitmq-server
+fi
+if ! port_open 5672; then
+    log "starting RabbitMQ"
+    rabbitmq-server -detached
+    wait_port 5672 RabbitMQ
+fi
+if ! port_open 15672; then
+    log "enabling the RabbitMQ management plugin"
+    rabbitmq-plugins enable rabbitmq_management >/dev/null
+    wait_port 15672 "the RabbitMQ management plugin"
+fi
+# The management API answers only once the node has finished booting.
+for _ in $(seq 1 60); do
+    curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 && break
+    sleep 0.5
+done
+log "PostgreSQL on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672 (management UI http://127.0.0.1:15672)"

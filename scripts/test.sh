@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole test suite: format, lints, the compose file, every test against
+# the real RabbitMQ and PostgreSQL (started or installed by services.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/services.sh
+
+log() { echo "test: $*" >&2; }
+
+if ! command -v cargo >/dev/null; then
+    log "cargo is missing: install Rust with rustup (https://rustup.rs) and rerun"
+    exit 1
+fi
+
+# What a killed test run could not clean up: its vhosts and databases.
+./scripts/clean-test-leftovers.sh
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "docker-compose.yml"
+if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null \
+            || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; }
+    fi
+fi
+if command -v docker-compose >/dev/null; then
+    docker-compose -f docker-compose.yml config -q
+elif docker compose version >/dev/null 2>&1; then
+    docker compose -f docker-compose.yml config -q
+else
+    log "neither docker-compose nor docker compose is available to check docker-compose.yml"
+    exit 1
+fi
+
+# Tests that stop the shared broker run alone, after the others.
+serial='binary(broker_restart)'
+if command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&1; then
+    log "cargo nextest (parallel)"
+    cargo nextest run --workspace --locked --no-tests=fail -E "not ($serial)"
+    log "cargo nextest (serial: tests that restart the broker)"
+    cargo nextest run --workspace --locked -E "$serial" -j 1
+else
+    log "cargo test (cargo-nextest not found)"
+    cargo test --workspace --locked -- --skip a_broker_restart
+    cargo test --workspace --locked --test broker_restart
+fi
+
+./scripts/clean-test-leftovers.sh
+log "all green"

@@ -1,0 +1,221 @@
+//! Test helpers: each test gets its own RabbitMQ vhost and PostgreSQL
+//! database on the real servers, so tests run in parallel and leave nothing
+//! behind. `scripts/test.sh` removes what a panicking test could not.
+#![allow(clippy::unwrap_used)]
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use topology::management::{Management, encode_vhost};
+
+pub const BROKER: &str = "127.0.0.1:5672";
+pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// Prefix of every vhost and database a test makes.
+pub const TEST_PREFIX: &str = "oftest_";
+
+/// One test's own vhost and database.
+pub struct TestEnv {
+    pub vhost: String,
+    pub amqp_url: String,
+    pub database: String,
+    pub database_url: String,
+    pub management: Management,
+}
+
+impl TestEnv {
+    pub async fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{TEST_PREFIX}{}", &id[..12]);
+        let management = Management::new(MANAGEMENT, "guest", "guest");
+        let v = encode_vhost(&name);
+        management
+            .put(&format!("vhosts/{v}"), &json!({}))
+            .await
+            .unwrap();
+        management
+            .put(
+                &format!("permissions/{v}/guest"),
+                &json!({"configure": ".*", "write": ".*", "read": ".*"}),
+            )
+            .await
+            .unwrap();
+        let admin = admin_pool().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        Self {
+            amqp_url: format!("amqp://guest:guest@{BROKER}/{name}"),
+            database_url: format!("{POSTGRES}/{name}"),
+            vhost: name.clone(),
+            database: name,
+            management,
+        }
+    }
+
+    /// Removes the vhost (with its queues) and the database.
+    pub async fn cleanup(self) {
+        let _ = self
+            .management
+            .delete(&format!("vhosts/{}", encode_vhost(&self.vhost)))
+            .await;
+        let admin = admin_pool().await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.database
+        )))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+    }
+
+    pub async fn pool(&self) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&self.database_url)
+            .await
+            .unwrap()
+    }
+
+    pub async fn connection(&self) -> Connection {
+        Connection::connect(&self.amqp_url, ConnectionProperties::default())
+            .await
+            .unwrap()
+    }
+
+    /// Publishes with a confirm, whatever the properties and body.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) {
+        let conn = self.connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "publish not confirmed");
+        assert!(
+            confirm.take_message().is_none(),
+            "unroutable: {exchange} {routing_key}"
+        );
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let conn = self.connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Takes every message out of `queue` (acking them).
+    pub async fn drain(&self, queue: &str) -> Vec<(BasicProperties, Vec<u8>)> {
+        let conn = self.connection().await;
+        let channel = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push((m.delivery.properties.clone(), m.delivery.data.clone()));
+        }
+        let _ = conn.close(200, "done".into()).await;
+        out
+    }
+
+    /// Force-closes every client connection of this vhost whose name starts
+    /// with `name_prefix`, as a network cut would.
+    pub async fn close_connections(&self, name_prefix: &str) -> usize {
+        let v = encode_vhost(&self.vhost);
+        let conns = self
+            .management
+            .get(&format!("vhosts/{v}/connections"))
+            .await
+            .unwrap();
+        let mut closed = 0;
+        for c in conns.as_array().cloned().unwrap_or_default() {
+            let client_name = c["client_properties"]["connection_name"]
+                .as_str()
+                .unwrap_or_default();
+            if client_name.starts_with(name_prefix) {
+                let name = c["name"].as_str().unwrap_or_default();
+                if self
+                    .management
+                    .delete(&format!("connections/{}", encode_vhost(name)))
+                    .await
+                    .is_ok()
+                {
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+}
+
+async fn admin_pool() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{POSTGRES}/postgres"))
+        .await
+        .unwrap()
+}
+
+/// Polls `condition` until it holds or `timeout` passes; panics with `what`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,20 @@
+//! The orderflow broker topology as data.
+//!
+//! This crate is the only place that names exchanges, queues and routing
+//! keys. It knows nothing about SQL, HTTP clients of the shop, or domain
+//! rules; its only HTTP is the RabbitMQ management API used by `diff`.
+#![forbid(unsafe_code)]
+
+pub mod declare;
+pub mod diff;
+pub mod management;
+pub mod model;
+pub mod names;
+pub mod retry;
+
+pub use declare::{Mismatch, declare};
+pub use diff::{Drift, diff};
+pub use management::Management;
+pub use model::{DELIVERY_LIMIT, Topology};
+pub use names::{COMMANDS, Domain, EVENTS, headers, keys};
+pub use retry::RetryDelays;

@@ -1,0 +1,112 @@
+//! `topology`: declare, export or diff the contract broker topology.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use topology::{Management, RetryDelays, Topology};
+
+#[derive(Parser)]
+#[command(version, about = "The orderflow broker topology: apply, export, diff")]
+struct Cli {
+    /// The broker; its path is the vhost.
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// The retry tiers of every work queue.
+    #[arg(long, env = "RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m")]
+    retry_delays: RetryDelays,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Declare every exchange, queue and binding (idempotent).
+    Apply,
+    /// Print a RabbitMQ definitions document (management UI import, `load_definitions`).
+    Export {
+        /// The vhost named in the document; defaults to the vhost of AMQP_URL.
+        #[arg(long)]
+        vhost: Option<String>,
+        /// Also define this user (`NAME:PASSWORD`) with full rights on the vhost,
+        /// for brokers that load the document at start and so skip the default user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Compare the live broker with the declared topology; exit 1 on any drift.
+    Diff {
+        /// The management API; defaults to port 15672 on the broker's host.
+        #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
+        management_url: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("topology: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let declared = Topology::contract(&cli.retry_delays);
+    match cli.command {
+        Command::Apply => {
+            let connection = lapin::Connection::connect(&cli.amqp_url, Default::default())
+                .await
+                .context("cannot connect to the broker at AMQP_URL")?;
+            let mismatches = topology::declare(&connection, &declared).await?;
+            for m in &mismatches {
+                eprintln!("topology: {m}");
+            }
+            if !mismatches.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+            println!(
+                "declared {} exchanges, {} queues, {} bindings",
+                declared.exchanges.len(),
+                declared.queues.len(),
+                declared.bindings.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { vhost, user } => {
+            let vhost = match vhost {
+                Some(v) => v,
+                None => topology::management::Management::for_amqp_url(&cli.amqp_url, None)?.1,
+            };
+            let mut doc = declared.definitions(&vhost);
+            if let Some(user) = user {
+                let (name, password) =
+                    user.split_once(':').context("--user takes NAME:PASSWORD")?;
+                topology::model::add_user(&mut doc, &vhost, name, password);
+            }
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { management_url } => {
+            let (api, vhost) = Management::for_amqp_url(&cli.amqp_url, management_url.as_deref())?;
+            let drift = topology::diff(&api, &vhost, &declared).await?;
+            if drift.is_empty() {
+                println!("no drift: vhost {vhost:?} matches the declared topology");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for d in &drift {
+                println!("{d}");
+            }
+            println!("{} difference(s)", drift.len());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
