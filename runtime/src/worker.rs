@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use topology::{Domain, Topology, headers};
 use tracing::{debug, error, info, warn};
 
-/// How often a message may be handed to its handler without reaching an
+/// How often a redelivered message may be handed to its handler without reaching an
 /// outcome (its worker died or hung each time). At the next redelivery the
 /// runtime dead-letters it with kind `delivery-limit` instead. Starts are
 /// counted in the database rather than read from the broker's
@@ -64,6 +64,10 @@ struct Inner<H> {
     publisher: Publisher,
     store: Store,
     handler: H,
+    /// Redelivered messages run one at a time, so that when one of them
+    /// kills the worker, only its start is counted and not those of the
+    /// innocent messages that were in flight beside it.
+    suspects: tokio::sync::Mutex<()>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -96,6 +100,7 @@ impl<H: Handler> Worker<H> {
                 publisher,
                 store,
                 handler,
+                suspects: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -254,6 +259,11 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
             .as_ref()
             .and_then(|h| header_int(h, headers::DELIVERY_COUNT))
             .is_some_and(|n| n > 0);
+    let _alone = if redelivered {
+        Some(inner.suspects.lock().await)
+    } else {
+        None
+    };
     if redelivered {
         match inner
             .store
@@ -280,7 +290,9 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
                     .await;
                 return;
             }
-            Ok(_) => {}
+            Ok(starts) => {
+                debug!(queue, message_id = %envelope.message_id, starts, "Redelivered message started alone")
+            }
             // The database is away; `begin` below waits for it.
             Err(e) => debug!(error = %e, "Start not counted"),
         }

@@ -20,9 +20,16 @@ fn spawn_worker(env: &TestEnv) -> Child {
         .env("DATABASE_URL", &env.database_url)
         .env("RETRY_DELAYS", "100ms,200ms")
         .env("PREFETCH", "8")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("PROBE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var_os("PROBE_STDERR").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .unwrap()
