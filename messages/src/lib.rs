@@ -1,1 +1,198 @@
-//! Typed message payloads.
+//! The payloads that travel between orderflow's binaries, one struct per
+//! message type. The AMQP `type` (and routing key) names the type; version 1
+//! of each payload is the struct as it stands. A change that old consumers
+//! could not read gets a new type name (`order.place.v2`), so that both can
+//! be in flight during a rolling deploy; fields may only be added with a
+//! default.
+#![forbid(unsafe_code)]
+
+use runtime::Message;
+use serde::{Deserialize, Serialize};
+use topology::{COMMANDS, EVENTS, keys};
+use uuid::Uuid;
+
+/// Payment method token used when an order names none.
+pub const DEFAULT_PAYMENT_METHOD: &str = "pm_card_visa";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: u32,
+    pub unit_price_cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Item {
+    pub sku: String,
+    pub quantity: u32,
+}
+
+macro_rules! message {
+    ($ty:ident, $exchange:expr, $key:expr) => {
+        impl Message for $ty {
+            const KIND: &'static str = $key;
+            const EXCHANGE: &'static str = $exchange;
+        }
+    };
+}
+
+// ---- commands -----------------------------------------------------------
+
+/// Place an order (from the publisher).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaceOrder {
+    pub order_id: Uuid,
+    pub customer_email: String,
+    pub currency: String,
+    pub items: Vec<Line>,
+    pub payment_method: String,
+}
+message!(PlaceOrder, COMMANDS, keys::ORDER_PLACE);
+
+/// Cancel an order at whatever stage it is (from the publisher).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelOrder {
+    pub order_id: Uuid,
+}
+message!(CancelOrder, COMMANDS, keys::ORDER_CANCEL);
+
+/// The payment of an order did not answer in time (scheduled by the saga).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentTimeout {
+    pub order_id: Uuid,
+}
+message!(PaymentTimeout, COMMANDS, keys::ORDER_PAYMENT_TIMEOUT);
+
+/// Reserve every item of an order, or none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReserveStock {
+    pub order_id: Uuid,
+    pub items: Vec<Item>,
+}
+message!(ReserveStock, COMMANDS, keys::INVENTORY_RESERVE);
+
+/// Give back whatever an order holds, reserved or sold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseStock {
+    pub order_id: Uuid,
+}
+message!(ReleaseStock, COMMANDS, keys::INVENTORY_RELEASE);
+
+/// Turn an order's reservation into a sale (the order is confirmed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitStock {
+    pub order_id: Uuid,
+}
+message!(CommitStock, COMMANDS, keys::INVENTORY_COMMIT);
+
+/// Add stock to a SKU (from the publisher).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restock {
+    pub sku: String,
+    pub quantity: u32,
+}
+message!(Restock, COMMANDS, keys::INVENTORY_RESTOCK);
+
+/// Charge an order's total.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargePayment {
+    pub order_id: Uuid,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub payment_method: String,
+}
+message!(ChargePayment, COMMANDS, keys::PAYMENT_CHARGE);
+
+/// Make sure no charge of an order stands: refund it, or void it before it happens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefundPayment {
+    pub order_id: Uuid,
+}
+message!(RefundPayment, COMMANDS, keys::PAYMENT_REFUND);
+
+// ---- events -------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReserved {
+    pub order_id: Uuid,
+}
+message!(StockReserved, EVENTS, keys::INVENTORY_RESERVED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfStock {
+    pub order_id: Uuid,
+    /// The SKUs that lacked stock.
+    pub skus: Vec<String>,
+}
+message!(OutOfStock, EVENTS, keys::INVENTORY_OUT_OF_STOCK);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReleased {
+    pub order_id: Uuid,
+}
+message!(StockReleased, EVENTS, keys::INVENTORY_RELEASED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentCharged {
+    pub order_id: Uuid,
+    pub charge_id: String,
+}
+message!(PaymentCharged, EVENTS, keys::PAYMENT_CHARGED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentDeclined {
+    pub order_id: Uuid,
+    pub reason: String,
+}
+message!(PaymentDeclined, EVENTS, keys::PAYMENT_DECLINED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefunded {
+    pub order_id: Uuid,
+    /// The charges refunded; empty when the payment was voided before any charge.
+    pub charge_ids: Vec<String>,
+}
+message!(PaymentRefunded, EVENTS, keys::PAYMENT_REFUNDED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderConfirmed {
+    pub order_id: Uuid,
+    pub customer_email: String,
+    pub currency: String,
+    pub total_cents: u64,
+    pub items: Vec<Line>,
+}
+message!(OrderConfirmed, EVENTS, keys::ORDER_CONFIRMED);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub order_id: Uuid,
+    pub customer_email: String,
+    pub currency: String,
+    pub total_cents: u64,
+    pub reason: String,
+    /// Whether a charge was refunded.
+    pub refunded: bool,
+}
+message!(OrderCancelled, EVENTS, keys::ORDER_CANCELLED);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_message_routes_by_its_kind_on_its_exchange() {
+        let out = runtime::Outgoing::of(&ReserveStock {
+            order_id: Uuid::nil(),
+            items: vec![],
+        });
+        assert_eq!(out.exchange, "commands");
+        assert_eq!(out.routing_key, "inventory.reserve");
+        let out = runtime::Outgoing::of(&OutOfStock {
+            order_id: Uuid::nil(),
+            skus: vec![],
+        });
+        assert_eq!(out.exchange, "events");
+        assert_eq!(out.routing_key, "inventory.out-of-stock");
+    }
+}

@@ -111,6 +111,11 @@ impl Publisher {
             .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
     }
 
+    /// Connects now if not connected (readiness checks, warm-up).
+    pub async fn ensure_connected(&self) -> Result<(), PublishError> {
+        self.channel().await.map(drop)
+    }
+
     async fn channel(&self) -> Result<Channel, PublishError> {
         let mut guard = self.channel.lock().await;
         if let Some((connection, channel)) = guard.as_ref()

@@ -102,6 +102,21 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// Logs the effective configuration, passwords masked.
+    pub fn log_effective(&self, binary: &str) {
+        tracing::info!(
+            binary,
+            amqp_url = %self.amqp_url,
+            database_url = %self.database_url,
+            retry_delays = %self.retry_delays,
+            prefetch = self.prefetch,
+            concurrency = self.concurrency,
+            database_pool_size = self.database_pool_size,
+            outbox_sweep_after = ?self.outbox_sweep_after,
+            "Effective configuration"
+        );
+    }
+
     pub fn from_env() -> Result<Self, ConfigError> {
         let prefetch: u16 = env_or("PREFETCH", "32")?;
         if prefetch == 0 {

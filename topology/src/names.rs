@@ -93,6 +93,7 @@ pub mod keys {
     pub const INVENTORY_RESERVE: &str = "inventory.reserve";
     pub const INVENTORY_RELEASE: &str = "inventory.release";
     pub const INVENTORY_RESTOCK: &str = "inventory.restock";
+    pub const INVENTORY_COMMIT: &str = "inventory.commit";
     pub const INVENTORY_RESERVED: &str = "inventory.reserved";
     pub const INVENTORY_OUT_OF_STOCK: &str = "inventory.out-of-stock";
     pub const INVENTORY_RELEASED: &str = "inventory.released";

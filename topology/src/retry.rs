@@ -82,7 +82,8 @@ impl fmt::Display for RetryDelays {
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, RetryDelaysError> {
+/// Parses `500ms`, `30s`, `2m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, RetryDelaysError> {
     let split = s
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| RetryDelaysError::NotADuration(s.to_owned()))?;

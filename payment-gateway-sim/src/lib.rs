@@ -1,0 +1,293 @@
+//! A payment provider simulator that behaves like a real one where it
+//! matters to orderflow: idempotency keys (a repeated key never charges
+//! twice), `402` declines for `pm_card_chargeDeclined`, refunds, an audit
+//! listing, and injectable trouble (`503`s and latency), adjustable at run
+//! time through `POST /_sim/config` so tests can take it "down" and "up".
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const DECLINED_METHOD: &str = "pm_card_chargeDeclined";
+
+/// Trouble to inject.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct Trouble {
+    /// Share of requests answered `503` without effect, 0..=1.
+    pub error_rate: f64,
+    /// Added to every answer.
+    pub latency_ms: u64,
+}
+
+impl Trouble {
+    /// From `SIM_ERROR_RATE` and `SIM_LATENCY_MS`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let error_rate: f64 = std::env::var("SIM_ERROR_RATE")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| anyhow::anyhow!("SIM_ERROR_RATE={v:?} is not a number"))
+            })
+            .transpose()?
+            .unwrap_or(0.0);
+        if !(0.0..=1.0).contains(&error_rate) {
+            anyhow::bail!("SIM_ERROR_RATE={error_rate} must be between 0 and 1");
+        }
+        let latency_ms = std::env::var("SIM_LATENCY_MS")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| anyhow::anyhow!("SIM_LATENCY_MS={v:?} is not a whole number"))
+            })
+            .transpose()?
+            .unwrap_or(0);
+        Ok(Self {
+            error_rate,
+            latency_ms,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Charge {
+    pub id: String,
+    pub order_id: String,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub payment_method: String,
+    pub status: &'static str,
+    pub refunded: bool,
+    pub refund_id: Option<String>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    charges: Vec<Charge>,
+    /// Idempotency key → the answer given the first time.
+    answers: HashMap<String, (u16, Value)>,
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    ledger: Arc<Mutex<Ledger>>,
+    trouble: Arc<Mutex<Trouble>>,
+}
+
+impl Gateway {
+    pub fn new(trouble: Trouble) -> Self {
+        Self {
+            ledger: Arc::default(),
+            trouble: Arc::new(Mutex::new(trouble)),
+        }
+    }
+
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/charges", post(create_charge).get(list_charges))
+            .route("/refunds", post(create_refund))
+            .route("/_sim/config", post(set_trouble).get(get_trouble))
+            .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+            .with_state(self)
+    }
+
+    fn trouble(&self) -> Trouble {
+        self.trouble.lock().map(|t| *t).unwrap_or_default()
+    }
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": code, "message": message}))).into_response()
+}
+
+/// Applies latency, then maybe answers 503 before doing anything.
+async fn trouble(gateway: &Gateway) -> Option<Response> {
+    let t = gateway.trouble();
+    if t.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(t.latency_ms)).await;
+    }
+    if t.error_rate > 0.0 && rand::random::<f64>() < t.error_rate {
+        return Some(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "injected failure",
+        ));
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct ChargeRequest {
+    order_id: String,
+    amount_cents: u64,
+    currency: String,
+    payment_method: String,
+}
+
+async fn create_charge(
+    State(gateway): State<Gateway>,
+    headers: HeaderMap,
+    body: Result<Json<ChargeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(r) = trouble(&gateway).await {
+        return r;
+    }
+    let Some(key) = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_idempotency_key",
+            "Idempotency-Key header is required",
+        );
+    };
+    let Ok(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body must be a charge request",
+        );
+    };
+    if req.amount_cents == 0 || req.currency.len() != 3 {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "amount must be positive and currency a 3-letter code",
+        );
+    }
+    let Ok(mut ledger) = gateway.ledger.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger unavailable",
+        );
+    };
+    if let Some((status, body)) = ledger.answers.get(&key) {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+        return (status, Json(body.clone())).into_response();
+    }
+    let (status, body) = if req.payment_method == DECLINED_METHOD {
+        (
+            StatusCode::PAYMENT_REQUIRED,
+            json!({"error": "card_declined", "decline_code": "generic_decline", "message": "Your card was declined."}),
+        )
+    } else {
+        let charge = Charge {
+            id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
+            order_id: req.order_id,
+            amount_cents: req.amount_cents,
+            currency: req.currency,
+            payment_method: req.payment_method,
+            status: "succeeded",
+            refunded: false,
+            refund_id: None,
+        };
+        let body = serde_json::to_value(&charge).unwrap_or_default();
+        ledger.charges.push(charge);
+        (StatusCode::CREATED, body)
+    };
+    ledger.answers.insert(key, (status.as_u16(), body.clone()));
+    (status, Json(body)).into_response()
+}
+
+#[derive(Deserialize)]
+struct RefundRequest {
+    charge_id: String,
+}
+
+async fn create_refund(
+    State(gateway): State<Gateway>,
+    body: Result<Json<RefundRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Some(r) = trouble(&gateway).await {
+        return r;
+    }
+    let Ok(Json(req)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "body must be {\"charge_id\": ...}",
+        );
+    };
+    let Ok(mut ledger) = gateway.ledger.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger unavailable",
+        );
+    };
+    let Some(charge) = ledger.charges.iter_mut().find(|c| c.id == req.charge_id) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no_such_charge",
+            "no charge with that id",
+        );
+    };
+    // A charge is refunded at most once; asking again returns the same refund.
+    let status = if charge.refunded {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    if !charge.refunded {
+        charge.refunded = true;
+        charge.refund_id = Some(format!("re_{}", uuid::Uuid::new_v4().simple()));
+    }
+    let refund = json!({"id": charge.refund_id, "charge_id": charge.id, "amount_cents": charge.amount_cents});
+    (status, Json(refund)).into_response()
+}
+
+#[derive(Deserialize)]
+struct ChargeFilter {
+    order_id: Option<String>,
+}
+
+async fn list_charges(
+    State(gateway): State<Gateway>,
+    Query(filter): Query<ChargeFilter>,
+) -> Response {
+    if let Some(r) = trouble(&gateway).await {
+        return r;
+    }
+    let Ok(ledger) = gateway.ledger.lock() else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger unavailable",
+        );
+    };
+    let charges: Vec<&Charge> = ledger
+        .charges
+        .iter()
+        .filter(|c| filter.order_id.as_ref().is_none_or(|o| &c.order_id == o))
+        .collect();
+    Json(json!({"data": charges})).into_response()
+}
+
+async fn set_trouble(State(gateway): State<Gateway>, Json(new): Json<Trouble>) -> Response {
+    if !(0.0..=1.0).contains(&new.error_rate) {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            "error_rate must be between 0 and 1",
+        );
+    }
+    if let Ok(mut t) = gateway.trouble.lock() {
+        *t = new;
+    }
+    Json(new).into_response()
+}
+
+async fn get_trouble(State(gateway): State<Gateway>) -> Response {
+    Json(gateway.trouble()).into_response()
+}

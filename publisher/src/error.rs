@@ -1,0 +1,60 @@
+//! Every error the API answers, as `{"error": "...", "details": [...]}`.
+
+use crate::domain::FieldError;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON at all.
+    #[error("request body is not valid JSON")]
+    BadJson(String),
+    /// JSON, but not the expected shape (missing field, wrong type, unknown field).
+    #[error("request body has the wrong shape")]
+    BadShape(String),
+    #[error("request is not valid")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The broker or the database cannot take the request now; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, details) = match &self {
+            ApiError::BadJson(why) => (StatusCode::BAD_REQUEST, json!([{ "message": why }])),
+            ApiError::BadShape(why) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!([{ "message": why }]),
+            ),
+            ApiError::Invalid(fields) => (StatusCode::UNPROCESSABLE_ENTITY, json!(fields)),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!([])),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, json!([])),
+            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!([])),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, json!([])),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, json!([])),
+        };
+        let mut response = (
+            status,
+            Json(json!({ "error": self.to_string(), "details": details })),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,334 @@
+//! The HTTP API of the contract.
+//!
+//! Writes are commands: validated here, published with a confirm, answered
+//! 202 only once the broker has the command. Reads come from the read
+//! models the workers keep in PostgreSQL, which this service only reads.
+
+use crate::domain::{
+    IdempotencyKey, NewOrder, OrderRequest, RestockRequest, Sku, restock_quantity,
+};
+use crate::error::ApiError;
+use crate::metrics::{CommandLabels, Metrics};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use messages::{CancelOrder, PlaceOrder, Restock};
+use runtime::{Outgoing, Publisher};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// Namespace of the ids derived from idempotency keys: the same key always
+/// names the same order and the same command message, so a retried request
+/// places one order without this service keeping any state.
+const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_7266_6c6f_775f_6964_735f_7631);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub publisher: Arc<Publisher>,
+    pub pool: PgPool,
+    pub metrics: Arc<Metrics>,
+    pub max_body_bytes: usize,
+}
+
+fn derived_id(name: &str) -> Uuid {
+    Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let raw = v
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be ASCII".into()))?;
+            IdempotencyKey::parse(raw)
+                .map(Some)
+                .map_err(ApiError::BadRequest)
+        }
+    }
+}
+
+/// The body as `T`: 413 when too large, 415 when not JSON by content type,
+/// 400 when not JSON at all, 422 when JSON of the wrong shape.
+fn json_body<T: DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(state.max_body_bytes)
+        } else {
+            ApiError::BadJson(rejection.body_text())
+        }
+    })?;
+    let json_content = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json_content {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::BadShape(e.to_string()),
+        _ => ApiError::BadJson(e.to_string()),
+    })
+}
+
+/// Publishes and waits for the broker's confirm; anything else is a 503.
+async fn publish(
+    state: &AppState,
+    command: &'static str,
+    message: &Outgoing,
+) -> Result<(), ApiError> {
+    let started = Instant::now();
+    let result = state.publisher.publish(message).await;
+    state
+        .metrics
+        .publish_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let labels = CommandLabels { command };
+    match result {
+        Ok(()) => {
+            state.metrics.published.get_or_create(&labels).inc();
+            Ok(())
+        }
+        Err(e) => {
+            state.metrics.publish_failures.get_or_create(&labels).inc();
+            tracing::warn!(command, error = %e, "Command not confirmed by the broker");
+            Err(ApiError::Unavailable(format!(
+                "the broker did not accept the command: {e}"
+            )))
+        }
+    }
+}
+
+fn accepted(location: Option<String>, body: serde_json::Value) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Some(location) = location
+        && let Ok(value) = location.parse()
+    {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+pub async fn place_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let request: OrderRequest = json_body(&state, &headers, body)?;
+    let order = NewOrder::parse(request).map_err(ApiError::Invalid)?;
+    let order_id = match &key {
+        Some(k) => derived_id(&format!("order:{}", k.as_str())),
+        None => Uuid::new_v4(),
+    };
+    let command = PlaceOrder {
+        order_id,
+        customer_email: order.customer_email.as_str().to_owned(),
+        currency: order.currency.as_str().to_owned(),
+        items: order.items,
+        payment_method: order.payment_method,
+    };
+    let message = Outgoing::of(&command)
+        .with_message_id(derived_id(&format!("order.place:{order_id}")))
+        .correlated(order_id);
+    publish(&state, "order.place", &message).await?;
+    tracing::info!(order_id = %order_id, "Order accepted");
+    Ok(accepted(
+        Some(format!("/orders/{order_id}")),
+        json!({ "order_id": order_id, "status": "PENDING" }),
+    ))
+}
+
+fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::BadRequest(format!("order id {raw:?} is not a UUID")))
+}
+
+fn read_model_unavailable(e: sqlx::Error) -> ApiError {
+    tracing::warn!(error = %e, "Read model query failed");
+    ApiError::Unavailable("the order database is unavailable".into())
+}
+
+pub async fn cancel_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let order_id = parse_order_id(&id)?;
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders.orders WHERE id = $1)")
+            .bind(order_id)
+            .fetch_one(&state.pool)
+            .await
+            .map_err(read_model_unavailable)?;
+    if !known {
+        return Err(ApiError::NotFound("order"));
+    }
+    // Cancelling is idempotent by nature: one message id per order (or per key).
+    let message_id = match &key {
+        Some(k) => derived_id(&format!("order.cancel:{order_id}:{}", k.as_str())),
+        None => derived_id(&format!("order.cancel:{order_id}")),
+    };
+    let message = Outgoing::of(&CancelOrder { order_id })
+        .with_message_id(message_id)
+        .correlated(order_id);
+    publish(&state, "order.cancel", &message).await?;
+    Ok(accepted(
+        Some(format!("/orders/{order_id}")),
+        json!({ "order_id": order_id, "cancellation": "requested" }),
+    ))
+}
+
+pub async fn restock(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(sku): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
+    let request: RestockRequest = json_body(&state, &headers, body)?;
+    let quantity = restock_quantity(&request).map_err(ApiError::Invalid)?;
+    let message_id = match &key {
+        Some(k) => derived_id(&format!(
+            "inventory.restock:{}:{}",
+            sku.as_str(),
+            k.as_str()
+        )),
+        None => Uuid::new_v4(),
+    };
+    let message = Outgoing::of(&Restock {
+        sku: sku.as_str().to_owned(),
+        quantity,
+    })
+    .with_message_id(message_id);
+    publish(&state, "inventory.restock", &message).await?;
+    Ok(accepted(
+        Some(format!("/inventory/{}", sku.as_str())),
+        json!({ "sku": sku.as_str(), "quantity": quantity }),
+    ))
+}
+
+pub async fn get_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = parse_order_id(&id)?;
+    type OrderRow = (String, Option<String>, String, String, i64, bool);
+    let order: Option<OrderRow> = sqlx::query_as(
+        "SELECT status, reason, customer_email, currency, total_cents, refunded FROM orders.orders WHERE id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(read_model_unavailable)?;
+    let Some((status, reason, customer_email, currency, total_cents, refunded)) = order else {
+        return Err(ApiError::NotFound("order"));
+    };
+    let items: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
+    )
+    .bind(order_id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(read_model_unavailable)?;
+    let history: Vec<(String, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT status, reason, at FROM orders.order_events WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order_id)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(read_model_unavailable)?;
+    Ok(Json(json!({
+        "order_id": order_id,
+        "status": status,
+        "reason": reason,
+        "customer_email": customer_email,
+        "currency": currency,
+        "total_cents": total_cents,
+        "refunded": refunded,
+        "items": items.iter().map(|(sku, q, p)| json!({"sku": sku, "quantity": q, "unit_price_cents": p})).collect::<Vec<_>>(),
+        "history": history.iter().map(|(s, r, at)| json!({"status": s, "reason": r, "at": at.to_rfc3339()})).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+pub async fn get_inventory(
+    State(state): State<AppState>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
+    let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
+    let row: Option<(i64, i64, i64)> =
+        sqlx::query_as("SELECT available, reserved, sold FROM inventory.stock WHERE sku = $1")
+            .bind(sku.as_str())
+            .fetch_optional(&state.pool)
+            .await
+            .map_err(read_model_unavailable)?;
+    let Some((available, reserved, sold)) = row else {
+        return Err(ApiError::NotFound("sku"));
+    };
+    Ok(Json(
+        json!({ "sku": sku.as_str(), "available": available, "reserved": reserved, "sold": sold }),
+    )
+    .into_response())
+}
+
+pub async fn healthz() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// Ready when the broker and the database both answer, within a second each.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let wait = Duration::from_secs(1);
+    let broker = matches!(
+        tokio::time::timeout(wait, state.publisher.ensure_connected()).await,
+        Ok(Ok(()))
+    );
+    let database = matches!(
+        tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(&state.pool)).await,
+        Ok(Ok(_))
+    );
+    let status = if broker && database {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    (
+        status,
+        Json(json!({ "broker": word(broker), "database": word(database) })),
+    )
+        .into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}

@@ -1,0 +1,135 @@
+//! Building the application from settings and running it until stopped.
+
+use crate::metrics::{Metrics, RequestLabels};
+use crate::routes::{self, AppState};
+use crate::settings::PublisherSettings;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use runtime::Publisher;
+use sqlx::postgres::PgPoolOptions;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
+
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    publisher: Arc<Publisher>,
+}
+
+impl Application {
+    /// Binds the port and prepares the connections. The broker and the
+    /// database are connected lazily, so the service starts (and reports
+    /// itself not ready) while they are away.
+    pub async fn build(settings: PublisherSettings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(&settings.http_addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on HTTP_ADDR={}: {e}", settings.http_addr)
+        })?;
+        let publisher = Arc::new(Publisher::lazy(settings.amqp_url.expose(), "publisher"));
+        if let Err(e) = publisher.ensure_connected().await {
+            tracing::warn!(error = %e, "Broker not reachable yet; requests will get 503 until it is");
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(settings.database_url.expose())
+            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?;
+        let state = AppState {
+            publisher: publisher.clone(),
+            pool,
+            metrics: Arc::new(Metrics::new()),
+            max_body_bytes: settings.max_body_bytes,
+        };
+        let router = router(state, settings.request_timeout);
+        Ok(Self {
+            listener,
+            router,
+            publisher,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    /// Serves until `shutdown` resolves, then finishes open requests.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(port = self.port(), "Publisher listening");
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.publisher.close().await;
+        tracing::info!("Publisher stopped");
+        Ok(())
+    }
+}
+
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let max_body = state.max_body_bytes;
+    Router::new()
+        .route("/orders", post(routes::place_order))
+        .route("/orders/{id}", get(routes::get_order))
+        .route("/orders/{id}/cancel", post(routes::cancel_order))
+        .route("/inventory/{sku}", get(routes::get_inventory))
+        .route("/inventory/{sku}/restock", post(routes::restock))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+    {
+        Some(p) => route_label(&p),
+        None => "unmatched",
+    };
+    let response = next.run(request).await;
+    let labels = RequestLabels {
+        route,
+        status: response.status().as_u16(),
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
+    response
+}
+
+/// Route labels are a fixed set, so a scan of random paths cannot blow up
+/// the number of metric series.
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/orders" => "/orders",
+        "/orders/{id}" => "/orders/{id}",
+        "/orders/{id}/cancel" => "/orders/{id}/cancel",
+        "/inventory/{sku}" => "/inventory/{sku}",
+        "/inventory/{sku}/restock" => "/inventory/{sku}/restock",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}

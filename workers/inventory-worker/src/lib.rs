@@ -1,0 +1,226 @@
+//! The inventory domain: reserve all items of an order or none, release,
+//! commit and restock. Stock never goes negative: the rows of an order's
+//! SKUs are locked in SKU order while it is checked and changed, and the
+//! table's CHECK constraints hold the line if code ever gets it wrong.
+
+use messages::{
+    CommitStock, Item, OutOfStock, ReleaseStock, ReserveStock, Restock, StockReleased,
+    StockReserved,
+};
+use runtime::{
+    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
+    decode_json,
+};
+use std::collections::BTreeMap;
+use topology::{Domain, keys};
+use tracing::info;
+
+pub const SPEC: WorkerSpec = WorkerSpec {
+    name: "inventory-worker",
+    domain: Domain::Inventory,
+    schema: "inventory",
+};
+
+/// Builds the worker: database pool and migrations; the broker comes in `run`.
+pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker<Inventory>> {
+    Worker::build(SPEC, settings, Inventory).await
+}
+
+pub enum InventoryMessage {
+    Reserve(ReserveStock),
+    Release(ReleaseStock),
+    Commit(CommitStock),
+    Restock(Restock),
+}
+
+impl Inbound for InventoryMessage {
+    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
+        Ok(match kind {
+            keys::INVENTORY_RESERVE => Self::Reserve(decode_json(kind, body)?),
+            keys::INVENTORY_RELEASE => Self::Release(decode_json(kind, body)?),
+            keys::INVENTORY_COMMIT => Self::Commit(decode_json(kind, body)?),
+            keys::INVENTORY_RESTOCK => Self::Restock(decode_json(kind, body)?),
+            other => return Err(Malformed::UnknownType(other.to_owned())),
+        })
+    }
+}
+
+pub struct Inventory;
+
+impl Handler for Inventory {
+    type Message = InventoryMessage;
+
+    async fn handle(&self, ctx: &mut Context, message: InventoryMessage) -> Result<(), Failure> {
+        match message {
+            InventoryMessage::Reserve(cmd) => reserve_stock(ctx, cmd).await,
+            InventoryMessage::Release(cmd) => release_stock(ctx, cmd).await,
+            InventoryMessage::Commit(cmd) => commit_stock(ctx, cmd).await,
+            InventoryMessage::Restock(cmd) => restock(ctx, cmd).await,
+        }
+    }
+}
+
+/// Sums the quantities per SKU (an order may name a SKU twice).
+fn wanted(items: &[Item]) -> Result<BTreeMap<String, i64>, Failure> {
+    let mut wanted = BTreeMap::new();
+    for item in items {
+        if item.sku.is_empty() || item.quantity == 0 {
+            return Err(Failure::permanent(format!(
+                "invalid item {:?} x {}",
+                item.sku, item.quantity
+            )));
+        }
+        *wanted.entry(item.sku.clone()).or_insert(0) += i64::from(item.quantity);
+    }
+    if wanted.is_empty() {
+        return Err(Failure::permanent(
+            "an order without items cannot be reserved",
+        ));
+    }
+    Ok(wanted)
+}
+
+async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failure> {
+    let wanted = wanted(&cmd.items)?;
+    let already: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $1)",
+    )
+    .bind(cmd.order_id)
+    .fetch_one(ctx.db())
+    .await?;
+    if already {
+        // Another message reserved it before (a replay with a new id): say so again.
+        ctx.emit(
+            Outgoing::of(&StockReserved {
+                order_id: cmd.order_id,
+            })
+            .correlated(cmd.order_id),
+        );
+        return Ok(());
+    }
+    let skus: Vec<String> = wanted.keys().cloned().collect();
+    // Locks the SKUs' rows in SKU order, so concurrent orders cannot deadlock
+    // on each other or both take the last unit.
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sku, available FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(ctx.db())
+    .await?;
+    let available: BTreeMap<String, i64> = rows.into_iter().collect();
+    let short: Vec<String> = wanted
+        .iter()
+        .filter(|(sku, q)| available.get(*sku).is_none_or(|a| a < *q))
+        .map(|(sku, _)| sku.clone())
+        .collect();
+    if !short.is_empty() {
+        info!(order_id = %cmd.order_id, skus = ?short, "Out of stock");
+        ctx.emit(
+            Outgoing::of(&OutOfStock {
+                order_id: cmd.order_id,
+                skus: short,
+            })
+            .correlated(cmd.order_id),
+        );
+        return Ok(());
+    }
+    let quantities: Vec<i64> = wanted.values().copied().collect();
+    sqlx::query(
+        "UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+         FROM UNNEST($1::text[], $2::int8[]) AS w(sku, q) WHERE s.sku = w.sku",
+    )
+    .bind(&skus)
+    .bind(&quantities)
+    .execute(ctx.db())
+    .await?;
+    sqlx::query(
+        "INSERT INTO inventory.reservations (order_id, sku, quantity) \
+         SELECT $1, w.sku, w.q FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)",
+    )
+    .bind(cmd.order_id)
+    .bind(&skus)
+    .bind(&quantities)
+    .execute(ctx.db())
+    .await?;
+    info!(order_id = %cmd.order_id, skus = skus.len(), "Stock reserved");
+    ctx.emit(
+        Outgoing::of(&StockReserved {
+            order_id: cmd.order_id,
+        })
+        .correlated(cmd.order_id),
+    );
+    Ok(())
+}
+
+async fn release_stock(ctx: &mut Context, cmd: ReleaseStock) -> Result<(), Failure> {
+    let held: Vec<(String, i64, bool)> = sqlx::query_as(
+        "DELETE FROM inventory.reservations WHERE order_id = $1 RETURNING sku, quantity, committed",
+    )
+    .bind(cmd.order_id)
+    .fetch_all(ctx.db())
+    .await?;
+    let mut held = held;
+    held.sort();
+    for (sku, quantity, committed) in &held {
+        let sql = if *committed {
+            "UPDATE inventory.stock SET available = available + $2, sold = sold - $2 WHERE sku = $1"
+        } else {
+            "UPDATE inventory.stock SET available = available + $2, reserved = reserved - $2 WHERE sku = $1"
+        };
+        sqlx::query(sql)
+            .bind(sku)
+            .bind(quantity)
+            .execute(ctx.db())
+            .await?;
+    }
+    if !held.is_empty() {
+        info!(order_id = %cmd.order_id, skus = held.len(), "Stock released");
+    }
+    ctx.emit(
+        Outgoing::of(&StockReleased {
+            order_id: cmd.order_id,
+        })
+        .correlated(cmd.order_id),
+    );
+    Ok(())
+}
+
+async fn commit_stock(ctx: &mut Context, cmd: CommitStock) -> Result<(), Failure> {
+    let mut sold: Vec<(String, i64)> = sqlx::query_as(
+        "UPDATE inventory.reservations SET committed = true \
+         WHERE order_id = $1 AND NOT committed RETURNING sku, quantity",
+    )
+    .bind(cmd.order_id)
+    .fetch_all(ctx.db())
+    .await?;
+    sold.sort();
+    for (sku, quantity) in &sold {
+        sqlx::query(
+            "UPDATE inventory.stock SET reserved = reserved - $2, sold = sold + $2 WHERE sku = $1",
+        )
+        .bind(sku)
+        .bind(quantity)
+        .execute(ctx.db())
+        .await?;
+    }
+    Ok(())
+}
+
+async fn restock(ctx: &mut Context, cmd: Restock) -> Result<(), Failure> {
+    if cmd.sku.is_empty() || cmd.quantity == 0 {
+        return Err(Failure::permanent(format!(
+            "invalid restock {:?} x {}",
+            cmd.sku, cmd.quantity
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO inventory.stock (sku, available) VALUES ($1, $2) \
+         ON CONFLICT (sku) DO UPDATE SET available = inventory.stock.available + EXCLUDED.available",
+    )
+    .bind(&cmd.sku)
+    .bind(i64::from(cmd.quantity))
+    .execute(ctx.db())
+    .await?;
+    info!(sku = %cmd.sku, quantity = cmd.quantity, "Restocked");
+    Ok(())
+}

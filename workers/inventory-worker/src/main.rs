@@ -1,0 +1,10 @@
+//! `inventory-worker`: consumes the `inventory` queue.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::telemetry::init();
+    let settings = runtime::WorkerSettings::from_env()?;
+    settings.log_effective(inventory_worker::SPEC.name);
+    let worker = inventory_worker::build(settings).await?;
+    worker.run(runtime::shutdown::signal()).await
+}

@@ -1,0 +1,12 @@
+//! `notification-worker`: emails the customer the outcome of each order.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::telemetry::init();
+    let settings = runtime::WorkerSettings::from_env()?;
+    let mail = notification_worker::MailSettings::from_env()?;
+    settings.log_effective(notification_worker::SPEC.name);
+    tracing::info!(smtp_url = %mail.smtp_url, from = %mail.from, "Mail");
+    let worker = notification_worker::build(settings, mail).await?;
+    worker.run(runtime::shutdown::signal()).await
+}

@@ -1,0 +1,470 @@
+//! The order saga: owns the order state machine
+//! `PENDING → STOCK_RESERVED → PAID → CONFIRMED`, or `CANCELLED` with a
+//! reason, and compensates every step it took (release stock, refund).
+//!
+//! Each transition locks the order row, so the messages of one order are
+//! applied one after the other whatever their arrival order; a message that
+//! no longer fits the order's state (a payment result after a cancel) is
+//! answered with the compensation it calls for, or ignored, never crashed on.
+
+use messages::{
+    CancelOrder, ChargePayment, CommitStock, Item, Line, OrderCancelled, OrderConfirmed,
+    OutOfStock, PaymentCharged, PaymentDeclined, PaymentRefunded, PaymentTimeout, PlaceOrder,
+    RefundPayment, ReleaseStock, ReserveStock, StockReleased, StockReserved,
+};
+use runtime::{
+    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
+    decode_json,
+};
+use std::time::Duration;
+use topology::{Domain, keys};
+use tracing::info;
+use uuid::Uuid;
+
+pub const SPEC: WorkerSpec = WorkerSpec {
+    name: "order-worker",
+    domain: Domain::Order,
+    schema: "orders",
+};
+
+/// How long the saga waits for a payment result (`PAYMENT_TIMEOUT`).
+pub fn payment_timeout_from_env() -> anyhow::Result<Duration> {
+    let raw = std::env::var("PAYMENT_TIMEOUT").unwrap_or_else(|_| "30s".into());
+    topology::retry::parse_duration(raw.trim())
+        .map_err(|e| anyhow::anyhow!("PAYMENT_TIMEOUT={raw:?} is not valid: {e}"))
+}
+
+pub async fn build(
+    settings: WorkerSettings,
+    payment_timeout: Duration,
+) -> anyhow::Result<Worker<OrderSaga>> {
+    Worker::build(SPEC, settings, OrderSaga { payment_timeout }).await
+}
+
+pub enum OrderMessage {
+    Place(PlaceOrder),
+    Cancel(CancelOrder),
+    PaymentTimeout(PaymentTimeout),
+    StockReserved(StockReserved),
+    OutOfStock(OutOfStock),
+    StockReleased(StockReleased),
+    PaymentCharged(PaymentCharged),
+    PaymentDeclined(PaymentDeclined),
+    PaymentRefunded(PaymentRefunded),
+}
+
+impl Inbound for OrderMessage {
+    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
+        Ok(match kind {
+            keys::ORDER_PLACE => Self::Place(decode_json(kind, body)?),
+            keys::ORDER_CANCEL => Self::Cancel(decode_json(kind, body)?),
+            keys::ORDER_PAYMENT_TIMEOUT => Self::PaymentTimeout(decode_json(kind, body)?),
+            keys::INVENTORY_RESERVED => Self::StockReserved(decode_json(kind, body)?),
+            keys::INVENTORY_OUT_OF_STOCK => Self::OutOfStock(decode_json(kind, body)?),
+            keys::INVENTORY_RELEASED => Self::StockReleased(decode_json(kind, body)?),
+            keys::PAYMENT_CHARGED => Self::PaymentCharged(decode_json(kind, body)?),
+            keys::PAYMENT_DECLINED => Self::PaymentDeclined(decode_json(kind, body)?),
+            keys::PAYMENT_REFUNDED => Self::PaymentRefunded(decode_json(kind, body)?),
+            other => return Err(Malformed::UnknownType(other.to_owned())),
+        })
+    }
+}
+
+/// Order statuses of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    StockReserved,
+    Paid,
+    Confirmed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::StockReserved => "STOCK_RESERVED",
+            Status::Paid => "PAID",
+            Status::Confirmed => "CONFIRMED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, Failure> {
+        Ok(match s {
+            "PENDING" => Status::Pending,
+            "STOCK_RESERVED" => Status::StockReserved,
+            "PAID" => Status::Paid,
+            "CONFIRMED" => Status::Confirmed,
+            "CANCELLED" => Status::Cancelled,
+            other => {
+                return Err(Failure::permanent(format!(
+                    "unknown order status {other:?}"
+                )));
+            }
+        })
+    }
+}
+
+/// Why an order was cancelled (`reason` in the API).
+pub mod reason {
+    pub const OUT_OF_STOCK: &str = "out_of_stock";
+    pub const PAYMENT_DECLINED: &str = "payment_declined";
+    pub const CUSTOMER_CANCELLED: &str = "customer_cancelled";
+    pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
+}
+
+pub struct OrderSaga {
+    pub payment_timeout: Duration,
+}
+
+impl Handler for OrderSaga {
+    type Message = OrderMessage;
+
+    async fn handle(&self, ctx: &mut Context, message: OrderMessage) -> Result<(), Failure> {
+        match message {
+            OrderMessage::Place(cmd) => place_order(ctx, cmd).await,
+            OrderMessage::Cancel(cmd) => cancel_order(ctx, cmd.order_id).await,
+            OrderMessage::PaymentTimeout(cmd) => payment_timed_out(ctx, cmd.order_id).await,
+            OrderMessage::StockReserved(ev) => {
+                stock_reserved(ctx, ev.order_id, self.payment_timeout).await
+            }
+            OrderMessage::OutOfStock(ev) => out_of_stock(ctx, ev.order_id).await,
+            OrderMessage::StockReleased(_) => Ok(()),
+            OrderMessage::PaymentCharged(ev) => payment_charged(ctx, ev).await,
+            OrderMessage::PaymentDeclined(ev) => payment_declined(ctx, ev.order_id).await,
+            OrderMessage::PaymentRefunded(ev) => payment_refunded(ctx, ev).await,
+        }
+    }
+}
+
+/// The order as the saga needs it, read under a row lock.
+struct Order {
+    id: Uuid,
+    status: Status,
+    customer_email: String,
+    currency: String,
+    total_cents: u64,
+    payment_method: String,
+}
+
+async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failure> {
+    let row: Option<(String, String, String, i64, String)> = sqlx::query_as(
+        "SELECT status, customer_email, currency, total_cents, payment_method \
+         FROM orders.orders WHERE id = $1 FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_optional(ctx.db())
+    .await?;
+    row.map(
+        |(status, customer_email, currency, total, payment_method)| {
+            Ok(Order {
+                id,
+                status: Status::parse(&status)?,
+                customer_email,
+                currency,
+                total_cents: u64::try_from(total).unwrap_or_default(),
+                payment_method,
+            })
+        },
+    )
+    .transpose()
+}
+
+/// An event about an order this saga has not stored yet can only be early
+/// (or a replay from another deployment): retry it later.
+async fn existing_order(ctx: &mut Context, id: Uuid) -> Result<Order, Failure> {
+    lock_order(ctx, id)
+        .await?
+        .ok_or_else(|| Failure::transient(format!("order {id} is not known (yet)")))
+}
+
+async fn transition(
+    ctx: &mut Context,
+    order: &Order,
+    to: Status,
+    reason: Option<&str>,
+) -> Result<(), Failure> {
+    sqlx::query(
+        "UPDATE orders.orders SET status = $2, reason = $3, updated_at = now() WHERE id = $1",
+    )
+    .bind(order.id)
+    .bind(to.as_str())
+    .bind(reason)
+    .execute(ctx.db())
+    .await?;
+    sqlx::query("INSERT INTO orders.order_events (order_id, status, reason) VALUES ($1, $2, $3)")
+        .bind(order.id)
+        .bind(to.as_str())
+        .bind(reason)
+        .execute(ctx.db())
+        .await?;
+    info!(order_id = %order.id, from = order.status.as_str(), to = to.as_str(), reason, "Order status changed");
+    Ok(())
+}
+
+fn emit<M: runtime::Message>(ctx: &mut Context, order_id: Uuid, message: &M) {
+    ctx.emit(Outgoing::of(message).correlated(order_id));
+}
+
+async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> {
+    if cmd.items.is_empty() || cmd.customer_email.is_empty() {
+        return Err(Failure::permanent(
+            "an order needs a customer email and items",
+        ));
+    }
+    let total = cmd
+        .items
+        .iter()
+        .try_fold(0u64, |acc, l| {
+            l.unit_price_cents
+                .checked_mul(u64::from(l.quantity))
+                .and_then(|line| acc.checked_add(line))
+        })
+        .and_then(|t| i64::try_from(t).ok())
+        .ok_or_else(|| Failure::permanent("order total overflows"))?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
+         VALUES ($1, $2, $3, $4, $5, 'PENDING') ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(cmd.order_id)
+    .bind(&cmd.customer_email)
+    .bind(&cmd.currency)
+    .bind(total)
+    .bind(&cmd.payment_method)
+    .execute(ctx.db())
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // Placed before under another message id: nothing more to do.
+        return Ok(());
+    }
+    let lines: Vec<i32> = (1..=i32::try_from(cmd.items.len()).unwrap_or(i32::MAX)).collect();
+    let skus: Vec<&str> = cmd.items.iter().map(|l| l.sku.as_str()).collect();
+    let quantities: Vec<i32> = cmd
+        .items
+        .iter()
+        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
+        .collect();
+    let prices: Vec<i64> = cmd
+        .items
+        .iter()
+        .map(|l| i64::try_from(l.unit_price_cents).unwrap_or(i64::MAX))
+        .collect();
+    sqlx::query(
+        "INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
+         SELECT $1, l.line, l.sku, l.quantity, l.price FROM UNNEST($2::int[], $3::text[], $4::int[], $5::int8[]) AS l(line, sku, quantity, price)",
+    )
+    .bind(cmd.order_id)
+    .bind(&lines)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&prices)
+    .execute(ctx.db())
+    .await?;
+    sqlx::query("INSERT INTO orders.order_events (order_id, status) VALUES ($1, 'PENDING')")
+        .bind(cmd.order_id)
+        .execute(ctx.db())
+        .await?;
+    info!(order_id = %cmd.order_id, total_cents = total, "Order placed");
+    let items = cmd
+        .items
+        .iter()
+        .map(|l| Item {
+            sku: l.sku.clone(),
+            quantity: l.quantity,
+        })
+        .collect();
+    emit(
+        ctx,
+        cmd.order_id,
+        &ReserveStock {
+            order_id: cmd.order_id,
+            items,
+        },
+    );
+    Ok(())
+}
+
+async fn stock_reserved(
+    ctx: &mut Context,
+    id: Uuid,
+    payment_timeout: Duration,
+) -> Result<(), Failure> {
+    let order = existing_order(ctx, id).await?;
+    match order.status {
+        Status::Pending => {
+            transition(ctx, &order, Status::StockReserved, None).await?;
+            emit(
+                ctx,
+                id,
+                &ChargePayment {
+                    order_id: id,
+                    amount_cents: order.total_cents,
+                    currency: order.currency.clone(),
+                    payment_method: order.payment_method.clone(),
+                },
+            );
+            // Through the broker's delay queue, not a sleeping task: it
+            // survives restarts and needs no timer state in any process.
+            ctx.emit(
+                Outgoing::of(&PaymentTimeout { order_id: id })
+                    .correlated(id)
+                    .delayed_via(Domain::Order.delay_queue(), payment_timeout),
+            );
+        }
+        // Cancelled while the reservation was on its way: give it back.
+        Status::Cancelled => emit(ctx, id, &ReleaseStock { order_id: id }),
+        Status::StockReserved | Status::Paid | Status::Confirmed => {}
+    }
+    Ok(())
+}
+
+async fn out_of_stock(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+    let order = existing_order(ctx, id).await?;
+    if order.status == Status::Pending {
+        transition(ctx, &order, Status::Cancelled, Some(reason::OUT_OF_STOCK)).await?;
+        announce_cancellation(ctx, &order, reason::OUT_OF_STOCK, false);
+    }
+    Ok(())
+}
+
+async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Failure> {
+    let order = existing_order(ctx, ev.order_id).await?;
+    match order.status {
+        Status::StockReserved => {
+            sqlx::query("UPDATE orders.orders SET charge_id = $2 WHERE id = $1")
+                .bind(order.id)
+                .bind(&ev.charge_id)
+                .execute(ctx.db())
+                .await?;
+            transition(ctx, &order, Status::Paid, None).await?;
+            let paid = Order {
+                status: Status::Paid,
+                ..order
+            };
+            transition(ctx, &paid, Status::Confirmed, None).await?;
+            emit(ctx, paid.id, &CommitStock { order_id: paid.id });
+            let items = order_lines(ctx, paid.id).await?;
+            emit(
+                ctx,
+                paid.id,
+                &OrderConfirmed {
+                    order_id: paid.id,
+                    customer_email: paid.customer_email.clone(),
+                    currency: paid.currency.clone(),
+                    total_cents: paid.total_cents,
+                    items,
+                },
+            );
+        }
+        // A charge that landed after the order was given up: refund it.
+        Status::Cancelled => emit(ctx, order.id, &RefundPayment { order_id: order.id }),
+        Status::Pending | Status::Paid | Status::Confirmed => {}
+    }
+    Ok(())
+}
+
+async fn payment_declined(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+    let order = existing_order(ctx, id).await?;
+    if order.status == Status::StockReserved {
+        transition(
+            ctx,
+            &order,
+            Status::Cancelled,
+            Some(reason::PAYMENT_DECLINED),
+        )
+        .await?;
+        emit(ctx, id, &ReleaseStock { order_id: id });
+        announce_cancellation(ctx, &order, reason::PAYMENT_DECLINED, false);
+    }
+    Ok(())
+}
+
+async fn payment_timed_out(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+    let order = existing_order(ctx, id).await?;
+    if order.status == Status::StockReserved {
+        transition(
+            ctx,
+            &order,
+            Status::Cancelled,
+            Some(reason::PAYMENT_TIMEOUT),
+        )
+        .await?;
+        emit(ctx, id, &ReleaseStock { order_id: id });
+        // The charge may still be in flight: void it, or refund it if it landed.
+        emit(ctx, id, &RefundPayment { order_id: id });
+        announce_cancellation(ctx, &order, reason::PAYMENT_TIMEOUT, false);
+    }
+    Ok(())
+}
+
+async fn cancel_order(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+    let order = existing_order(ctx, id).await?;
+    let charged = match order.status {
+        Status::Cancelled => return Ok(()),
+        Status::Pending => false,
+        Status::StockReserved => {
+            emit(ctx, id, &RefundPayment { order_id: id });
+            false
+        }
+        Status::Paid | Status::Confirmed => {
+            emit(ctx, id, &RefundPayment { order_id: id });
+            true
+        }
+    };
+    transition(
+        ctx,
+        &order,
+        Status::Cancelled,
+        Some(reason::CUSTOMER_CANCELLED),
+    )
+    .await?;
+    // Also when PENDING: a reservation may be on its way.
+    emit(ctx, id, &ReleaseStock { order_id: id });
+    announce_cancellation(ctx, &order, reason::CUSTOMER_CANCELLED, charged);
+    Ok(())
+}
+
+async fn payment_refunded(ctx: &mut Context, ev: PaymentRefunded) -> Result<(), Failure> {
+    if !ev.charge_ids.is_empty() {
+        sqlx::query("UPDATE orders.orders SET refunded = true, updated_at = now() WHERE id = $1")
+            .bind(ev.order_id)
+            .execute(ctx.db())
+            .await?;
+        info!(order_id = %ev.order_id, charges = ?ev.charge_ids, "Order refunded");
+    }
+    Ok(())
+}
+
+fn announce_cancellation(ctx: &mut Context, order: &Order, reason: &str, refunded: bool) {
+    emit(
+        ctx,
+        order.id,
+        &OrderCancelled {
+            order_id: order.id,
+            customer_email: order.customer_email.clone(),
+            currency: order.currency.clone(),
+            total_cents: order.total_cents,
+            reason: reason.to_owned(),
+            refunded,
+        },
+    );
+}
+
+async fn order_lines(ctx: &mut Context, id: Uuid) -> Result<Vec<Line>, Failure> {
+    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
+    )
+    .bind(id)
+    .fetch_all(ctx.db())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(sku, q, p)| Line {
+            sku,
+            quantity: u32::try_from(q).unwrap_or_default(),
+            unit_price_cents: u64::try_from(p).unwrap_or_default(),
+        })
+        .collect())
+}

@@ -1,0 +1,243 @@
+//! The payment domain: charge an order once, refund or void it once.
+//!
+//! The payment row of an order is locked for the whole of a charge or
+//! refund, gateway call included, so a refund never overtakes the charge it
+//! must undo. A retried charge reuses the order's idempotency key, so the
+//! gateway never charges twice.
+
+pub mod gateway;
+
+use gateway::{ChargeOutcome, GatewayClient};
+use messages::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
+use runtime::{
+    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
+    decode_json,
+};
+use std::time::Duration;
+use topology::{Domain, keys};
+use tracing::info;
+use uuid::Uuid;
+
+pub const SPEC: WorkerSpec = WorkerSpec {
+    name: "payment-worker",
+    domain: Domain::Payment,
+    schema: "payments",
+};
+
+/// The gateway's address (`PAYMENT_GATEWAY_URL`) and request timeout
+/// (`PAYMENT_GATEWAY_TIMEOUT`).
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub url: String,
+    pub timeout: Duration,
+}
+
+impl GatewaySettings {
+    pub fn from_env() -> anyhow::Result<Self> {
+        let url = std::env::var("PAYMENT_GATEWAY_URL")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| "http://127.0.0.1:8090".into());
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            anyhow::bail!("PAYMENT_GATEWAY_URL={url:?} must be an http:// or https:// URL");
+        }
+        let raw = std::env::var("PAYMENT_GATEWAY_TIMEOUT").unwrap_or_else(|_| "5s".into());
+        let timeout = topology::retry::parse_duration(raw.trim())
+            .map_err(|e| anyhow::anyhow!("PAYMENT_GATEWAY_TIMEOUT={raw:?} is not valid: {e}"))?;
+        Ok(Self { url, timeout })
+    }
+}
+
+pub async fn build(
+    settings: WorkerSettings,
+    gateway: &GatewaySettings,
+) -> anyhow::Result<Worker<Payments>> {
+    let handler = Payments {
+        gateway: GatewayClient::new(&gateway.url, gateway.timeout)?,
+    };
+    Worker::build(SPEC, settings, handler).await
+}
+
+pub enum PaymentMessage {
+    Charge(ChargePayment),
+    Refund(RefundPayment),
+}
+
+impl Inbound for PaymentMessage {
+    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
+        Ok(match kind {
+            keys::PAYMENT_CHARGE => Self::Charge(decode_json(kind, body)?),
+            keys::PAYMENT_REFUND => Self::Refund(decode_json(kind, body)?),
+            other => return Err(Malformed::UnknownType(other.to_owned())),
+        })
+    }
+}
+
+pub struct Payments {
+    pub gateway: GatewayClient,
+}
+
+impl Handler for Payments {
+    type Message = PaymentMessage;
+
+    async fn handle(&self, ctx: &mut Context, message: PaymentMessage) -> Result<(), Failure> {
+        match message {
+            PaymentMessage::Charge(cmd) => self.charge_payment(ctx, cmd).await,
+            PaymentMessage::Refund(cmd) => self.refund_payment(ctx, cmd.order_id).await,
+        }
+    }
+}
+
+struct PaymentRow {
+    status: String,
+    charge_id: Option<String>,
+    decline: Option<String>,
+}
+
+/// The order's payment row, created as `pending` if new, locked until commit.
+async fn lock_payment(ctx: &mut Context, order_id: Uuid) -> Result<PaymentRow, Failure> {
+    sqlx::query("INSERT INTO payments.payments (order_id, status) VALUES ($1, 'pending') ON CONFLICT DO NOTHING")
+        .bind(order_id)
+        .execute(ctx.db())
+        .await?;
+    let (status, charge_id, decline): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status, charge_id, decline FROM payments.payments WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_one(ctx.db())
+    .await?;
+    Ok(PaymentRow {
+        status,
+        charge_id,
+        decline,
+    })
+}
+
+async fn set_status(
+    ctx: &mut Context,
+    order_id: Uuid,
+    status: &str,
+    charge_id: Option<&str>,
+    decline: Option<&str>,
+) -> Result<(), Failure> {
+    sqlx::query(
+        "UPDATE payments.payments SET status = $2, charge_id = COALESCE($3, charge_id), decline = $4, updated_at = now() \
+         WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .bind(status)
+    .bind(charge_id)
+    .bind(decline)
+    .execute(ctx.db())
+    .await?;
+    Ok(())
+}
+
+impl Payments {
+    async fn charge_payment(&self, ctx: &mut Context, cmd: ChargePayment) -> Result<(), Failure> {
+        let id = cmd.order_id;
+        let row = lock_payment(ctx, id).await?;
+        match row.status.as_str() {
+            "charged" => {
+                let charge_id = row.charge_id.unwrap_or_default();
+                ctx.emit(
+                    Outgoing::of(&PaymentCharged {
+                        order_id: id,
+                        charge_id,
+                    })
+                    .correlated(id),
+                );
+            }
+            "declined" => {
+                let reason = row.decline.unwrap_or_else(|| "declined".into());
+                ctx.emit(
+                    Outgoing::of(&PaymentDeclined {
+                        order_id: id,
+                        reason,
+                    })
+                    .correlated(id),
+                );
+            }
+            // The order gave up on this payment before it was made.
+            "refunded" | "voided" => {
+                info!(order_id = %id, "Charge skipped: payment already voided")
+            }
+            _ => {
+                let outcome = self
+                    .gateway
+                    .charge(id, cmd.amount_cents, &cmd.currency, &cmd.payment_method)
+                    .await?;
+                match outcome {
+                    ChargeOutcome::Charged { charge_id } => {
+                        sqlx::query("UPDATE payments.payments SET amount_cents = $2, currency = $3 WHERE order_id = $1")
+                            .bind(id)
+                            .bind(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX))
+                            .bind(&cmd.currency)
+                            .execute(ctx.db())
+                            .await?;
+                        set_status(ctx, id, "charged", Some(&charge_id), None).await?;
+                        info!(order_id = %id, charge_id, amount_cents = cmd.amount_cents, "Payment charged");
+                        ctx.emit(
+                            Outgoing::of(&PaymentCharged {
+                                order_id: id,
+                                charge_id,
+                            })
+                            .correlated(id),
+                        );
+                    }
+                    ChargeOutcome::Declined { reason } => {
+                        set_status(ctx, id, "declined", None, Some(&reason)).await?;
+                        info!(order_id = %id, reason, "Payment declined");
+                        ctx.emit(
+                            Outgoing::of(&PaymentDeclined {
+                                order_id: id,
+                                reason,
+                            })
+                            .correlated(id),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn refund_payment(&self, ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+        let row = lock_payment(ctx, id).await?;
+        let refunded: Vec<String> = match row.status.as_str() {
+            "refunded" | "voided" => return Ok(()),
+            "charged" => {
+                let charge_id = row.charge_id.unwrap_or_default();
+                self.gateway.refund(&charge_id).await?;
+                vec![charge_id]
+            }
+            // No charge recorded here, but one may have landed at the
+            // gateway with its answer lost: ask the gateway, refund what stands.
+            _ => {
+                let mut refunded = Vec::new();
+                for charge in self.gateway.charges_of(id).await? {
+                    if charge.status == "succeeded" && !charge.refunded {
+                        self.gateway.refund(&charge.id).await?;
+                        refunded.push(charge.id);
+                    }
+                }
+                refunded
+            }
+        };
+        let status = if refunded.is_empty() {
+            "voided"
+        } else {
+            "refunded"
+        };
+        set_status(ctx, id, status, None, row.decline.as_deref()).await?;
+        info!(order_id = %id, status, charges = ?refunded, "Payment refunded or voided");
+        ctx.emit(
+            Outgoing::of(&PaymentRefunded {
+                order_id: id,
+                charge_ids: refunded,
+            })
+            .correlated(id),
+        );
+        Ok(())
+    }
+}

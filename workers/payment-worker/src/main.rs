@@ -1,0 +1,12 @@
+//! `payment-worker`: charges and refunds through the payment gateway.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    runtime::telemetry::init();
+    let settings = runtime::WorkerSettings::from_env()?;
+    let gateway = payment_worker::GatewaySettings::from_env()?;
+    settings.log_effective(payment_worker::SPEC.name);
+    tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, "Payment gateway");
+    let worker = payment_worker::build(settings, &gateway).await?;
+    worker.run(runtime::shutdown::signal()).await
+}
