@@ -23,6 +23,10 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+if ! command -v curl >/dev/null; then
+    apt_install curl
+fi
+
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 wait_port() {
@@ -78,4 +82,16 @@ for _ in $(seq 1 60); do
     curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 && break
     sleep 0.5
 done
+# --- The SMTP sink used by tests, the benchmark and run.sh ----------------------
+if ! command -v python3 >/dev/null; then
+    log "installing Python 3"
+    apt_install python3 python3-pip
+fi
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+    log "installing aiosmtpd"
+    python3 -m pip install --quiet aiosmtpd 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages aiosmtpd 2>/dev/null \
+        || apt_install python3-aiosmtpd
+fi
+
 log "PostgreSQL on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672 (management UI http://127.0.0.1:15672)"

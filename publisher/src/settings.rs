@@ -14,6 +14,8 @@ pub struct PublisherSettings {
     pub request_timeout: Duration,
     /// `MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
+    /// `DATABASE_POOL_SIZE`: connections for the read side.
+    pub database_pool_size: u32,
 }
 
 impl PublisherSettings {
@@ -25,6 +27,7 @@ impl PublisherSettings {
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
             request_timeout: Duration::from_millis(timeout_ms),
             max_body_bytes: env_or("MAX_BODY_BYTES", "65536")?,
+            database_pool_size: env_or("DATABASE_POOL_SIZE", "10")?,
         })
     }
 

@@ -36,7 +36,7 @@ impl Application {
             tracing::warn!(error = %e, "Broker not reachable yet; requests will get 503 until it is");
         }
         let pool = PgPoolOptions::new()
-            .max_connections(10)
+            .max_connections(settings.database_pool_size.max(1))
             .acquire_timeout(Duration::from_secs(2))
             .connect_lazy(settings.database_url.expose())
             .map_err(|e| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?;

@@ -1,0 +1,403 @@
+//! The whole system for tests: its own vhost and database, the publisher on
+//! a free port, every worker (with as many replicas as asked), the payment
+//! gateway simulator, and a real SMTP server process that records each mail.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use payment_gateway_sim::{Gateway, Trouble};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use testkit::{TestEnv, eventually};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const RETRY_DELAYS: &str = "200ms,500ms,1500ms";
+
+pub struct Options {
+    pub replicas: usize,
+    pub trouble: Trouble,
+    pub payment_timeout: Duration,
+    pub gateway_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            trouble: Trouble::default(),
+            payment_timeout: Duration::from_secs(30),
+            gateway_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct System {
+    pub env: TestEnv,
+    pub api: String,
+    pub gateway: String,
+    pub http: reqwest::Client,
+    pub pool: sqlx::PgPool,
+    smtp_port: u16,
+    mail_record: PathBuf,
+    smtp: Option<Child>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl System {
+    pub async fn start(options: Options) -> Self {
+        runtime::telemetry::init();
+        let env = TestEnv::new().await;
+        let retry: topology::RetryDelays = RETRY_DELAYS.parse().unwrap();
+        let conn = env.connection().await;
+        assert!(
+            topology::declare(&conn, &topology::Topology::contract(&retry))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let _ = conn.close(200, "done".into()).await;
+        let pool = env.pool().await;
+        runtime::db::migrate(&pool).await.unwrap();
+
+        let mut stops = Vec::new();
+        let mut tasks = Vec::new();
+        let mut spawn = |fut: std::pin::Pin<
+            Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+        >| {
+            tasks.push(tokio::spawn(fut));
+        };
+
+        // Payment gateway simulator.
+        let gateway_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway = format!("http://{}", gateway_listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        stops.push(stop);
+        let router = Gateway::new(options.trouble).router();
+        spawn(Box::pin(async move {
+            axum_serve(gateway_listener, router, stopped).await;
+            Ok(())
+        }));
+
+        // SMTP server process.
+        let smtp_port = free_port();
+        let mail_record = std::env::temp_dir().join(format!("{}-mail.jsonl", env.database));
+        let _ = std::fs::remove_file(&mail_record);
+
+        // Publisher.
+        let settings = publisher::PublisherSettings {
+            http_addr: "127.0.0.1:0".into(),
+            amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+            database_url: runtime::SecretUrl::new(env.database_url.clone()),
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 65536,
+            database_pool_size: 4,
+        };
+        let app = publisher::Application::build(settings).await.unwrap();
+        let api = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = oneshot::channel::<()>();
+        stops.push(stop);
+        spawn(Box::pin(app.run(async move {
+            let _ = stopped.await;
+        })));
+
+        let worker_settings = || runtime::WorkerSettings {
+            amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+            database_url: runtime::SecretUrl::new(env.database_url.clone()),
+            retry_delays: retry.clone(),
+            prefetch: 16,
+            concurrency: 16,
+            database_pool_size: 4,
+            outbox_sweep_after: Duration::from_millis(1000),
+        };
+        let gateway_settings = payment_worker::GatewaySettings {
+            url: gateway.clone(),
+            timeout: options.gateway_timeout,
+        };
+        let mail = notification_worker::MailSettings {
+            smtp_url: runtime::SecretUrl::new(format!("smtp://127.0.0.1:{smtp_port}")),
+            from: "orderflow <orders@orderflow.local>".parse().unwrap(),
+        };
+        for _ in 0..options.replicas {
+            let mut run = |worker_run: std::pin::Pin<
+                Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
+            >| { spawn(worker_run) };
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            let w = order_worker::build(worker_settings(), options.payment_timeout)
+                .await
+                .unwrap();
+            run(Box::pin(w.run(async move {
+                let _ = stopped.await;
+            })));
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            let w = inventory_worker::build(worker_settings()).await.unwrap();
+            run(Box::pin(w.run(async move {
+                let _ = stopped.await;
+            })));
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            let w = payment_worker::build(worker_settings(), &gateway_settings)
+                .await
+                .unwrap();
+            run(Box::pin(w.run(async move {
+                let _ = stopped.await;
+            })));
+            let (stop, stopped) = oneshot::channel::<()>();
+            stops.push(stop);
+            let w = notification_worker::build(worker_settings(), mail.clone())
+                .await
+                .unwrap();
+            run(Box::pin(w.run(async move {
+                let _ = stopped.await;
+            })));
+        }
+
+        let mut system = Self {
+            env,
+            api,
+            gateway,
+            http: reqwest::Client::new(),
+            pool,
+            smtp_port,
+            mail_record,
+            smtp: None,
+            stops,
+            tasks,
+        };
+        system.start_smtp().await;
+        system
+    }
+
+    /// Starts the SMTP server process (again), on the same port.
+    pub async fn start_smtp(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/smtp_sink.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["--port", &self.smtp_port.to_string()])
+            .arg("--record")
+            .arg(&self.mail_record)
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.smtp = Some(child);
+        let port = self.smtp_port;
+        eventually(
+            Duration::from_secs(20),
+            "the SMTP server listens",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Stops the SMTP server process, as an outage would.
+    pub async fn stop_smtp(&mut self) {
+        if let Some(mut child) = self.smtp.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Every mail the SMTP server accepted.
+    pub fn mails(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.mail_record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn mails_about(&self, order_id: &str) -> Vec<Value> {
+        self.mails()
+            .into_iter()
+            .filter(|m| m["subject"].as_str().is_some_and(|s| s.contains(order_id)))
+            .collect()
+    }
+
+    pub async fn post(&self, path: &str, body: &Value, key: Option<&str>) -> (StatusCode, Value) {
+        let mut request = self.http.post(format!("{}{path}", self.api)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.api))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn restock(&self, sku: &str, quantity: u32) {
+        let (status, body) = self
+            .post(
+                &format!("/inventory/{sku}/restock"),
+                &json!({ "quantity": quantity }),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+
+    /// Waits until the SKU shows `available` units.
+    pub async fn wait_stock(&self, sku: &str, available: i64) {
+        eventually(Duration::from_secs(30), "stock arrives", || async {
+            let (status, body) = self.get(&format!("/inventory/{sku}")).await;
+            status == StatusCode::OK && body["available"] == available
+        })
+        .await;
+    }
+
+    /// Places an order and returns its id.
+    pub async fn place(&self, sku: &str, quantity: u32, payment_method: &str) -> String {
+        let body = json!({
+            "customer_email": "ada@example.com",
+            "currency": "EUR",
+            "items": [{ "sku": sku, "quantity": quantity, "unit_price_cents": 1999 }],
+            "payment_method": payment_method,
+        });
+        let (status, body) = self.post("/orders", &body, None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["order_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until the order is CONFIRMED or CANCELLED and returns it.
+    pub async fn wait_final(&self, order_id: &str) -> Value {
+        let mut last = Value::Null;
+        for _ in 0..1200 {
+            let (status, body) = self.get(&format!("/orders/{order_id}")).await;
+            if status == StatusCode::OK
+                && (body["status"] == "CONFIRMED" || body["status"] == "CANCELLED")
+            {
+                return body;
+            }
+            last = body;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("order {order_id} never became final: {last}");
+    }
+
+    /// Waits until the order reaches `status`.
+    pub async fn wait_status(&self, order_id: &str, status: &str) -> Value {
+        for _ in 0..1200 {
+            let (code, body) = self.get(&format!("/orders/{order_id}")).await;
+            if code == StatusCode::OK && body["status"] == status {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("order {order_id} never reached {status}");
+    }
+
+    /// The gateway's charges of an order.
+    pub async fn charges(&self, order_id: &str) -> Vec<Value> {
+        let body: Value = self
+            .http
+            .get(format!("{}/charges", self.gateway))
+            .query(&[("order_id", order_id)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Changes the gateway's injected trouble.
+    pub async fn set_trouble(&self, trouble: Trouble) {
+        let status = self
+            .http
+            .post(format!("{}/_sim/config", self.gateway))
+            .json(&trouble)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert!(status.is_success());
+    }
+
+    /// Charges that stand: succeeded and not refunded.
+    pub async fn standing_charges(&self, order_id: &str) -> usize {
+        self.charges(order_id)
+            .await
+            .iter()
+            .filter(|c| c["status"] == "succeeded" && c["refunded"] == false)
+            .count()
+    }
+
+    /// Asserts the system-wide invariants: no stock reserved by a cancelled
+    /// order, no negative stock, empty work, retry and dead queues.
+    pub async fn assert_quiet_and_consistent(&self) {
+        let negative: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM inventory.stock WHERE available < 0 OR reserved < 0 OR sold < 0",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(negative, 0, "negative stock");
+        let held_by_cancelled: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM inventory.reservations r JOIN orders.orders o ON o.id = r.order_id WHERE o.status = 'CANCELLED'",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap();
+        assert_eq!(held_by_cancelled, 0, "a cancelled order still holds stock");
+        for domain in topology::Domain::ALL {
+            assert_eq!(
+                self.env.depth(&domain.dead_queue()).await,
+                0,
+                "{} is not empty",
+                domain.dead_queue()
+            );
+        }
+    }
+
+    pub async fn stop(mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+        self.stop_smtp().await;
+        let _ = std::fs::remove_file(&self.mail_record);
+        self.pool.close().await;
+        self.env.cleanup().await;
+    }
+}
+
+async fn axum_serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stopped: oneshot::Receiver<()>,
+) {
+    let _ = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        })
+        .await;
+}

@@ -1,0 +1,405 @@
+//! The HTTP contract from a client's side: idempotency keys, every kind of
+//! bad input, health endpoints, and a broker that is away.
+#![allow(clippy::unwrap_used)]
+
+use e2e::{Options, System};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn order_body() -> Value {
+    json!({
+        "customer_email": "ada@example.com",
+        "currency": "EUR",
+        "items": [{ "sku": "SKU-I", "quantity": 1, "unit_price_cents": 500 }],
+    })
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
+    let system = System::start(Options::default()).await;
+    system.restock("SKU-I", 10).await;
+    system.wait_stock("SKU-I", 10).await;
+
+    let (s1, first) = system
+        .post("/orders", &order_body(), Some("checkout-42"))
+        .await;
+    let (s2, second) = system
+        .post("/orders", &order_body(), Some("checkout-42"))
+        .await;
+    let (s3, other) = system
+        .post("/orders", &order_body(), Some("checkout-43"))
+        .await;
+
+    assert_eq!(
+        (s1, s2, s3),
+        (
+            StatusCode::ACCEPTED,
+            StatusCode::ACCEPTED,
+            StatusCode::ACCEPTED
+        )
+    );
+    assert_eq!(first["order_id"], second["order_id"]);
+    assert_ne!(first["order_id"], other["order_id"]);
+    let id = first["order_id"].as_str().unwrap();
+    assert_eq!(system.wait_final(id).await["status"], "CONFIRMED");
+    assert_eq!(
+        system.wait_final(other["order_id"].as_str().unwrap()).await["status"],
+        "CONFIRMED"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    assert_eq!(system.charges(id).await.len(), 1);
+    testkit::eventually(Duration::from_secs(30), "one email", || async {
+        system.mails_about(id).len() == 1
+    })
+    .await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_restock_with_the_same_key_adds_once() {
+    let system = System::start(Options::default()).await;
+    for _ in 0..3 {
+        let (status, _) = system
+            .post(
+                "/inventory/SKU-R/restock",
+                &json!({"quantity": 7}),
+                Some("delivery-1"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let (status, _) = system
+        .post(
+            "/inventory/SKU-R/restock",
+            &json!({"quantity": 1}),
+            Some("delivery-2"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    system.wait_stock("SKU-R", 8).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, stock) = system.get("/inventory/SKU-R").await;
+    assert_eq!(stock["available"], 8);
+    let (status, body) = system.get("/inventory/NEVER-STOCKED").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_of_every_kind_gets_a_clear_json_error_and_publishes_nothing() {
+    let system = System::start(Options::default()).await;
+    let url = |path: &str| format!("{}{path}", system.api);
+    let with_items = |items: Value| {
+        let mut b = order_body();
+        b["items"] = items;
+        b
+    };
+    let with = |field: &str, value: Value| {
+        let mut b = order_body();
+        b[field] = value;
+        b
+    };
+    let json_cases: Vec<(&str, Value, StatusCode, Option<&str>)> = vec![
+        (
+            "empty items",
+            with_items(json!([])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items"),
+        ),
+        (
+            "negative quantity",
+            with_items(json!([{"sku": "A", "quantity": -1, "unit_price_cents": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items[0].quantity"),
+        ),
+        (
+            "zero quantity",
+            with_items(json!([{"sku": "A", "quantity": 0, "unit_price_cents": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items[0].quantity"),
+        ),
+        (
+            "huge quantity",
+            with_items(
+                json!([{"sku": "A", "quantity": 1_000_000_000_000i64, "unit_price_cents": 1}]),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items[0].quantity"),
+        ),
+        (
+            "quantity beyond i64",
+            json!({"customer_email": "a@b.co", "currency": "EUR", "items": [{"sku": "A", "quantity": 1e30, "unit_price_cents": 1}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            "negative price",
+            with_items(json!([{"sku": "A", "quantity": 1, "unit_price_cents": -5}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items[0].unit_price_cents"),
+        ),
+        (
+            "bad sku",
+            with_items(json!([{"sku": "no spaces allowed", "quantity": 1, "unit_price_cents": 1}])),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("items[0].sku"),
+        ),
+        (
+            "bad email",
+            with("customer_email", json!("not-an-email")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("customer_email"),
+        ),
+        (
+            "unknown currency",
+            with("currency", json!("XYZ")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("currency"),
+        ),
+        (
+            "bad payment method",
+            with("payment_method", json!("cash")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("payment_method"),
+        ),
+        (
+            "missing field",
+            json!({"currency": "EUR", "items": []}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            "unknown field",
+            with("coupon", json!("FREE")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            "wrong type",
+            with("items", json!("lots")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+        (
+            "array body",
+            json!([1, 2, 3]),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+        ),
+    ];
+    for (what, body, expected, field) in json_cases {
+        let response = system
+            .http
+            .post(url("/orders"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{what}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"].is_string(), "{what}: {error}");
+        assert!(error["details"].is_array(), "{what}: {error}");
+        if let Some(field) = field {
+            let fields: Vec<&str> = error["details"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|d| d["field"].as_str())
+                .collect();
+            assert!(fields.contains(&field), "{what}: {error}");
+        }
+    }
+
+    let raw_cases: Vec<(&str, Vec<u8>, &str, StatusCode)> = vec![
+        (
+            "broken JSON",
+            br#"{"customer_email": "#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "binary garbage",
+            vec![0xff, 0xfe, 0x00, 0x01],
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "empty body",
+            Vec::new(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "not JSON content type",
+            serde_json::to_vec(&order_body()).unwrap(),
+            "text/plain",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "5 MiB body",
+            vec![b' '; 5 * 1024 * 1024],
+            "application/json",
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+    ];
+    for (what, body, content_type, expected) in raw_cases {
+        let response = system
+            .http
+            .post(url("/orders"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{what}");
+        let error: Value = response.json().await.unwrap();
+        assert!(error["error"].is_string(), "{what}: {error}");
+    }
+
+    let long_key = "k".repeat(300);
+    let response = system
+        .http
+        .post(url("/orders"))
+        .header("Idempotency-Key", long_key)
+        .json(&order_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    let (status, _) = system.get("/orders/not-a-uuid").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = system
+        .get(&format!("/orders/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+    let (status, _) = system
+        .post(
+            &format!("/orders/{}/cancel", uuid::Uuid::new_v4()),
+            &json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = system
+        .post("/inventory/SKU-1/restock", &json!({"quantity": 0}), None)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = system
+        .post("/inventory/SKU-1/restock", &json!({"quantity": -3}), None)
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = system
+        .post(
+            "/inventory/bad%20sku/restock",
+            &json!({"quantity": 3}),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = system.get("/no/such/route").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"].is_string());
+
+    // Nothing reached the broker.
+    let metrics = system
+        .http
+        .get(url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("commands_published_total{"), "{metrics}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let system = System::start(Options::default()).await;
+    let (status, body) = system.get("/healthz").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let (status, body) = system.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"broker": "ok", "database": "ok"}));
+    system.place("SKU-X", 1, "pm_card_visa").await;
+    let metrics = system
+        .http
+        .get(format!("{}/metrics", system.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("orderflow_publisher_commands_published_total{command=\"order.place\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "orderflow_publisher_http_requests_total{route=\"/orders\",status=\"202\"} 1"
+        ),
+        "{metrics}"
+    );
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
+    let settings = publisher::PublisherSettings {
+        http_addr: "127.0.0.1:0".into(),
+        // Nothing listens on port 1.
+        amqp_url: runtime::SecretUrl::new("amqp://guest:guest@127.0.0.1:1/%2f"),
+        database_url: runtime::SecretUrl::new("postgres://postgres@127.0.0.1:1/none"),
+        request_timeout: Duration::from_secs(10),
+        max_body_bytes: 65536,
+        database_pool_size: 1,
+    };
+    let app = publisher::Application::build(settings).await.unwrap();
+    let api = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+
+    let response = http
+        .post(format!("{api}/orders"))
+        .json(&order_body())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("broker"), "{body}");
+    let response = http.get(format!("{api}/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"broker": "unavailable", "database": "unavailable"})
+    );
+    let response = http.get(format!("{api}/healthz")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}

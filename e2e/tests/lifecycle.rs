@@ -1,0 +1,340 @@
+//! Orders through the whole system: HTTP in, every worker, the gateway
+//! simulator, and email out through a real SMTP server.
+#![allow(clippy::unwrap_used)]
+
+use e2e::{Options, System};
+use payment_gateway_sim::Trouble;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test]
+async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
+    let system = System::start(Options::default()).await;
+    system.restock("SKU-1", 100).await;
+    system.wait_stock("SKU-1", 100).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        ids.push(system.place("SKU-1", 2, "pm_card_visa").await);
+    }
+    for id in &ids {
+        let order = system.wait_final(id).await;
+        assert_eq!(order["status"], "CONFIRMED", "{order}");
+        let history: Vec<&str> = order["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            history,
+            vec!["PENDING", "STOCK_RESERVED", "PAID", "CONFIRMED"]
+        );
+        assert_eq!(order["total_cents"], 3998);
+        assert_eq!(system.standing_charges(id).await, 1);
+    }
+    for id in &ids {
+        testkit::eventually(
+            Duration::from_secs(30),
+            "the confirmation email",
+            || async { system.mails_about(id).len() == 1 },
+        )
+        .await;
+        let mail = &system.mails_about(id)[0];
+        assert_eq!(mail["subject"], format!("Order {id} confirmed"));
+        assert_eq!(mail["to"][0], "ada@example.com");
+        assert_eq!(mail["multipart"], true);
+    }
+    let (_, stock) = system.get("/inventory/SKU-1").await;
+    assert_eq!(stock["available"], 50);
+    assert_eq!(stock["reserved"], 0);
+    assert_eq!(stock["sold"], 50);
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
+    let system = System::start(Options::default()).await;
+    system.restock("LAST-1", 1).await;
+    system.wait_stock("LAST-1", 1).await;
+
+    let ids = vec![
+        system.place("LAST-1", 1, "pm_card_visa").await,
+        system.place("LAST-1", 1, "pm_card_visa").await,
+        system.place("LAST-1", 1, "pm_card_visa").await,
+    ];
+    let mut confirmed = 0;
+    let mut out_of_stock = 0;
+    for id in &ids {
+        let order = system.wait_final(id).await;
+        match (order["status"].as_str(), order["reason"].as_str()) {
+            (Some("CONFIRMED"), _) => confirmed += 1,
+            (Some("CANCELLED"), Some("out_of_stock")) => {
+                out_of_stock += 1;
+                assert_eq!(
+                    system.charges(id).await.len(),
+                    0,
+                    "an out-of-stock order was charged"
+                );
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!((confirmed, out_of_stock), (1, 2));
+    let (_, stock) = system.get("/inventory/LAST-1").await;
+    assert_eq!(stock["available"], 0);
+    assert_eq!(stock["reserved"], 0);
+    for id in &ids {
+        testkit::eventually(Duration::from_secs(30), "one email per order", || async {
+            system.mails_about(id).len() == 1
+        })
+        .await;
+    }
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothing() {
+    let system = System::start(Options::default()).await;
+    system.restock("SKU-D", 5).await;
+    system.wait_stock("SKU-D", 5).await;
+
+    let id = system.place("SKU-D", 2, "pm_card_chargeDeclined").await;
+    let order = system.wait_final(&id).await;
+
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(order["reason"], "payment_declined");
+    assert_eq!(system.charges(&id).await.len(), 0);
+    system.wait_stock("SKU-D", 5).await;
+    testkit::eventually(
+        Duration::from_secs(30),
+        "the cancellation email",
+        || async { system.mails_about(&id).len() == 1 },
+    )
+    .await;
+    assert!(
+        system.mails_about(&id)[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("declined")
+    );
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_again() {
+    let system = System::start(Options::default()).await;
+    system.restock("SKU-C", 3).await;
+    system.wait_stock("SKU-C", 3).await;
+    let id = system.place("SKU-C", 2, "pm_card_visa").await;
+    assert_eq!(system.wait_final(&id).await["status"], "CONFIRMED");
+
+    let (status, _) = system
+        .post(&format!("/orders/{id}/cancel"), &json!({}), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+
+    let order = system.wait_status(&id, "CANCELLED").await;
+    assert_eq!(order["reason"], "customer_cancelled");
+    testkit::eventually(Duration::from_secs(30), "the refund", || async {
+        system.standing_charges(&id).await == 0
+    })
+    .await;
+    assert_eq!(system.charges(&id).await.len(), 1, "charged exactly once");
+    system.wait_stock("SKU-C", 3).await;
+    testkit::eventually(Duration::from_secs(30), "two emails", || async {
+        system.mails_about(&id).len() == 2
+    })
+    .await;
+    let subjects: Vec<String> = system
+        .mails_about(&id)
+        .iter()
+        .map(|m| m["subject"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(subjects.contains(&format!("Order {id} confirmed")));
+    assert!(subjects.contains(&format!("Order {id} cancelled")));
+    let history: Vec<&str> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        history,
+        vec![
+            "PENDING",
+            "STOCK_RESERVED",
+            "PAID",
+            "CONFIRMED",
+            "CANCELLED"
+        ]
+    );
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_once() {
+    let system = System::start(Options {
+        trouble: Trouble {
+            error_rate: 0.3,
+            latency_ms: 0,
+        },
+        ..Options::default()
+    })
+    .await;
+    system.restock("SKU-F", 1000).await;
+    system.wait_stock("SKU-F", 1000).await;
+
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(system.place("SKU-F", 1, "pm_card_visa").await);
+    }
+    for id in &ids {
+        let order = system.wait_final(id).await;
+        assert_eq!(order["status"], "CONFIRMED", "{order}");
+        let charges = system.charges(id).await;
+        assert_eq!(
+            charges.len(),
+            1,
+            "order {id} charged {} times",
+            charges.len()
+        );
+    }
+    system.set_trouble(Trouble::default()).await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
+    let mut system = System::start(Options::default()).await;
+    system.restock("SKU-M", 10).await;
+    system.wait_stock("SKU-M", 10).await;
+    system.stop_smtp().await;
+
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(system.place("SKU-M", 1, "pm_card_visa").await);
+    }
+    for id in &ids {
+        assert_eq!(system.wait_final(id).await["status"], "CONFIRMED");
+    }
+    // Give the notification worker time to fail a few times.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(system.mails().is_empty());
+    system.start_smtp().await;
+
+    for id in &ids {
+        testkit::eventually(Duration::from_secs(60), "the delayed email", || async {
+            system.mails_about(id).len() == 1
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(system.mails().len(), 5, "an email was sent twice");
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
+    let system = System::start(Options {
+        replicas: 2,
+        ..Options::default()
+    })
+    .await;
+    system.restock("HOT-1", 20).await;
+    system.wait_stock("HOT-1", 20).await;
+
+    let placing: Vec<_> = (0..40)
+        .map(|i| {
+            let method = if i % 5 == 0 {
+                "pm_card_chargeDeclined"
+            } else {
+                "pm_card_visa"
+            };
+            system.place("HOT-1", 1, method)
+        })
+        .collect();
+    let ids = futures_join(placing).await;
+
+    let mut confirmed = 0i64;
+    for id in &ids {
+        let order = system.wait_final(id).await;
+        let standing = system.standing_charges(id).await;
+        if order["status"] == "CONFIRMED" {
+            confirmed += 1;
+            assert_eq!(standing, 1, "a confirmed order has one charge");
+        } else {
+            assert_eq!(standing, 0, "a cancelled order has no standing charge");
+        }
+        assert!(system.charges(id).await.len() <= 1, "charged twice");
+    }
+    // Declined orders hold stock for a moment, so an order placed then may
+    // find none: at most the stock is sold, and what is sold is what was confirmed.
+    assert!((1..=20).contains(&confirmed), "{confirmed} confirmed");
+    let (_, stock) = system.get("/inventory/HOT-1").await;
+    assert_eq!(stock["sold"], confirmed);
+    assert_eq!(stock["available"], 20 - confirmed);
+    assert_eq!(stock["reserved"], 0);
+    for id in &ids {
+        testkit::eventually(Duration::from_secs(30), "one email per order", || async {
+            system.mails_about(id).len() == 1
+        })
+        .await;
+    }
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+async fn futures_join(placing: Vec<impl std::future::Future<Output = String>>) -> Vec<String> {
+    let mut handles = Vec::new();
+    for p in placing {
+        handles.push(p);
+    }
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() {
+    let system = System::start(Options {
+        trouble: Trouble {
+            error_rate: 0.0,
+            latency_ms: 1500,
+        },
+        payment_timeout: Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    system.restock("SKU-T", 2).await;
+    system.wait_stock("SKU-T", 2).await;
+
+    let id = system.place("SKU-T", 1, "pm_card_visa").await;
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(order["reason"], "payment_timeout");
+
+    // The slow charge lands after the timeout: it must be refunded.
+    testkit::eventually(Duration::from_secs(30), "no charge standing", || async {
+        system.standing_charges(&id).await == 0 && !system.charges(&id).await.is_empty()
+    })
+    .await;
+    system.wait_stock("SKU-T", 2).await;
+    testkit::eventually(
+        Duration::from_secs(30),
+        "one cancellation email",
+        || async { system.mails_about(&id).len() == 1 },
+    )
+    .await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""A real SMTP server that accepts every message and records it.
+
+Each accepted message becomes one JSON line in --record (arrival time,
+envelope, subject, Message-ID, plain-text body), which tests, the benchmark
+and `scripts/run.sh` read. With --http PORT it also serves the received
+mail as a small web page, for people.
+"""
+import argparse
+import email
+import html
+import json
+import signal
+import threading
+import time
+from email import policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from aiosmtpd.controller import Controller
+
+
+class Recorder:
+    def __init__(self, path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.content, policy=policy.default)
+        body = message.get_body(preferencelist=("plain",))
+        record = {
+            "at": time.time(),
+            "from": envelope.mail_from,
+            "to": envelope.rcpt_tos,
+            "subject": str(message["subject"] or ""),
+            "message_id": str(message["message-id"] or ""),
+            "text": body.get_content() if body is not None else "",
+            "multipart": message.is_multipart(),
+        }
+        with self.lock, open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        return "250 Message accepted"
+
+
+def serve_web(port, path):
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    records = [json.loads(line) for line in f if line.strip()]
+            except FileNotFoundError:
+                records = []
+            rows = "".join(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>".format(
+                    time.strftime("%H:%M:%S", time.localtime(r["at"])),
+                    html.escape(", ".join(r["to"])),
+                    html.escape(r["subject"]),
+                    html.escape(r["text"]),
+                )
+                for r in reversed(records)
+            )
+            page = (
+                "<!doctype html><meta charset=utf-8><title>orderflow mail</title>"
+                "<h1>Mail received ({})</h1><table border=1 cellpadding=4>"
+                "<tr><th>at</th><th>to</th><th>subject</th><th>text</th></tr>{}</table>"
+            ).format(len(records), rows)
+            data = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=1025)
+    parser.add_argument("--record", required=True, help="JSON-lines file to append to")
+    parser.add_argument("--http", type=int, help="serve the mail as a web page on this port")
+    args = parser.parse_args()
+    controller = Controller(Recorder(args.record), hostname="127.0.0.1", port=args.port)
+    controller.start()
+    if args.http:
+        serve_web(args.http, args.record)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"smtp sink on 127.0.0.1:{args.port}, recording to {args.record}", flush=True)
+    stop.wait()
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
