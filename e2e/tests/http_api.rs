@@ -15,7 +15,7 @@ fn order_body() -> Value {
     })
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
     let system = System::start(Options::default()).await;
     system.restock("SKU-I", 10).await;
@@ -60,7 +60,7 @@ async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retried_restock_with_the_same_key_adds_once() {
     let system = System::start(Options::default()).await;
     for _ in 0..3 {
@@ -91,7 +91,7 @@ async fn a_retried_restock_with_the_same_key_adds_once() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_of_every_kind_gets_a_clear_json_error_and_publishes_nothing() {
     let system = System::start(Options::default()).await;
     let url = |path: &str| format!("{}{path}", system.api);
@@ -328,7 +328,7 @@ async fn bad_input_of_every_kind_gets_a_clear_json_error_and_publishes_nothing()
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_readiness_and_metrics_answer() {
     let system = System::start(Options::default()).await;
     let (status, body) = system.get("/healthz").await;
@@ -362,7 +362,7 @@ async fn health_readiness_and_metrics_answer() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     let settings = publisher::PublisherSettings {
         http_addr: "127.0.0.1:0".into(),

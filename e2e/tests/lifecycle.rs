@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
     let system = System::start(Options::default()).await;
     system.restock("SKU-1", 100).await;
@@ -54,7 +54,7 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
     let system = System::start(Options::default()).await;
     system.restock("LAST-1", 1).await;
@@ -96,7 +96,7 @@ async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothing() {
     let system = System::start(Options::default()).await;
     system.restock("SKU-D", 5).await;
@@ -125,7 +125,7 @@ async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothin
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_again() {
     let system = System::start(Options::default()).await;
     system.restock("SKU-C", 3).await;
@@ -177,7 +177,7 @@ async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_a
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_once() {
     let system = System::start(Options {
         trouble: Trouble {
@@ -210,7 +210,7 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
     let mut system = System::start(Options::default()).await;
     system.restock("SKU-M", 10).await;
@@ -241,7 +241,7 @@ async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
     system.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
     let system = System::start(Options {
         replicas: 2,
@@ -304,7 +304,7 @@ async fn futures_join(placing: Vec<impl std::future::Future<Output = String>>) -
     out
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() {
     let system = System::start(Options {
         trouble: Trouble {

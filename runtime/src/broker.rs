@@ -127,10 +127,16 @@ impl Publisher {
         *guard = None;
         let unavailable = |e: lapin::Error| PublishError::Unavailable(e.to_string());
         let connection = connect(&self.url, &self.name).await.map_err(unavailable)?;
-        let channel = connection.create_channel().await.map_err(unavailable)?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
+        let open = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, open)
             .await
+            .map_err(|_| PublishError::Timeout(CONNECT_TIMEOUT))?
             .map_err(unavailable)?;
         info!(connection = %self.name, "Publisher connected");
         *guard = Some((connection, channel.clone()));

@@ -40,6 +40,10 @@ use tracing::{debug, error, info, warn};
 /// and only a backstop.
 pub const MAX_STARTS: i32 = 3;
 
+/// The longest a single broker call (ack, subscribe) may take before the
+/// connection is treated as lost.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The longest error text kept in `x-error`.
 const MAX_ERROR_LEN: usize = 1000;
 
@@ -160,26 +164,39 @@ async fn consume<H: Handler>(
     connection: &Connection,
     token: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mismatches = topology::declare(connection, &inner.topology).await?;
+    // Every broker round trip here is bounded: a broker that accepted the
+    // connection but does not answer must not hang the worker.
+    let mismatches = tokio::time::timeout(
+        BROKER_CALL_TIMEOUT * 6,
+        topology::declare(connection, &inner.topology),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("declaring the topology timed out"))??;
     for m in &mismatches {
         // The existing queue keeps being used; an operator must reconcile it.
         error!(worker = inner.spec.name, mismatch = %m, "Topology differs from the broker");
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
-        .await?;
     let queue = inner.spec.domain.queue();
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            format!("{}-{}", inner.spec.name, uuid::Uuid::new_v4())
-                .as_str()
-                .into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let subscribe = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(inner.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("{}-{}", inner.spec.name, uuid::Uuid::new_v4())
+                    .as_str()
+                    .into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, lapin::Error>((channel, consumer))
+    };
+    let (channel, consumer) = tokio::time::timeout(BROKER_CALL_TIMEOUT, subscribe)
+        .await
+        .map_err(|_| anyhow::anyhow!("subscribing to {queue} timed out"))??;
     info!(
         worker = inner.spec.name,
         queue,
@@ -429,9 +446,16 @@ async fn begin<H>(
 }
 
 async fn ack(delivery: &Delivery) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+    match tokio::time::timeout(
+        BROKER_CALL_TIMEOUT,
+        delivery.acker.ack(BasicAckOptions::default()),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
         // The channel is gone; the broker redelivers and the inbox dedupes.
-        warn!(error = %e, "Ack failed");
+        Ok(Err(e)) => warn!(error = %e, "Ack failed"),
+        Err(_) => warn!("Ack timed out"),
     }
 }
 
@@ -440,13 +464,11 @@ async fn ack(delivery: &Delivery) {
 async fn requeue(delivery: &Delivery, error: &PublishError) {
     warn!(error = %error, "Could not move the message; returning it to its queue");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await;
+    let nack = delivery.acker.nack(BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    });
+    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, nack).await;
 }
 
 async fn retry<H>(

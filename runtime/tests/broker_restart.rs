@@ -20,7 +20,7 @@ fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_restart_mid_stream_loses_nothing_and_publishing_fails_loudly_while_it_is_down() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms").await;

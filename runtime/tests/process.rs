@@ -51,7 +51,7 @@ fn probe(id: &str) -> Probe {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_handler_gets_the_message_redelivered_and_applies_it_once() {
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms,200ms").await;
@@ -90,7 +90,7 @@ async fn a_worker_killed_mid_handler_gets_the_message_redelivered_and_applies_it
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_that_crashes_its_worker_every_time_ends_dead_and_the_rest_flow() {
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms,200ms").await;
@@ -156,7 +156,7 @@ async fn a_message_that_crashes_its_worker_every_time_ends_dead_and_the_rest_flo
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_finishes_in_flight_messages_and_exits_zero() {
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms,200ms").await;

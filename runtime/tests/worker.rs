@@ -21,7 +21,7 @@ fn probe(id: &str) -> Probe {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_failure_is_retried_through_the_tiers_then_succeeds() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms,300ms").await;
@@ -52,7 +52,7 @@ async fn transient_failure_is_retried_through_the_tiers_then_succeeds() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exhausted_attempts_end_in_the_dead_queue_with_the_contract_headers() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms").await;
@@ -101,7 +101,7 @@ async fn exhausted_attempts_end_in_the_dead_queue_with_the_contract_headers() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn permanent_failure_goes_to_the_dead_queue_at_once() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms").await;
@@ -135,7 +135,7 @@ async fn permanent_failure_goes_to_the_dead_queue_at_once() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_is_dead_lettered_as_malformed_while_valid_messages_keep_flowing() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms").await;
@@ -221,7 +221,7 @@ async fn garbage_is_dead_lettered_as_malformed_while_valid_messages_keep_flowing
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_message_id_delivered_twice_has_one_effect() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms").await;
@@ -256,7 +256,7 @@ async fn the_same_message_id_delivered_twice_has_one_effect() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms").await;
@@ -298,7 +298,7 @@ async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() 
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
     let env = TestEnv::new().await;
     let pool = prepare(&env).await;
@@ -332,7 +332,7 @@ async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message_once() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms").await;

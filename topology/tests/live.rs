@@ -31,7 +31,7 @@ fn cli(env: &TestEnv, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn apply_twice_on_a_fresh_vhost_gives_exactly_the_contract_topology() {
     let env = TestEnv::new().await;
 
@@ -75,7 +75,7 @@ async fn apply_twice_on_a_fresh_vhost_gives_exactly_the_contract_topology() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn diff_names_a_changed_argument_and_apply_explains_it_without_crashing() {
     let env = TestEnv::new().await;
     assert!(cli(&env, &["apply"]).status.success());
@@ -129,7 +129,7 @@ async fn diff_names_a_changed_argument_and_apply_explains_it_without_crashing() 
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn export_writes_a_definitions_document_the_broker_accepts() {
     let env = TestEnv::new().await;
     let out = cli(&env, &["export"]);
@@ -151,7 +151,7 @@ async fn export_writes_a_definitions_document_the_broker_accepts() {
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_retry_delays_are_refused_with_the_variable_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_topology"))
         .arg("export")

@@ -12,7 +12,9 @@ async fn main() -> anyhow::Result<()> {
         runtime::db::connect(settings.database_url.expose(), settings.database_pool_size).await?;
     runtime::db::migrate(&pool).await?;
     sqlx::raw_sql(probe::PROBE_TABLES).execute(&pool).await?;
-    let handler = probe::ProbeHandler { pool: pool.clone() };
+    // Invocations are recorded outside the handler's transaction, on a pool of their own.
+    let side = runtime::db::connect(settings.database_url.expose(), 4).await?;
+    let handler = probe::ProbeHandler { pool: side };
     let worker = runtime::Worker::with_pool(probe::probe_spec(), settings, pool, handler);
     worker.run(runtime::shutdown::signal()).await
 }

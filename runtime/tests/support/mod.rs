@@ -55,7 +55,11 @@ pub async fn start_worker(env: &TestEnv, retry_delays: &str) -> Running {
     runtime::telemetry::init();
     apply_topology(env, retry_delays).await;
     let pool = prepare(env).await;
-    let handler = ProbeHandler { pool: pool.clone() };
+    // The probe records invocations outside the handler's transaction: on
+    // a pool of its own, so it never waits for the transactions to end.
+    let handler = ProbeHandler {
+        pool: env.pool().await,
+    };
     let worker = Worker::with_pool(probe_spec(), settings(env, retry_delays), pool, handler);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(worker.run(async move {

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Runs the whole orderflow system on this machine, without Docker: RabbitMQ
+# and PostgreSQL (started or installed by services.sh), the payment gateway
+# simulator, an SMTP server with a web page of the mail it got, every worker
+# and the publisher. Places a demo order, prints its lifecycle and the URLs,
+# then runs until Ctrl-C (or SIGTERM), when it stops what it started.
+#
+#   REPLICAS=2 ./scripts/run.sh      # two replicas of each worker
+#   ./scripts/run.sh --no-demo       # skip the demo order
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+demo=1
+[ "${1:-}" = "--no-demo" ] && demo=0
+replicas=${REPLICAS:-1}
+run_dir=.run
+mkdir -p "$run_dir/logs"
+
+log() { echo "run: $*" >&2; }
+
+./scripts/services.sh
+
+log "building (release)"
+cargo build --release --locked --bins -q
+bin=target/release
+
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/orderflow}
+export RETRY_DELAYS=${RETRY_DELAYS:-1s,5s,30s,2m,10m}
+export SMTP_URL=${SMTP_URL:-smtp://127.0.0.1:1025}
+export PAYMENT_GATEWAY_URL=${PAYMENT_GATEWAY_URL:-http://127.0.0.1:8090}
+export RUST_LOG=${RUST_LOG:-info}
+api=http://${HTTP_ADDR:-127.0.0.1:8080}
+
+"$bin/topology" apply
+
+pids=()
+start() {
+    local name=$1
+    shift
+    "$@" >"$run_dir/logs/$name.log" 2>&1 &
+    pids+=($!)
+    echo $! >"$run_dir/$name.pid"
+}
+
+stop_all() {
+    log "stopping"
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -f "$run_dir"/*.pid
+}
+trap stop_all EXIT
+trap 'exit 0' INT TERM
+
+start smtp python3 scripts/smtp_sink.py --port 1025 --http 8025 --record "$run_dir/mail.jsonl"
+start payment-gateway-sim env HTTP_ADDR=127.0.0.1:8090 "$bin/payment-gateway-sim"
+for i in $(seq 1 "$replicas"); do
+    for worker in order-worker inventory-worker payment-worker notification-worker; do
+        start "$worker-$i" "$bin/$worker"
+    done
+done
+start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" "$bin/publisher"
+
+log "waiting until the publisher is ready"
+for _ in $(seq 1 120); do
+    curl -fsS "$api/readyz" >/dev/null 2>&1 && break
+    sleep 0.5
+done
+curl -fsS "$api/readyz" >/dev/null || { log "the publisher never became ready; see $run_dir/logs"; exit 1; }
+
+if [ "$demo" = 1 ]; then
+    log "demo: restocking SKU-DEMO and placing an order"
+    curl -fsS -X POST "$api/inventory/SKU-DEMO/restock" -H 'content-type: application/json' \
+        -H "Idempotency-Key: demo-restock-$(date +%s)" -d '{"quantity": 10}' >/dev/null
+    sleep 1
+    order=$(curl -fsS -X POST "$api/orders" -H 'content-type: application/json' \
+        -d '{"customer_email": "ada@example.com", "currency": "EUR", "items": [{"sku": "SKU-DEMO", "quantity": 2, "unit_price_cents": 1999}]}')
+    id=$(echo "$order" | python3 -c 'import json,sys; print(json.load(sys.stdin)["order_id"])')
+    log "placed order $id"
+    for _ in $(seq 1 100); do
+        status=$(curl -fsS "$api/orders/$id" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || true)
+        [ "$status" = CONFIRMED ] || [ "$status" = CANCELLED ] && break
+        sleep 0.2
+    done
+    curl -fsS "$api/orders/$id" | python3 -c '
+import json, sys
+o = json.load(sys.stdin)
+print(f"order {o[\"order_id\"]}: {o[\"status\"]} ({o[\"total_cents\"]} {o[\"currency\"]} cents)")
+for h in o["history"]:
+    print(f"  {h[\"at\"]}  {h[\"status\"]}" + (f" ({h[\"reason\"]})" if h["reason"] else ""))
+'
+fi
+
+cat <<INFO
+
+orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
+  API                 $api   (try: curl $api/orders/<id>)
+  RabbitMQ management http://127.0.0.1:15672   (guest / guest)
+  Mail received       http://127.0.0.1:8025
+  Payment gateway     http://127.0.0.1:8090/charges
+Press Ctrl-C to stop.
+INFO
+wait
