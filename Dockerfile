@@ -1,10 +1,14 @@
 # Builds every orderflow binary once; each compose service runs one of them.
-FROM rust:1.88-bookworm AS build
+FROM rust:1.94-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked \
+      -p topology -p publisher -p payment-gateway-sim \
+      -p order-worker -p inventory-worker -p payment-worker -p notification-worker \
  && mkdir /out \
- && find target/release -maxdepth 1 -type f -executable -exec cp {} /out/ \;
+ && cp target/release/topology target/release/publisher target/release/payment-gateway-sim \
+       target/release/order-worker target/release/inventory-worker \
+       target/release/payment-worker target/release/notification-worker /out/
 
 FROM debian:bookworm-slim
 RUN apt-get update \
