@@ -1,0 +1,358 @@
+//! The command line of `dlq`: argument parsing and output, human or `--json`.
+
+use crate::{
+    DEFAULT_MAX_REPLAYS, Dlq, GroupBy, Outcome, ReplayOptions, Selectors, Snapshot, dead_queue,
+    group,
+};
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::json;
+use std::io::{BufRead, IsTerminal, Write};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "See why messages died, replay them safely, or purge them (archived)"
+)]
+pub struct Cli {
+    #[arg(long, env = "AMQP_URL", default_value = runtime::config::DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    #[arg(long, env = "DATABASE_URL", default_value = runtime::config::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+    /// Who is acting, for the audit table.
+    #[arg(long, env = "USER", default_value = "unknown")]
+    operator: String,
+    /// Machine-readable output, no progress bar.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List dead messages (the queue is left exactly as it was).
+    List {
+        queue: String,
+        #[arg(long, value_enum)]
+        group_by: Option<GroupBy>,
+        #[command(flatten)]
+        select: Selectors,
+    },
+    /// Show one message: properties, headers (with x-death) and body.
+    Show { queue: String, id: String },
+    /// Publish messages back to where they came from.
+    Replay {
+        queue: String,
+        #[command(flatten)]
+        select: Selectors,
+        /// Print what would happen and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many messages per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Publish to this queue instead of the original exchange.
+        #[arg(long)]
+        to_queue: Option<String>,
+        /// Edit the body in $EDITOR first (one message).
+        #[arg(long)]
+        edit: bool,
+        /// Replace the body with this file's content first (one message).
+        #[arg(long)]
+        set_body: Option<std::path::PathBuf>,
+        /// Refuse messages replayed this often already.
+        #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS)]
+        max_replays: i64,
+        /// Replay even when the consumer's inbox says it was applied.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove messages, archiving each in PostgreSQL first.
+    Purge {
+        queue: String,
+        #[command(flatten)]
+        select: Selectors,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        dry_run: bool,
+        /// Why, for the archive and the audit.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Put purged messages back into their dead queue.
+    Restore {
+        queue: String,
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let dlq = Dlq::connect(&cli.amqp_url, &cli.database_url, &cli.operator).await?;
+    let json_out = cli.json;
+    let progress = || {
+        if json_out || !std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(0)
+        }
+    };
+    match cli.command {
+        Command::List {
+            queue,
+            group_by,
+            select,
+        } => {
+            let (queue, _) = dead_queue(&queue)?;
+            let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
+            snapshot_release_after(snapshot, |messages| {
+                let now = Utc::now();
+                let chosen: Vec<_> = messages.iter().filter(|m| select.matches(m, now)).collect();
+                match (group_by, json_out) {
+                    (Some(by), true) => {
+                        let groups: Vec<_> = group(&chosen, by)
+                            .into_iter()
+                            .map(|(k, n)| json!({"group": k, "count": n}))
+                            .collect();
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&groups).unwrap_or_default()
+                        );
+                    }
+                    (Some(by), false) => {
+                        let mut table = Table::new();
+                        table
+                            .load_preset(UTF8_BORDERS_ONLY)
+                            .set_header(vec!["count", "group"]);
+                        for (k, n) in group(&chosen, by) {
+                            table.add_row(vec![n.to_string(), k]);
+                        }
+                        println!("{table}\n{} message(s) in {queue}", chosen.len());
+                    }
+                    (None, true) => {
+                        let list: Vec<_> = chosen.iter().map(|m| m.summary(now)).collect();
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&list).unwrap_or_default()
+                        );
+                    }
+                    (None, false) => {
+                        let mut table = Table::new();
+                        table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+                            "message id",
+                            "type",
+                            "order id",
+                            "kind",
+                            "error",
+                            "attempts",
+                            "first failed",
+                            "age",
+                        ]);
+                        for m in &chosen {
+                            let error: String = m.error.chars().take(60).collect();
+                            table.add_row(vec![
+                                m.message_id.clone(),
+                                m.kind.clone(),
+                                m.correlation_id.clone(),
+                                m.error_kind.clone(),
+                                error,
+                                m.attempts.map(|a| a.to_string()).unwrap_or_default(),
+                                m.first_failed_at
+                                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                                    .unwrap_or_default(),
+                                m.age(now).map(human_age).unwrap_or_default(),
+                            ]);
+                        }
+                        println!("{table}\n{} message(s) in {queue}", chosen.len());
+                    }
+                }
+            })
+            .await;
+            Ok(true)
+        }
+        Command::Show { queue, id } => {
+            let (queue, _) = dead_queue(&queue)?;
+            let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
+            let found = snapshot
+                .messages
+                .iter()
+                .find(|m| m.message_id == id)
+                .map(|m| m.details());
+            snapshot.release().await;
+            let details = found.with_context(|| format!("no message {id} in {queue}"))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&details).unwrap_or_default()
+            );
+            Ok(true)
+        }
+        Command::Replay {
+            queue,
+            select,
+            dry_run,
+            rate,
+            to_queue,
+            edit,
+            set_body,
+            max_replays,
+            force,
+        } => {
+            let (queue, domain) = dead_queue(&queue)?;
+            if select.is_empty() {
+                bail!(
+                    "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"
+                );
+            }
+            let new_body = match (set_body, edit) {
+                (Some(path), _) => Some(
+                    std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                ),
+                (None, true) => Some(edit_body(&dlq, &queue, &select).await?),
+                (None, false) => None,
+            };
+            let options = ReplayOptions {
+                dry_run,
+                rate,
+                to_queue,
+                new_body,
+                max_replays,
+                force,
+            };
+            let bar = progress();
+            let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;
+            bar.finish_and_clear();
+            report(&outcomes, json_out);
+            Ok(true)
+        }
+        Command::Purge {
+            queue,
+            select,
+            yes,
+            dry_run,
+            reason,
+        } => {
+            let (queue, _) = dead_queue(&queue)?;
+            if select.is_empty() {
+                bail!(
+                    "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"
+                );
+            }
+            let confirm = |n: usize| {
+                if yes {
+                    return true;
+                }
+                eprint!(
+                    "Purge {n} message(s) from {queue}? They are archived and can be restored. Type yes: "
+                );
+                let _ = std::io::stderr().flush();
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer).is_ok() && answer.trim() == "yes"
+            };
+            let outcomes = dlq
+                .purge(&queue, &select, reason.as_deref(), dry_run, confirm)
+                .await?;
+            report(&outcomes, json_out);
+            Ok(true)
+        }
+        Command::Restore { queue, ids, all } => {
+            let (queue, _) = dead_queue(&queue)?;
+            let outcomes = dlq.restore(&queue, &ids, all).await?;
+            report(&outcomes, json_out);
+            Ok(true)
+        }
+    }
+}
+
+async fn snapshot_release_after(
+    snapshot: Snapshot,
+    show: impl FnOnce(&[crate::message::DeadMessage]),
+) {
+    show(&snapshot.messages);
+    snapshot.release().await;
+}
+
+/// Opens the one selected message's body in `$EDITOR` and returns the result.
+async fn edit_body(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result<Vec<u8>> {
+    let snapshot = Snapshot::take(&dlq.connection, queue).await?;
+    let now = Utc::now();
+    let chosen: Vec<_> = snapshot
+        .messages
+        .iter()
+        .filter(|m| select.matches(m, now))
+        .collect();
+    let body = match chosen.as_slice() {
+        [one] => one.body.clone(),
+        other => {
+            let n = other.len();
+            snapshot.release().await;
+            bail!("--edit replays exactly one message; the selectors chose {n}");
+        }
+    };
+    snapshot.release().await;
+    let pretty = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::to_vec_pretty(&v).ok())
+        .unwrap_or(body);
+    let path = std::env::temp_dir().join(format!("dlq-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&path, &pretty)?;
+    let editor = std::env::var("EDITOR").unwrap_or_else(|_| "vi".into());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("editor")
+        .arg(&path)
+        .status()
+        .with_context(|| format!("cannot run EDITOR={editor}"))?;
+    let edited = std::fs::read(&path)?;
+    let _ = std::fs::remove_file(&path);
+    if !status.success() {
+        bail!("the editor exited with {status}; nothing replayed");
+    }
+    serde_json::from_slice::<serde_json::Value>(&edited)
+        .context("the edited body is not valid JSON; nothing replayed")?;
+    Ok(edited)
+}
+
+fn human_age(age: chrono::Duration) -> String {
+    let s = age.num_seconds().max(0);
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn report(outcomes: &[Outcome], json_out: bool) {
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(outcomes).unwrap_or_default()
+        );
+        return;
+    }
+    for o in outcomes {
+        println!("{:<13} {}  {}", o.action, o.message_id, o.detail);
+    }
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for o in outcomes {
+        *counts.entry(o.action).or_default() += 1;
+    }
+    let summary: Vec<String> = counts.iter().map(|(a, n)| format!("{a}: {n}")).collect();
+    println!(
+        "{}",
+        if summary.is_empty() {
+            "nothing selected".to_owned()
+        } else {
+            summary.join(", ")
+        }
+    );
+}

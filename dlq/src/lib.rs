@@ -1,0 +1,525 @@
+//! `dlq`: see why messages died, put them back, or throw them away, without
+//! losing or duplicating anything.
+//!
+//! Safety rests on three rules:
+//! - Reading a dead queue takes its messages on a channel of our own without
+//!   acking them; closing the channel returns the unchosen ones to their
+//!   place (dead queues are classic queues: no delivery count, no reordering),
+//!   and while we hold them no other operator can take them.
+//! - Moving is publish-with-confirm, then ack: a crash in between leaves the
+//!   message in the dead queue as well, and the consumer's inbox ignores the
+//!   second copy (the message id is kept).
+//! - Purging archives the whole message in PostgreSQL before acking it.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod message;
+
+use anyhow::{Context as _, bail};
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use message::DeadMessage;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use topology::{Domain, headers};
+
+/// How often a message may be replayed before `dlq` refuses (`--max-replays`).
+pub const DEFAULT_MAX_REPLAYS: i64 = 5;
+
+/// The consumer whose inbox decides whether a dead message's effect was
+/// applied: the worker of the dead queue's domain and the schema it owns.
+pub fn consumer_of(domain: Domain) -> (&'static str, &'static str) {
+    match domain {
+        Domain::Order => ("orders", "order-worker"),
+        Domain::Inventory => ("inventory", "inventory-worker"),
+        Domain::Payment => ("payments", "payment-worker"),
+        Domain::Notification => ("notifications", "notification-worker"),
+    }
+}
+
+/// A dead queue name, checked: `Q.dead` of a known domain.
+pub fn dead_queue(name: &str) -> anyhow::Result<(String, Domain)> {
+    let work = topology::names::work_queue_of_dead(name).with_context(|| {
+        format!("{name:?} is not a dead queue (they end in .dead, e.g. inventory.dead)")
+    })?;
+    let domain = Domain::ALL
+        .into_iter()
+        .find(|d| d.queue() == work)
+        .with_context(|| format!("{name:?} is not the dead queue of a known domain"))?;
+    Ok((name.to_owned(), domain))
+}
+
+/// Which dead messages an operation applies to.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Selectors {
+    /// A message id (repeatable).
+    #[arg(long = "id")]
+    pub ids: Vec<String>,
+    /// Message type, e.g. payment.charge.
+    #[arg(long = "type")]
+    pub message_type: Option<String>,
+    /// Part of the error text.
+    #[arg(long)]
+    pub error_contains: Option<String>,
+    /// Died longer ago than this (30s, 10m, 2h).
+    #[arg(long, value_parser = parse_age)]
+    pub older_than: Option<Duration>,
+    /// Error kind: permanent, exhausted, malformed, delivery-limit.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Every message in the queue.
+    #[arg(long)]
+    pub all: bool,
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    topology::retry::parse_duration(s).map_err(|e| e.to_string())
+}
+
+impl Selectors {
+    pub fn is_empty(&self) -> bool {
+        !self.all
+            && self.ids.is_empty()
+            && self.message_type.is_none()
+            && self.error_contains.is_none()
+            && self.older_than.is_none()
+            && self.kind.is_none()
+    }
+
+    pub fn matches(&self, m: &DeadMessage, now: chrono::DateTime<Utc>) -> bool {
+        (self.ids.is_empty() || self.ids.contains(&m.message_id))
+            && self.message_type.as_ref().is_none_or(|t| &m.kind == t)
+            && self
+                .error_contains
+                .as_ref()
+                .is_none_or(|e| m.error.contains(e.as_str()))
+            && self.kind.as_ref().is_none_or(|k| &m.error_kind == k)
+            && self.older_than.is_none_or(|d| {
+                m.age(now)
+                    .and_then(|a| a.to_std().ok())
+                    .is_some_and(|a| a >= d)
+            })
+    }
+}
+
+/// The messages of a dead queue, held unacked on a channel of their own.
+pub struct Snapshot {
+    channel: Channel,
+    pub messages: Vec<DeadMessage>,
+}
+
+impl Snapshot {
+    /// Takes every message now in `queue` without acking any.
+    pub async fn take(connection: &Connection, queue: &str) -> anyhow::Result<Self> {
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        let count = declared.message_count() as usize;
+        let mut messages = Vec::with_capacity(count);
+        if count > 0 {
+            channel.basic_qos(0, BasicQosOptions::default()).await?;
+            let mut consumer = channel
+                .basic_consume(
+                    queue.into(),
+                    format!("dlq-{}", uuid::Uuid::new_v4()).as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            while messages.len() < count {
+                match tokio::time::timeout(Duration::from_secs(5), consumer.next()).await {
+                    Ok(Some(Ok(d))) => messages.push(DeadMessage::from_delivery(
+                        d.delivery_tag,
+                        d.properties,
+                        d.data,
+                    )),
+                    Ok(Some(Err(e))) => return Err(e.into()),
+                    // Another reader holds the rest (another operator's dlq).
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        Ok(Self { channel, messages })
+    }
+
+    async fn ack(&self, tag: u64) -> anyhow::Result<()> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Returns every message not acked to its place in the queue.
+    pub async fn release(self) {
+        let _ = self.channel.close(200, "dlq done".into()).await;
+    }
+}
+
+/// What an operation did to one message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub message_id: String,
+    pub action: &'static str,
+    pub detail: String,
+}
+
+pub struct Dlq {
+    pub connection: Connection,
+    pub publisher: runtime::Publisher,
+    pub pool: PgPool,
+    pub operator: String,
+}
+
+pub struct ReplayOptions {
+    pub dry_run: bool,
+    pub rate: Option<f64>,
+    pub to_queue: Option<String>,
+    pub new_body: Option<Vec<u8>>,
+    pub max_replays: i64,
+    pub force: bool,
+}
+
+impl Dlq {
+    pub async fn connect(
+        amqp_url: &str,
+        database_url: &str,
+        operator: &str,
+    ) -> anyhow::Result<Self> {
+        let connection = runtime::broker::connect(amqp_url, "dlq")
+            .await
+            .context("cannot connect to the broker at AMQP_URL")?;
+        let publisher = runtime::Publisher::connect(amqp_url, "dlq publisher")
+            .await
+            .context("cannot open a publishing channel")?;
+        let pool = runtime::db::connect(database_url, 2).await?;
+        runtime::db::migrate(&pool).await?;
+        Ok(Self {
+            connection,
+            publisher,
+            pool,
+            operator: operator.to_owned(),
+        })
+    }
+
+    async fn audit(
+        &self,
+        action: &str,
+        queue: &str,
+        message_id: &str,
+        detail: Value,
+    ) -> anyhow::Result<()> {
+        sqlx::query("INSERT INTO dlq.audit (operator, action, queue, message_id, detail) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&self.operator)
+            .bind(action)
+            .bind(queue)
+            .bind(message_id)
+            .bind(detail)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether the consumer of the queue's domain has applied `message_id`.
+    pub async fn already_applied(&self, domain: Domain, message_id: &str) -> anyhow::Result<bool> {
+        let Ok(id) = uuid::Uuid::parse_str(message_id) else {
+            return Ok(false);
+        };
+        let (schema, consumer) = consumer_of(domain);
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {schema}.inbox WHERE consumer = $1 AND message_id = $2)"
+        );
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .bind(consumer)
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Replays the selected messages of `queue`; `progress` is told of each.
+    pub async fn replay(
+        &self,
+        queue: &str,
+        domain: Domain,
+        selectors: &Selectors,
+        options: &ReplayOptions,
+        progress: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        let snapshot = Snapshot::take(&self.connection, queue).await?;
+        let now = Utc::now();
+        let chosen: Vec<&DeadMessage> = snapshot
+            .messages
+            .iter()
+            .filter(|m| selectors.matches(m, now))
+            .collect();
+        if options.new_body.is_some() && chosen.len() != 1 {
+            let n = chosen.len();
+            drop(chosen);
+            snapshot.release().await;
+            bail!("--edit and --set-body replay exactly one message; the selectors chose {n}");
+        }
+        progress.set_length(chosen.len() as u64);
+        let mut outcomes = Vec::new();
+        let mut result = Ok(());
+        for m in chosen {
+            progress.inc(1);
+            let skip = |why: String| Outcome {
+                message_id: m.message_id.clone(),
+                action: "skipped",
+                detail: why,
+            };
+            if m.replays >= options.max_replays {
+                outcomes.push(skip(format!(
+                    "replayed {} times already (budget {}); fix the cause or purge it",
+                    m.replays, options.max_replays
+                )));
+                continue;
+            }
+            if !options.force && self.already_applied(domain, &m.message_id).await? {
+                let (_, consumer) = consumer_of(domain);
+                outcomes.push(skip(format!(
+                    "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or --force)"
+                )));
+                continue;
+            }
+            let (exchange, routing_key) = match (
+                &options.to_queue,
+                &m.original_exchange,
+                &m.original_routing_key,
+            ) {
+                (Some(q), _, _) => (String::new(), q.clone()),
+                (None, Some(e), Some(k)) => (e.clone(), k.clone()),
+                _ => {
+                    outcomes.push(skip(
+                        "no original exchange and routing key; use --to-queue".into(),
+                    ));
+                    continue;
+                }
+            };
+            let target = format!(
+                "{}/{}",
+                if exchange.is_empty() {
+                    "(default)"
+                } else {
+                    &exchange
+                },
+                routing_key
+            );
+            if options.dry_run {
+                outcomes.push(Outcome {
+                    message_id: m.message_id.clone(),
+                    action: "would replay",
+                    detail: format!("to {target}"),
+                });
+                continue;
+            }
+            let body = options.new_body.clone().unwrap_or_else(|| m.body.clone());
+            if let Err(e) = self
+                .publisher
+                .publish_raw(&exchange, &routing_key, &body, replay_properties(m))
+                .await
+            {
+                result = Err(anyhow::anyhow!(
+                    "replay of {} not confirmed, stopping: {e}",
+                    m.message_id
+                ));
+                break;
+            }
+            // Confirmed: now the dead copy may go.
+            snapshot.ack(m.delivery_tag).await?;
+            self.audit(
+                "replay",
+                queue,
+                &m.message_id,
+                json!({"to": target, "edited": options.new_body.is_some(), "replays": m.replays + 1}),
+            )
+            .await?;
+            outcomes.push(Outcome {
+                message_id: m.message_id.clone(),
+                action: "replayed",
+                detail: format!("to {target}"),
+            });
+            if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+            }
+        }
+        snapshot.release().await;
+        result.map(|()| outcomes)
+    }
+
+    /// Archives, then removes, the selected messages of `queue`.
+    pub async fn purge(
+        &self,
+        queue: &str,
+        selectors: &Selectors,
+        reason: Option<&str>,
+        dry_run: bool,
+        confirm: impl FnOnce(usize) -> bool,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        let snapshot = Snapshot::take(&self.connection, queue).await?;
+        let now = Utc::now();
+        let chosen: Vec<&DeadMessage> = snapshot
+            .messages
+            .iter()
+            .filter(|m| selectors.matches(m, now))
+            .collect();
+        let mut outcomes = Vec::new();
+        if dry_run || chosen.is_empty() || !confirm(chosen.len()) {
+            let action = if dry_run { "would purge" } else { "kept" };
+            for m in chosen {
+                outcomes.push(Outcome {
+                    message_id: m.message_id.clone(),
+                    action,
+                    detail: String::new(),
+                });
+            }
+            snapshot.release().await;
+            return Ok(outcomes);
+        }
+        for m in chosen {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO dlq.archive (queue, message_id, properties, body, purged_by, reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            )
+            .bind(queue)
+            .bind(&m.message_id)
+            .bind(message::properties_json(&m.properties))
+            .bind(&m.body)
+            .bind(&self.operator)
+            .bind(reason)
+            .fetch_one(&self.pool)
+            .await?;
+            snapshot.ack(m.delivery_tag).await?;
+            self.audit(
+                "purge",
+                queue,
+                &m.message_id,
+                json!({"archive_id": id, "reason": reason}),
+            )
+            .await?;
+            outcomes.push(Outcome {
+                message_id: m.message_id.clone(),
+                action: "purged",
+                detail: format!("archived as {id}"),
+            });
+        }
+        snapshot.release().await;
+        Ok(outcomes)
+    }
+
+    /// Puts archived messages back into their dead queue.
+    pub async fn restore(
+        &self,
+        queue: &str,
+        ids: &[String],
+        all: bool,
+    ) -> anyhow::Result<Vec<Outcome>> {
+        if ids.is_empty() && !all {
+            bail!("name the messages to restore with --id, or --all");
+        }
+        let rows: Vec<(i64, Option<String>, Value, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, message_id, properties, body FROM dlq.archive \
+             WHERE queue = $1 AND restored_at IS NULL AND ($2 OR message_id = ANY($3)) ORDER BY id",
+        )
+        .bind(queue)
+        .bind(all)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut outcomes = Vec::new();
+        for (id, message_id, properties, body) in rows {
+            let message_id = message_id.unwrap_or_default();
+            self.publisher
+                .publish_raw("", queue, &body, message::properties_from_json(&properties))
+                .await
+                .with_context(|| format!("restoring {message_id} was not confirmed"))?;
+            sqlx::query("UPDATE dlq.archive SET restored_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            self.audit("restore", queue, &message_id, json!({"archive_id": id}))
+                .await?;
+            outcomes.push(Outcome {
+                message_id,
+                action: "restored",
+                detail: format!("from archive {id}"),
+            });
+        }
+        Ok(outcomes)
+    }
+}
+
+/// The replayed copy: same id and body, a fresh attempt count, one more
+/// replay, and none of the previous death's headers.
+pub fn replay_properties(m: &DeadMessage) -> BasicProperties {
+    let mut table = m
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default()
+        .inner()
+        .clone();
+    for h in [
+        headers::ERROR_KIND,
+        headers::ERROR,
+        headers::ATTEMPTS,
+        headers::FIRST_FAILED_AT,
+        headers::ORIGINAL_EXCHANGE,
+        headers::ORIGINAL_ROUTING_KEY,
+        headers::DEATH,
+        headers::DELIVERY_COUNT,
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    ] {
+        table.remove(&ShortString::from(h));
+    }
+    table.insert(
+        ShortString::from(headers::ATTEMPT),
+        AMQPValue::LongLongInt(1),
+    );
+    table.insert(
+        ShortString::from(headers::REPLAYS),
+        AMQPValue::LongLongInt(m.replays + 1),
+    );
+    m.properties.clone().with_headers(FieldTable::from(table))
+}
+
+/// Counts per group for `list --group-by`.
+pub fn group(messages: &[&DeadMessage], by: GroupBy) -> Vec<(String, usize)> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for m in messages {
+        let key = match by {
+            GroupBy::Error => m.error.clone(),
+            GroupBy::Type => m.kind.clone(),
+            GroupBy::Kind => m.error_kind.clone(),
+        };
+        *counts.entry(key).or_default() += 1;
+    }
+    let mut out: Vec<(String, usize)> = counts.into_iter().collect();
+    out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    out
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum GroupBy {
+    Error,
+    Type,
+    Kind,
+}

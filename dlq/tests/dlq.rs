@@ -1,0 +1,518 @@
+//! `dlq` against the real broker and database: dead messages from every
+//! path, replay after the cause is fixed, dry runs, edited bodies, purge and
+//! restore, and a replay killed half-way.
+#![allow(clippy::unwrap_used)]
+
+use e2e::{Options, System};
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use payment_gateway_sim::Trouble;
+use runtime::Outgoing;
+use serde_json::{Value, json};
+use std::time::Duration;
+use testkit::{TestEnv, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn dlq(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+        .args(args)
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &env.database_url)
+        .env("USER", "on-call")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn dlq_json(env: &TestEnv, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, stdout, stderr) = dlq(env, &all);
+    assert_eq!(code, 0, "dlq {args:?}: {stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("dlq {args:?} printed no JSON ({e}): {stdout}"))
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Publishes `message` straight into a dead queue as the runtime would have
+/// dead-lettered it.
+async fn bury(env: &TestEnv, queue: &str, message: &Outgoing, kind: &str) {
+    let mut props = message.properties();
+    let mut headers = props.headers().clone().unwrap_or_default();
+    for (k, v) in [
+        ("x-error-kind", kind),
+        ("x-error", "buried by the test"),
+        ("x-original-exchange", message.exchange.as_str()),
+        ("x-original-routing-key", message.routing_key.as_str()),
+        ("x-first-failed-at", "2026-11-29T10:00:00+00:00"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    headers.insert("x-attempts".into(), AMQPValue::LongLongInt(1));
+    props = props.with_headers(headers);
+    env.publish("", queue, props, &message.body).await;
+}
+
+async fn apply(env: &TestEnv) {
+    let t = topology::Topology::contract(&"100ms".parse().unwrap());
+    let conn = env.connection().await;
+    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_messages_of_every_path_are_listed_with_their_reason_grouped_and_left_in_place() {
+    let system = System::start(Options::default()).await;
+    let env = &system.env;
+    // malformed: not JSON.
+    let good = Outgoing::of(&messages::ReserveStock {
+        order_id: uuid::Uuid::new_v4(),
+        items: vec![],
+    });
+    env.publish(
+        "commands",
+        "inventory.reserve",
+        good.properties()
+            .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+        b"{oops",
+    )
+    .await;
+    // permanent: an order without items cannot be reserved.
+    env.publish(
+        "commands",
+        "inventory.reserve",
+        good.properties(),
+        &good.body,
+    )
+    .await;
+    eventually(WAIT, "two dead messages", || async {
+        env.depth("inventory.dead").await == 2
+    })
+    .await;
+
+    // delivery-limit, by the broker: a message returned more often than its
+    // queue's limit. A queue of its own keeps the worker from taking it.
+    let conn = env.connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", "inventory.dead"),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(1));
+    channel
+        .queue_declare(
+            "inventory.stuck".into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    let stuck = Outgoing::of(&messages::Restock {
+        sku: "S".into(),
+        quantity: 1,
+    });
+    env.publish("", "inventory.stuck", stuck.properties(), &stuck.body)
+        .await;
+    for _ in 0..3 {
+        if let Some(m) = channel
+            .basic_get("inventory.stuck".into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            m.delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    eventually(WAIT, "the broker dead-letters it", || async {
+        env.depth("inventory.dead").await == 3
+    })
+    .await;
+
+    let before = dlq_json(env, &["list", "inventory.dead"]);
+    let by_kind = |kind: &str| {
+        before
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["error_kind"] == kind)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(
+        by_kind("malformed")["error"]
+            .as_str()
+            .unwrap()
+            .contains("not valid"),
+        "{before}"
+    );
+    assert!(
+        by_kind("permanent")["error"]
+            .as_str()
+            .unwrap()
+            .contains("without items"),
+        "{before}"
+    );
+    let limited = by_kind("delivery-limit");
+    assert_eq!(
+        limited["original_routing_key"], "inventory.stuck",
+        "{before}"
+    );
+    assert_eq!(limited["message_id"], stuck.message_id.to_string());
+
+    let groups = dlq_json(env, &["list", "inventory.dead", "--group-by", "kind"]);
+    assert_eq!(groups.as_array().unwrap().len(), 3);
+    let (code, table, _) = dlq(env, &["list", "inventory.dead"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("malformed") && table.contains("3 message(s) in inventory.dead"),
+        "{table}"
+    );
+
+    // Listing again sees the same messages in the same order.
+    let after = dlq_json(env, &["list", "inventory.dead"]);
+    assert_eq!(ids(&before), ids(&after));
+    assert_eq!(env.depth("inventory.dead").await, 3);
+
+    let shown = dlq_json(
+        env,
+        &[
+            "show",
+            "inventory.dead",
+            limited["message_id"].as_str().unwrap(),
+        ],
+    );
+    assert!(
+        shown["properties"]["headers"]["x-death"].is_array(),
+        "{shown}"
+    );
+    assert_eq!(shown["body"]["sku"], "S");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_whose_payment_died_while_the_gateway_was_down_completes_after_replay_charged_once()
+ {
+    let system = System::start(Options {
+        trouble: Trouble {
+            error_rate: 1.0,
+            latency_ms: 0,
+        },
+        payment_timeout: Duration::from_secs(300),
+        ..Options::default()
+    })
+    .await;
+    system.restock("SKU-P", 5).await;
+    system.wait_stock("SKU-P", 5).await;
+    let id = system.place("SKU-P", 1, "pm_card_visa").await;
+    eventually(WAIT, "the charge is exhausted", || async {
+        system.env.depth("payment.dead").await == 1
+    })
+    .await;
+    let listed = dlq_json(&system.env, &["list", "payment.dead"]);
+    assert_eq!(listed[0]["error_kind"], "exhausted");
+    assert_eq!(listed[0]["order_id"], id.as_str());
+
+    system.set_trouble(Trouble::default()).await;
+    let replayed = dlq_json(&system.env, &["replay", "payment.dead", "--all"]);
+    assert_eq!(replayed[0]["action"], "replayed", "{replayed}");
+
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CONFIRMED");
+    assert_eq!(system.charges(&id).await.len(), 1);
+    assert_eq!(system.env.depth("payment.dead").await, 0);
+    let audit: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dlq.audit WHERE action = 'replay' AND operator = 'on-call'",
+    )
+    .fetch_one(&system.pool)
+    .await
+    .unwrap();
+    assert_eq!(audit, 1);
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaying_a_message_already_applied_is_reported_and_has_no_second_effect() {
+    let system = System::start(Options::default()).await;
+    let restock = Outgoing::of(&messages::Restock {
+        sku: "SKU-A".into(),
+        quantity: 5,
+    });
+    system
+        .env
+        .publish(
+            &restock.exchange,
+            &restock.routing_key,
+            restock.properties(),
+            &restock.body,
+        )
+        .await;
+    system.wait_stock("SKU-A", 5).await;
+    // The same message ends in the dead queue anyway (say, a duplicate that
+    // failed elsewhere).
+    bury(&system.env, "inventory.dead", &restock, "exhausted").await;
+
+    let report = dlq_json(&system.env, &["replay", "inventory.dead", "--all"]);
+    assert_eq!(report[0]["action"], "skipped");
+    assert!(
+        report[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("already applied"),
+        "{report}"
+    );
+    assert_eq!(system.env.depth("inventory.dead").await, 1);
+
+    let forced = dlq_json(
+        &system.env,
+        &["replay", "inventory.dead", "--all", "--force"],
+    );
+    assert_eq!(forced[0]["action"], "replayed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    system.wait_stock("SKU-A", 5).await;
+    let (_, stock) = system.get("/inventory/SKU-A").await;
+    assert_eq!(stock["available"], 5, "the replay had a second effect");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_changes_nothing_and_a_corrected_body_is_replayed() {
+    let system = System::start(Options::default()).await;
+    system.restock("SKU-E", 3).await;
+    system.wait_stock("SKU-E", 3).await;
+    let order_id = uuid::Uuid::new_v4();
+    let broken = Outgoing::of(&messages::ReserveStock {
+        order_id,
+        items: vec![],
+    });
+    system
+        .env
+        .publish(
+            &broken.exchange,
+            &broken.routing_key,
+            broken.properties(),
+            &broken.body,
+        )
+        .await;
+    eventually(WAIT, "the broken command is dead", || async {
+        system.env.depth("inventory.dead").await == 1
+    })
+    .await;
+
+    let dry = dlq_json(
+        &system.env,
+        &[
+            "replay",
+            "inventory.dead",
+            "--kind",
+            "permanent",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry[0]["action"], "would replay");
+    assert_eq!(dry[0]["detail"], "to commands/inventory.reserve");
+    assert_eq!(system.env.depth("inventory.dead").await, 1);
+
+    let fixed = std::env::temp_dir().join(format!("{order_id}.json"));
+    std::fs::write(
+        &fixed,
+        json!({"order_id": order_id, "items": [{"sku": "SKU-E", "quantity": 2}]}).to_string(),
+    )
+    .unwrap();
+    let id = broken.message_id.to_string();
+    let replayed = dlq_json(
+        &system.env,
+        &[
+            "replay",
+            "inventory.dead",
+            "--id",
+            &id,
+            "--set-body",
+            fixed.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(replayed[0]["action"], "replayed", "{replayed}");
+    system.wait_stock("SKU-E", 1).await;
+    let held: i64 =
+        sqlx::query_scalar("SELECT quantity FROM inventory.reservations WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(&system.pool)
+            .await
+            .unwrap();
+    assert_eq!(held, 2);
+    let _ = std::fs::remove_file(fixed);
+
+    let (code, _, stderr) = dlq(&system.env, &["replay", "inventory.dead"]);
+    assert_eq!(code, 2, "replay without selectors must refuse");
+    assert!(stderr.contains("choose messages"));
+    let (code, _, stderr) = dlq(&system.env, &["list", "inventory"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not a dead queue"), "{stderr}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn purge_archives_and_restore_gives_the_message_back() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let m = Outgoing::of(&messages::ReleaseStock {
+        order_id: uuid::Uuid::new_v4(),
+    });
+    bury(&env, "inventory.dead", &m, "permanent").await;
+    let before = dlq_json(&env, &["show", "inventory.dead", &m.message_id.to_string()]);
+
+    let (code, stdout, stderr) = dlq(
+        &env,
+        &[
+            "purge",
+            "inventory.dead",
+            "--all",
+            "--yes",
+            "--reason",
+            "known bad",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("purged"), "{stdout}");
+    assert_eq!(env.depth("inventory.dead").await, 0);
+
+    let restored = dlq_json(
+        &env,
+        &[
+            "restore",
+            "inventory.dead",
+            "--id",
+            &m.message_id.to_string(),
+        ],
+    );
+    assert_eq!(restored[0]["action"], "restored");
+    assert_eq!(env.depth("inventory.dead").await, 1);
+    let after = dlq_json(&env, &["show", "inventory.dead", &m.message_id.to_string()]);
+    assert_eq!(before["body"], after["body"]);
+    assert_eq!(
+        before["properties"]["headers"]["x-error-kind"],
+        after["properties"]["headers"]["x-error-kind"]
+    );
+
+    let pool = env.pool().await;
+    let actions: Vec<String> = sqlx::query_scalar("SELECT action FROM dlq.audit ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(actions, vec!["purge", "restore"]);
+    let reason: Option<String> = sqlx::query_scalar("SELECT reason FROM dlq.archive")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reason.as_deref(), Some("known bad"));
+    pool.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replay_killed_half_way_loses_no_message() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let mut all = Vec::new();
+    let conn = env.connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    for _ in 0..1000 {
+        let m = Outgoing::of(&messages::ReleaseStock {
+            order_id: uuid::Uuid::new_v4(),
+        });
+        let mut props: BasicProperties = m.properties();
+        let mut h: FieldTable = props.headers().clone().unwrap_or_default();
+        h.insert(
+            "x-error-kind".into(),
+            AMQPValue::LongString("permanent".into()),
+        );
+        props = props.with_headers(h);
+        channel
+            .basic_publish(
+                "".into(),
+                "inventory.dead".into(),
+                Default::default(),
+                &m.body,
+                props,
+            )
+            .await
+            .unwrap();
+        all.push(m.message_id.to_string());
+    }
+    channel.wait_for_confirms().await.unwrap();
+    // Migrate the database before timing the kill.
+    dlq_json(&env, &["list", "inventory.dead", "--type", "none"]);
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+        .args([
+            "replay",
+            "inventory.dead",
+            "--all",
+            "--to-queue",
+            "inventory",
+            "--rate",
+            "1000",
+        ])
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &env.database_url)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(WAIT, "the replay is under way", || async {
+        env.depth("inventory").await >= 100
+    })
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+
+    eventually(WAIT, "unacked messages returned", || async {
+        env.depth("inventory.dead").await + env.depth("inventory").await >= 1000
+    })
+    .await;
+    let mut seen: Vec<String> = Vec::new();
+    for queue in ["inventory.dead", "inventory"] {
+        for (p, _) in env.drain(queue).await {
+            seen.push(p.message_id().as_ref().unwrap().to_string());
+        }
+    }
+    let replayed_twice = seen.len() - {
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        unique.len()
+    };
+    seen.sort();
+    seen.dedup();
+    all.sort();
+    assert_eq!(seen, all, "a message was lost");
+    assert!(
+        replayed_twice <= 1,
+        "{replayed_twice} duplicates: at most the one in flight"
+    );
+    env.cleanup().await;
+}
