@@ -85,9 +85,9 @@ if [ "$demo" = 1 ]; then
     curl -fsS "$api/orders/$id" | python3 -c '
 import json, sys
 o = json.load(sys.stdin)
-print(f"order {o[\"order_id\"]}: {o[\"status\"]} ({o[\"total_cents\"]} {o[\"currency\"]} cents)")
+print("order %s: %s (%s %s cents)" % (o["order_id"], o["status"], o["total_cents"], o["currency"]))
 for h in o["history"]:
-    print(f"  {h[\"at\"]}  {h[\"status\"]}" + (f" ({h[\"reason\"]})" if h["reason"] else ""))
+    print("  %s  %s%s" % (h["at"], h["status"], " (%s)" % h["reason"] if h["reason"] else ""))
 '
 fi
 

@@ -516,3 +516,102 @@ async fn a_replay_killed_half_way_loses_no_message() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_operators_replaying_at_once_never_replay_a_message_twice() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    for _ in 0..300 {
+        let m = Outgoing::of(&messages::ReleaseStock {
+            order_id: uuid::Uuid::new_v4(),
+        });
+        bury(&env, "inventory.dead", &m, "permanent").await;
+    }
+    dlq_json(&env, &["list", "inventory.dead", "--type", "none"]);
+
+    let replay = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+            .args([
+                "replay",
+                "inventory.dead",
+                "--all",
+                "--to-queue",
+                "inventory",
+                "--json",
+            ])
+            .env("AMQP_URL", &env.amqp_url)
+            .env("DATABASE_URL", &env.database_url)
+            .output()
+    };
+    let (a, b) = tokio::join!(replay(), replay());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.status.success() && b.status.success());
+    let count = |out: &std::process::Output| {
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["action"] == "replayed")
+            .count()
+    };
+    assert_eq!(count(&a) + count(&b), 300, "replayed twice or not at all");
+    assert_eq!(env.depth("inventory").await, 300);
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let order_id = uuid::Uuid::new_v4();
+    let m = Outgoing::of(&messages::ReserveStock {
+        order_id,
+        items: vec![],
+    });
+    bury(&env, "inventory.dead", &m, "permanent").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+        .args([
+            "replay",
+            "inventory.dead",
+            "--all",
+            "--edit",
+            "--to-queue",
+            "inventory",
+            "--json",
+        ])
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &env.database_url)
+        // An "editor" that fixes the empty item list in place.
+        .env(
+            "EDITOR",
+            r#"sed -i -e 's/"items": \[\]/"items": [{"sku": "SKU-1", "quantity": 1}]/'"#,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (props, body) = env.drain("inventory").await.remove(0);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["items"][0]["sku"], "SKU-1");
+    assert_eq!(
+        props.message_id().as_ref().unwrap().to_string(),
+        m.message_id.to_string(),
+        "the id is kept"
+    );
+    let headers = props.headers().clone().unwrap();
+    assert_eq!(
+        runtime::envelope::header_int(&headers, "x-replays"),
+        Some(1)
+    );
+    assert_eq!(
+        runtime::envelope::header_int(&headers, "x-attempt"),
+        Some(1)
+    );
+    assert!(runtime::envelope::header_str(&headers, "x-error-kind").is_none());
+    env.cleanup().await;
+}
