@@ -130,39 +130,20 @@ impl System {
             from: "orderflow <orders@orderflow.local>".parse().unwrap(),
         };
         for _ in 0..options.replicas {
-            let mut run = |worker_run: std::pin::Pin<
-                Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>,
-            >| { spawn(worker_run) };
-            let (stop, stopped) = oneshot::channel::<()>();
-            stops.push(stop);
-            let w = order_worker::build(worker_settings(), options.payment_timeout)
+            let order = order_worker::build(worker_settings(), options.payment_timeout)
                 .await
                 .unwrap();
-            run(Box::pin(w.run(async move {
-                let _ = stopped.await;
-            })));
-            let (stop, stopped) = oneshot::channel::<()>();
-            stops.push(stop);
-            let w = inventory_worker::build(worker_settings()).await.unwrap();
-            run(Box::pin(w.run(async move {
-                let _ = stopped.await;
-            })));
-            let (stop, stopped) = oneshot::channel::<()>();
-            stops.push(stop);
-            let w = payment_worker::build(worker_settings(), &gateway_settings)
+            let inventory = inventory_worker::build(worker_settings()).await.unwrap();
+            let payment = payment_worker::build(worker_settings(), &gateway_settings)
                 .await
                 .unwrap();
-            run(Box::pin(w.run(async move {
-                let _ = stopped.await;
-            })));
-            let (stop, stopped) = oneshot::channel::<()>();
-            stops.push(stop);
-            let w = notification_worker::build(worker_settings(), mail.clone())
+            let notification = notification_worker::build(worker_settings(), mail.clone())
                 .await
                 .unwrap();
-            run(Box::pin(w.run(async move {
-                let _ = stopped.await;
-            })));
+            spawn(until_stopped(&mut stops, order));
+            spawn(until_stopped(&mut stops, inventory));
+            spawn(until_stopped(&mut stops, payment));
+            spawn(until_stopped(&mut stops, notification));
         }
 
         let mut system = Self {
@@ -388,6 +369,20 @@ impl System {
         self.pool.close().await;
         self.env.cleanup().await;
     }
+}
+
+type Running = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// A worker's run, stopped when its sender in `stops` fires.
+fn until_stopped<H: runtime::Handler>(
+    stops: &mut Vec<oneshot::Sender<()>>,
+    worker: runtime::Worker<H>,
+) -> Running {
+    let (stop, stopped) = oneshot::channel::<()>();
+    stops.push(stop);
+    Box::pin(worker.run(async move {
+        let _ = stopped.await;
+    }))
 }
 
 async fn axum_serve(

@@ -10,6 +10,7 @@
 use lettre::message::{Mailbox, MultiPart, header};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor};
 use messages::{OrderCancelled, OrderConfirmed};
+use runtime::config::env_or;
 use runtime::{
     Context, Failure, Handler, Inbound, Malformed, Worker, WorkerSettings, WorkerSpec, decode_json,
 };
@@ -33,14 +34,8 @@ pub struct MailSettings {
 
 impl MailSettings {
     pub fn from_env() -> anyhow::Result<Self> {
-        let smtp_url = std::env::var("SMTP_URL")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "smtp://127.0.0.1:1025".into());
-        let from_raw = std::env::var("MAIL_FROM")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "orderflow <orders@orderflow.local>".into());
+        let smtp_url: String = env_or("SMTP_URL", "smtp://127.0.0.1:1025")?;
+        let from_raw: String = env_or("MAIL_FROM", "orderflow <orders@orderflow.local>")?;
         let from = from_raw
             .parse()
             .map_err(|e| anyhow::anyhow!("MAIL_FROM={from_raw:?} is not a mailbox: {e}"))?;

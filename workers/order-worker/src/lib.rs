@@ -366,35 +366,25 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
 }
 
 async fn payment_declined(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
-    let order = existing_order(ctx, id).await?;
-    if order.status == Status::StockReserved {
-        transition(
-            ctx,
-            &order,
-            Status::Cancelled,
-            Some(reason::PAYMENT_DECLINED),
-        )
-        .await?;
-        emit(ctx, id, &ReleaseStock { order_id: id });
-        announce_cancellation(ctx, &order, reason::PAYMENT_DECLINED, false);
-    }
-    Ok(())
+    give_up_on_payment(ctx, id, reason::PAYMENT_DECLINED).await
 }
 
 async fn payment_timed_out(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
+    give_up_on_payment(ctx, id, reason::PAYMENT_TIMEOUT).await
+}
+
+/// Cancels an order still waiting for its payment: the stock goes back and,
+/// unless the gateway declined, the payment is voided (or refunded, if the
+/// charge landed after all).
+async fn give_up_on_payment(ctx: &mut Context, id: Uuid, why: &str) -> Result<(), Failure> {
     let order = existing_order(ctx, id).await?;
     if order.status == Status::StockReserved {
-        transition(
-            ctx,
-            &order,
-            Status::Cancelled,
-            Some(reason::PAYMENT_TIMEOUT),
-        )
-        .await?;
+        transition(ctx, &order, Status::Cancelled, Some(why)).await?;
         emit(ctx, id, &ReleaseStock { order_id: id });
-        // The charge may still be in flight: void it, or refund it if it landed.
-        emit(ctx, id, &RefundPayment { order_id: id });
-        announce_cancellation(ctx, &order, reason::PAYMENT_TIMEOUT, false);
+        if why != reason::PAYMENT_DECLINED {
+            emit(ctx, id, &RefundPayment { order_id: id });
+        }
+        announce_cancellation(ctx, &order, why, false);
     }
     Ok(())
 }

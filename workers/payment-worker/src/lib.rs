@@ -9,6 +9,7 @@ pub mod gateway;
 
 use gateway::{ChargeOutcome, GatewayClient};
 use messages::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
+use runtime::config::env_or;
 use runtime::{
     Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
     decode_json,
@@ -34,15 +35,12 @@ pub struct GatewaySettings {
 
 impl GatewaySettings {
     pub fn from_env() -> anyhow::Result<Self> {
-        let url = std::env::var("PAYMENT_GATEWAY_URL")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "http://127.0.0.1:8090".into());
+        let url: String = env_or("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8090")?;
         if !url.starts_with("http://") && !url.starts_with("https://") {
             anyhow::bail!("PAYMENT_GATEWAY_URL={url:?} must be an http:// or https:// URL");
         }
-        let raw = std::env::var("PAYMENT_GATEWAY_TIMEOUT").unwrap_or_else(|_| "5s".into());
-        let timeout = topology::retry::parse_duration(raw.trim())
+        let raw: String = env_or("PAYMENT_GATEWAY_TIMEOUT", "5s")?;
+        let timeout = topology::retry::parse_duration(&raw)
             .map_err(|e| anyhow::anyhow!("PAYMENT_GATEWAY_TIMEOUT={raw:?} is not valid: {e}"))?;
         Ok(Self { url, timeout })
     }

@@ -1,0 +1,375 @@
+//! `orders`: the end-to-end benchmark. Starts the whole system from the
+//! release binaries (publisher, every worker, the gateway simulator) with an
+//! SMTP sink in this process that records when each email arrives, drives N
+//! orders at concurrency C, and reports accepted/s at the HTTP edge,
+//! end-to-end orders/s (first POST to last email), POST-to-email latency,
+//! peak RSS per process, final states, per-stage timings, and the machine's
+//! ceiling (raw broker hop rate, raw PostgreSQL transaction rate).
+//!
+//! ./scripts/bench.sh --orders 1000 --concurrency 32 --replicas 1
+
+use clap::Parser;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1000)]
+    orders: usize,
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Where the release binaries are.
+    #[arg(long, default_value = "target/release")]
+    bin: String,
+    /// Skip the ceiling measurements.
+    #[arg(long)]
+    no_ceiling: bool,
+}
+
+const VHOST: &str = "orderflow_bench";
+const DB: &str = "orderflow_bench";
+const PG: &str = "postgres://postgres@127.0.0.1:5432";
+const SKUS: usize = 20;
+
+type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// A minimal SMTP server: accepts every message and records, per order id
+/// in the subject, when it arrived.
+async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
+    loop {
+        let Ok((socket, _)) = listener.accept().await else { return };
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = socket.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let _ = write.write_all(b"220 bench ESMTP\r\n").await;
+            let mut in_data = false;
+            let mut subject = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if in_data {
+                    if line == "." {
+                        in_data = false;
+                        if let Some(id) = subject.split_whitespace().nth(1) {
+                            if let Ok(mut a) = arrivals.lock() {
+                                a.entry(id.to_owned()).or_insert_with(Instant::now);
+                            }
+                        }
+                        subject.clear();
+                        let _ = write.write_all(b"250 OK\r\n").await;
+                    } else if let Some(s) = line.strip_prefix("Subject: ") {
+                        subject = s.to_owned();
+                    }
+                    continue;
+                }
+                let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" | "HELO" => b"250-bench\r\n250 8BITMIME\r\n",
+                    "DATA" => {
+                        in_data = true;
+                        b"354 go ahead\r\n"
+                    }
+                    "QUIT" => {
+                        let _ = write.write_all(b"221 bye\r\n").await;
+                        return;
+                    }
+                    _ => b"250 OK\r\n",
+                };
+                let _ = write.write_all(reply).await;
+            }
+        });
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Persistent messages through a quorum queue, publisher confirms (a window
+/// of 256 outstanding), one consumer with manual acks.
+async fn broker_hop_rate(amqp: &str, n: usize) -> anyhow::Result<f64> {
+    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
+    let publish = conn.create_channel().await?;
+    let consume = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    publish
+        .queue_declare("bench.hop".into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await?;
+    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    consume.basic_qos(256, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume("bench.hop".into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    let started = Instant::now();
+    let consumer_task = tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            match consumer.next().await {
+                Some(Ok(d)) => {
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    got += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok::<_, lapin::Error>(())
+    });
+    let body = vec![b'x'; 300];
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let mut window = Vec::with_capacity(256);
+    for _ in 0..n {
+        window.push(
+            publish
+                .basic_publish("".into(), "bench.hop".into(), BasicPublishOptions::default(), &body, props.clone())
+                .await?,
+        );
+        if window.len() == 256 {
+            for c in window.drain(..) {
+                c.await?;
+            }
+        }
+    }
+    for c in window.drain(..) {
+        c.await?;
+    }
+    consumer_task.await??;
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    publish
+        .queue_delete("bench.hop".into(), Default::default())
+        .await?;
+    Ok(rate)
+}
+
+/// Small write transactions (one insert, commit), 8 at a time.
+async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(url).await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_writes (id bigserial PRIMARY KEY, v text NOT NULL)")
+        .execute(&pool)
+        .await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / 8 {
+                let mut tx = pool.begin().await?;
+                sqlx::query("INSERT INTO bench_writes (v) VALUES ('x')").execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let rate = (n / 8 * 8) as f64 / started.elapsed().as_secs_f64();
+    sqlx::raw_sql("DROP TABLE bench_writes").execute(&pool).await?;
+    Ok(rate)
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+fn spawn(procs: &mut Vec<Proc>, name: &str, bin: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+    let log = std::fs::File::create(format!(".run/bench-{name}.log"))?;
+    let child = Command::new(bin).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(log).stdout(std::process::Stdio::null()).spawn()?;
+    procs.push(Proc { name: name.to_owned(), child });
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(".run")?;
+    let api_mgmt = topology::Management::new("http://127.0.0.1:15672", "guest", "guest");
+    let _ = api_mgmt.delete(&format!("vhosts/{VHOST}")).await;
+    api_mgmt.put(&format!("vhosts/{VHOST}"), &json!({})).await?;
+    api_mgmt
+        .put(&format!("permissions/{VHOST}/guest"), &json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .await?;
+    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{PG}/postgres")).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))).execute(&admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DB}"))).execute(&admin).await?;
+    let amqp = format!("amqp://guest:guest@127.0.0.1:5672/{VHOST}");
+    let db_url = format!("{PG}/{DB}");
+    let retry = "1s,5s,30s,2m,10m";
+    let conn = lapin::Connection::connect(&amqp, Default::default()).await?;
+    topology::declare(&conn, &topology::Topology::contract(&retry.parse()?)).await?;
+    let pool = runtime::db::connect(&db_url, 4).await?;
+    runtime::db::migrate(&pool).await?;
+
+    let (hop_rate, db_rate) = if args.no_ceiling {
+        (f64::NAN, f64::NAN)
+    } else {
+        (broker_hop_rate(&amqp, 20_000).await?, db_tx_rate(&db_url, 20_000).await?)
+    };
+
+    let arrivals: Arrivals = Arc::default();
+    let smtp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let smtp_port = smtp.local_addr()?.port();
+    tokio::spawn(smtp_sink(smtp, arrivals.clone()));
+
+    let common = vec![
+        ("AMQP_URL", amqp.clone()),
+        ("DATABASE_URL", db_url.clone()),
+        ("RETRY_DELAYS", retry.to_owned()),
+        ("RUST_LOG", "warn".to_owned()),
+        ("SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}")),
+        ("PAYMENT_GATEWAY_URL", "http://127.0.0.1:18090".to_owned()),
+        ("PAYMENT_TIMEOUT", "10m".to_owned()),
+    ];
+    let mut procs = Vec::new();
+    let mut env = common.clone();
+    env.push(("HTTP_ADDR", "127.0.0.1:18090".to_owned()));
+    spawn(&mut procs, "payment-gateway-sim", &format!("{}/payment-gateway-sim", args.bin), &env)?;
+    for r in 0..args.replicas {
+        for w in ["order-worker", "inventory-worker", "payment-worker", "notification-worker"] {
+            spawn(&mut procs, &format!("{w}-{r}"), &format!("{}/{w}", args.bin), &common)?;
+        }
+    }
+    let mut env = common.clone();
+    env.push(("HTTP_ADDR", "127.0.0.1:18080".to_owned()));
+    spawn(&mut procs, "publisher", &format!("{}/publisher", args.bin), &env)?;
+    let api = "http://127.0.0.1:18080";
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let ready = async {
+        loop {
+            if let Ok(r) = http.get(format!("{api}/readyz")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), ready).await?;
+    for s in 0..SKUS {
+        http.post(format!("{api}/inventory/B-{s}/restock")).json(&json!({"quantity": 1_000_000})).send().await?;
+    }
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inventory.stock").fetch_one(&pool).await.unwrap_or(0);
+        if n == SKUS as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Drive.
+    let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let started = Instant::now();
+    let results = futures::stream::iter(0..args.orders)
+        .map(|i| {
+            let http = http.clone();
+            let posted = posted.clone();
+            async move {
+                let t = Instant::now();
+                let body = json!({"customer_email": "bench@example.com", "currency": "EUR",
+                    "items": [{"sku": format!("B-{}", i % SKUS), "quantity": 1, "unit_price_cents": 1000}]});
+                let r = http.post(format!("{api}/orders")).json(&body).send().await.ok()?;
+                if r.status() != 202 {
+                    return None;
+                }
+                let v: Value = r.json().await.ok()?;
+                let id = v["order_id"].as_str()?.to_owned();
+                posted.lock().ok()?.insert(id, t);
+                Some(Instant::now())
+            }
+        })
+        .buffer_unordered(args.concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let accepted = results.iter().flatten().count();
+    let accept_secs = results.iter().flatten().max().map(|t| (*t - started).as_secs_f64()).unwrap_or(f64::NAN);
+
+    // Wait for every email (10 minutes at most).
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while arrivals.lock().map(|a| a.len()).unwrap_or(0) < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (latencies, last_email) = {
+        let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        let mut l: Vec<Duration> = p.iter().filter_map(|(id, t)| a.get(id).map(|e| *e - *t)).collect();
+        l.sort();
+        (l, a.values().max().copied())
+    };
+    let e2e_secs = last_email.map(|t| (t - started).as_secs_f64()).unwrap_or(f64::NAN);
+    let states: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders.orders GROUP BY status ORDER BY status")
+        .fetch_all(&pool)
+        .await?;
+    let stages: Vec<(String, f64)> = sqlx::query_as(
+        "WITH s AS (SELECT order_id, status, at, lag(at) OVER (PARTITION BY order_id ORDER BY id) AS prev FROM orders.order_events) \
+         SELECT status, avg(extract(epoch FROM at - prev) * 1000)::float8 FROM s WHERE prev IS NOT NULL GROUP BY status ORDER BY 2 DESC",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let rss: Vec<(String, Option<u64>)> = procs.iter().map(|p| (p.name.clone(), p.child.id().and_then(peak_rss_kib))).collect();
+    for p in &procs {
+        if let Some(pid) = p.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+    }
+    for p in &mut procs {
+        let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
+    }
+
+    // The model: per order, 7 broker hops and 7 transactions before its email
+    // (place, reserve, reserved, charge, charged, confirmed, commit).
+    let (hops, txs) = (7.0, 7.0);
+    let ceiling = 1.0 / (hops / hop_rate + txs / db_rate);
+    let e2e_rate = latencies.len() as f64 / e2e_secs;
+    println!("## {} orders, concurrency {}, {} replica(s) of each worker\n", args.orders, args.concurrency, args.replicas);
+    println!("| measure | value |\n| --- | --- |");
+    println!("| accepted (202) | {accepted} of {} |", args.orders);
+    println!("| accepted/s at the HTTP edge | {:.0} |", accepted as f64 / accept_secs);
+    println!("| emails received | {} |", latencies.len());
+    println!("| end-to-end orders/s (first POST to last email) | {e2e_rate:.0} |");
+    println!("| latency POST→email p50 / p95 / p99 | {:.0} / {:.0} / {:.0} ms |",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3, percentile(&latencies, 0.95).as_secs_f64() * 1e3, percentile(&latencies, 0.99).as_secs_f64() * 1e3);
+    println!("| final states | {} |", states.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "));
+    println!("| raw broker hop rate (quorum, confirms, acks) | {hop_rate:.0} msg/s |");
+    println!("| raw PostgreSQL small-write tx rate (8 conns) | {db_rate:.0} tx/s |");
+    println!("| modelled ceiling 1/({hops}/hop + {txs}/tx) | {ceiling:.0} orders/s |");
+    println!("| end-to-end as share of the ceiling | {:.0}% |", 100.0 * e2e_rate / ceiling);
+    println!("\nPeak RSS (VmHWM):\n");
+    for (name, kib) in rss {
+        println!("- {name}: {}", kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into()));
+    }
+    println!("\nMean time per saga stage (from order_events):\n");
+    for (stage, ms) in stages {
+        println!("- to {stage}: {ms:.1} ms");
+    }
+    let lost = accepted as i64 - states.iter().filter(|(s, _)| s == "CONFIRMED" || s == "CANCELLED").map(|(_, n)| n).sum::<i64>();
+    pool.close().await;
+    let _ = api_mgmt.delete(&format!("vhosts/{VHOST}")).await;
+    if lost != 0 || latencies.len() != accepted {
+        anyhow::bail!("not a result: {lost} accepted orders not final, {} emails for {accepted} orders", latencies.len());
+    }
+    Ok(())
+}
