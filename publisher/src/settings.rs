@@ -27,7 +27,7 @@ impl PublisherSettings {
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
             request_timeout: Duration::from_millis(timeout_ms),
             max_body_bytes: env_or("MAX_BODY_BYTES", "65536")?,
-            database_pool_size: env_or("DATABASE_POOL_SIZE", "10")?,
+            database_pool_size: env_or("DATABASE_POOL_SIZE", "5")?,
         })
     }
 

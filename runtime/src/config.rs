@@ -128,7 +128,11 @@ impl WorkerSettings {
         }
         let concurrency: usize = env_or("CONCURRENCY", &prefetch.to_string())?;
         let concurrency = concurrency.clamp(1, prefetch.into());
-        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 2).min(32).to_string())?;
+        // Eight connections per worker keep four domains times two replicas
+        // inside PostgreSQL's default limit of 100; deliveries beyond that
+        // wait for a connection in `begin`, which is where the database is
+        // the bottleneck anyway.
+        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 1).min(8).to_string())?;
         let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
         Ok(Self {
             amqp_url: SecretUrl::new(env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?),

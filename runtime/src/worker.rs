@@ -72,6 +72,10 @@ struct Inner<H> {
     /// kills the worker, only its start is counted and not those of the
     /// innocent messages that were in flight beside it.
     suspects: tokio::sync::Mutex<()>,
+    /// Outbox rows already relayed, to be deleted by the next handler
+    /// transaction or the sweeper's next tick, well before the sweeper
+    /// would consider them stale.
+    relayed: std::sync::Mutex<Vec<i64>>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -105,6 +109,7 @@ impl<H: Handler> Worker<H> {
                 store,
                 handler,
                 suspects: tokio::sync::Mutex::new(()),
+                relayed: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -146,7 +151,11 @@ impl<H: Handler> Worker<H> {
             }
         }
         let _ = sweeper.await;
-        // Relay whatever the last handlers left, regardless of age.
+        // Delete what was relayed, then relay whatever the last handlers
+        // left, regardless of age.
+        if let Err(e) = flush_relayed(&inner).await {
+            warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted; the next start relays them again and consumers deduplicate");
+        }
         if let Err(e) = sweep_once(&inner, Duration::ZERO).await {
             warn!(worker = inner.spec.name, error = %e, "Outbox not flushed at shutdown; the next start relays it");
         }
@@ -358,6 +367,9 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
     };
     match outcome {
         Ok(ids_and_messages) => {
+            // The effect and the messages it causes are committed: the ack
+            // can go now, and the relay below (or the sweeper) sends them.
+            ack(&delivery).await;
             relay(inner, ids_and_messages).await;
             if redelivered {
                 let _ = inner
@@ -366,7 +378,6 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
                     .await;
             }
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
-            ack(&delivery).await;
         }
         Err(Failure::Permanent(why)) => {
             dead_letter(
@@ -395,9 +406,54 @@ type Committed = (Vec<i64>, Vec<crate::envelope::Outgoing>);
 
 async fn commit<H>(inner: &Inner<H>, ctx: Context) -> Result<Committed, Failure> {
     let (mut tx, outbox) = ctx.into_parts();
-    let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
-    tx.commit().await?;
-    Ok((ids, outbox))
+    // Rows relayed since the last commit are deleted in this transaction,
+    // which saves each relay a commit (and its WAL flush) of its own.
+    let relayed = take_relayed(inner);
+    let result = async {
+        if !relayed.is_empty() {
+            inner.store.delete_outbox_in(&mut tx, &relayed).await?;
+        }
+        let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(ids)
+    }
+    .await;
+    match result {
+        Ok(ids) => Ok((ids, outbox)),
+        Err(e) => {
+            give_back_relayed(inner, relayed);
+            Err(e.into())
+        }
+    }
+}
+
+fn take_relayed<H>(inner: &Inner<H>) -> Vec<i64> {
+    inner
+        .relayed
+        .lock()
+        .map(|mut r| std::mem::take(&mut *r))
+        .unwrap_or_default()
+}
+
+fn give_back_relayed<H>(inner: &Inner<H>, ids: Vec<i64>) {
+    if let Ok(mut r) = inner.relayed.lock() {
+        r.extend(ids);
+    }
+}
+
+/// Deletes relayed rows no handler transaction has taken along yet.
+async fn flush_relayed<H>(inner: &Inner<H>) -> Result<(), sqlx::Error> {
+    let ids = take_relayed(inner);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    match inner.store.delete_outbox(&inner.pool, &ids).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            give_back_relayed(inner, ids);
+            Err(e)
+        }
+    }
 }
 
 /// Sends what the handler emitted, right after commit. A failure here loses
@@ -407,11 +463,7 @@ async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
         return;
     }
     match inner.publisher.publish_all(&messages).await {
-        Ok(()) => {
-            if let Err(e) = inner.store.delete_outbox(&inner.pool, &ids).await {
-                warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted; the sweeper resends them and consumers deduplicate");
-            }
-        }
+        Ok(()) => give_back_relayed(inner, ids),
         Err(e) => {
             warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
         }
@@ -632,6 +684,9 @@ async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
         tokio::select! {
             () = token.cancelled() => return,
             () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = flush_relayed(&inner).await {
+            warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted yet");
         }
         match sweep_once(&inner, inner.settings.outbox_sweep_after).await {
             Ok(0) => {}

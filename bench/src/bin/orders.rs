@@ -10,7 +10,10 @@
 
 use clap::Parser;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -30,6 +33,9 @@ struct Args {
     /// Where the release binaries are.
     #[arg(long, default_value = "target/release")]
     bin: String,
+    /// DATABASE_POOL_SIZE of each worker (its default is 8).
+    #[arg(long)]
+    pool: Option<u32>,
     /// Skip the ceiling measurements.
     #[arg(long)]
     no_ceiling: bool,
@@ -46,7 +52,9 @@ type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 /// in the subject, when it arrived.
 async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
     loop {
-        let Ok((socket, _)) = listener.accept().await else { return };
+        let Ok((socket, _)) = listener.accept().await else {
+            return;
+        };
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
             let (read, mut write) = socket.into_split();
@@ -58,10 +66,10 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
                 if in_data {
                     if line == "." {
                         in_data = false;
-                        if let Some(id) = subject.split_whitespace().nth(1) {
-                            if let Ok(mut a) = arrivals.lock() {
-                                a.entry(id.to_owned()).or_insert_with(Instant::now);
-                            }
+                        if let Some(id) = subject.split_whitespace().nth(1)
+                            && let Ok(mut a) = arrivals.lock()
+                        {
+                            a.entry(id.to_owned()).or_insert_with(Instant::now);
                         }
                         subject.clear();
                         let _ = write.write_all(b"250 OK\r\n").await;
@@ -70,7 +78,11 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
                     }
                     continue;
                 }
-                let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
+                let verb = line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_uppercase();
                 let reply: &[u8] = match verb.as_str() {
                     "EHLO" | "HELO" => b"250-bench\r\n250 8BITMIME\r\n",
                     "DATA" => {
@@ -100,6 +112,36 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
+/// CPU seconds of every process whose command line contains `needle`.
+fn cpu_of_all(needle: &str) -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -115,14 +157,31 @@ async fn broker_hop_rate(amqp: &str, n: usize) -> anyhow::Result<f64> {
     let publish = conn.create_channel().await?;
     let consume = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     publish
-        .queue_declare("bench.hop".into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .queue_declare(
+            "bench.hop".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await?;
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     consume.basic_qos(256, BasicQosOptions::default()).await?;
     let mut consumer = consume
-        .basic_consume("bench.hop".into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            "bench.hop".into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let started = Instant::now();
     let consumer_task = tokio::spawn(async move {
@@ -144,7 +203,13 @@ async fn broker_hop_rate(amqp: &str, n: usize) -> anyhow::Result<f64> {
     for _ in 0..n {
         window.push(
             publish
-                .basic_publish("".into(), "bench.hop".into(), BasicPublishOptions::default(), &body, props.clone())
+                .basic_publish(
+                    "".into(),
+                    "bench.hop".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props.clone(),
+                )
                 .await?,
         );
         if window.len() == 256 {
@@ -166,10 +231,15 @@ async fn broker_hop_rate(amqp: &str, n: usize) -> anyhow::Result<f64> {
 
 /// Small write transactions (one insert, commit), 8 at a time.
 async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(url).await?;
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_writes (id bigserial PRIMARY KEY, v text NOT NULL)")
-        .execute(&pool)
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(url)
         .await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS bench_writes (id bigserial PRIMARY KEY, v text NOT NULL)",
+    )
+    .execute(&pool)
+    .await?;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -177,7 +247,9 @@ async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
         tasks.push(tokio::spawn(async move {
             for _ in 0..n / 8 {
                 let mut tx = pool.begin().await?;
-                sqlx::query("INSERT INTO bench_writes (v) VALUES ('x')").execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO bench_writes (v) VALUES ('x')")
+                    .execute(&mut *tx)
+                    .await?;
                 tx.commit().await?;
             }
             Ok::<_, sqlx::Error>(())
@@ -187,7 +259,9 @@ async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
         t.await??;
     }
     let rate = (n / 8 * 8) as f64 / started.elapsed().as_secs_f64();
-    sqlx::raw_sql("DROP TABLE bench_writes").execute(&pool).await?;
+    sqlx::raw_sql("DROP TABLE bench_writes")
+        .execute(&pool)
+        .await?;
     Ok(rate)
 }
 
@@ -196,10 +270,23 @@ struct Proc {
     child: Child,
 }
 
-fn spawn(procs: &mut Vec<Proc>, name: &str, bin: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+fn spawn(
+    procs: &mut Vec<Proc>,
+    name: &str,
+    bin: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<()> {
     let log = std::fs::File::create(format!(".run/bench-{name}.log"))?;
-    let child = Command::new(bin).envs(env.iter().map(|(k, v)| (*k, v.as_str()))).stderr(log).stdout(std::process::Stdio::null()).spawn()?;
-    procs.push(Proc { name: name.to_owned(), child });
+    let child = Command::new(bin)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stderr(log)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    procs.push(Proc {
+        name: name.to_owned(),
+        child,
+    });
     Ok(())
 }
 
@@ -211,11 +298,23 @@ async fn main() -> anyhow::Result<()> {
     let _ = api_mgmt.delete(&format!("vhosts/{VHOST}")).await;
     api_mgmt.put(&format!("vhosts/{VHOST}"), &json!({})).await?;
     api_mgmt
-        .put(&format!("permissions/{VHOST}/guest"), &json!({"configure": ".*", "write": ".*", "read": ".*"}))
+        .put(
+            &format!("permissions/{VHOST}/guest"),
+            &json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
         .await?;
-    let admin = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&format!("{PG}/postgres")).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))).execute(&admin).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DB}"))).execute(&admin).await?;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{PG}/postgres"))
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {DB} WITH (FORCE)"
+    )))
+    .execute(&admin)
+    .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DB}")))
+        .execute(&admin)
+        .await?;
     let amqp = format!("amqp://guest:guest@127.0.0.1:5672/{VHOST}");
     let db_url = format!("{PG}/{DB}");
     let retry = "1s,5s,30s,2m,10m";
@@ -227,7 +326,10 @@ async fn main() -> anyhow::Result<()> {
     let (hop_rate, db_rate) = if args.no_ceiling {
         (f64::NAN, f64::NAN)
     } else {
-        (broker_hop_rate(&amqp, 20_000).await?, db_tx_rate(&db_url, 20_000).await?)
+        (
+            broker_hop_rate(&amqp, 20_000).await?,
+            db_tx_rate(&db_url, 20_000).await?,
+        )
     };
 
     let arrivals: Arrivals = Arc::default();
@@ -244,20 +346,46 @@ async fn main() -> anyhow::Result<()> {
         ("PAYMENT_GATEWAY_URL", "http://127.0.0.1:18090".to_owned()),
         ("PAYMENT_TIMEOUT", "10m".to_owned()),
     ];
+    let mut common = common;
+    if let Some(pool) = args.pool {
+        common.push(("DATABASE_POOL_SIZE", pool.to_string()));
+    }
     let mut procs = Vec::new();
     let mut env = common.clone();
     env.push(("HTTP_ADDR", "127.0.0.1:18090".to_owned()));
-    spawn(&mut procs, "payment-gateway-sim", &format!("{}/payment-gateway-sim", args.bin), &env)?;
+    spawn(
+        &mut procs,
+        "payment-gateway-sim",
+        &format!("{}/payment-gateway-sim", args.bin),
+        &env,
+    )?;
     for r in 0..args.replicas {
-        for w in ["order-worker", "inventory-worker", "payment-worker", "notification-worker"] {
-            spawn(&mut procs, &format!("{w}-{r}"), &format!("{}/{w}", args.bin), &common)?;
+        for w in [
+            "order-worker",
+            "inventory-worker",
+            "payment-worker",
+            "notification-worker",
+        ] {
+            spawn(
+                &mut procs,
+                &format!("{w}-{r}"),
+                &format!("{}/{w}", args.bin),
+                &common,
+            )?;
         }
     }
     let mut env = common.clone();
     env.push(("HTTP_ADDR", "127.0.0.1:18080".to_owned()));
-    spawn(&mut procs, "publisher", &format!("{}/publisher", args.bin), &env)?;
+    spawn(
+        &mut procs,
+        "publisher",
+        &format!("{}/publisher", args.bin),
+        &env,
+    )?;
     let api = "http://127.0.0.1:18080";
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()?;
     let ready = async {
         loop {
             if let Ok(r) = http.get(format!("{api}/readyz")).send().await
@@ -270,10 +398,16 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::time::timeout(Duration::from_secs(60), ready).await?;
     for s in 0..SKUS {
-        http.post(format!("{api}/inventory/B-{s}/restock")).json(&json!({"quantity": 1_000_000})).send().await?;
+        http.post(format!("{api}/inventory/B-{s}/restock"))
+            .json(&json!({"quantity": 1_000_000}))
+            .send()
+            .await?;
     }
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inventory.stock").fetch_one(&pool).await.unwrap_or(0);
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inventory.stock")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
         if n == SKUS as i64 {
             break;
         }
@@ -281,6 +415,15 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Drive.
+    let cpu_before: Vec<f64> = procs
+        .iter()
+        .map(|p| p.child.id().map(cpu_seconds).unwrap_or(0.0))
+        .collect();
+    let (broker_before, db_before, bench_before) = (
+        cpu_of_all("beam.smp"),
+        cpu_of_all("postgres"),
+        cpu_seconds(std::process::id()),
+    );
     let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let started = Instant::now();
     let results = futures::stream::iter(0..args.orders)
@@ -305,7 +448,12 @@ async fn main() -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .await;
     let accepted = results.iter().flatten().count();
-    let accept_secs = results.iter().flatten().max().map(|t| (*t - started).as_secs_f64()).unwrap_or(f64::NAN);
+    let accept_secs = results
+        .iter()
+        .flatten()
+        .max()
+        .map(|t| (*t - started).as_secs_f64())
+        .unwrap_or(f64::NAN);
 
     // Wait for every email (10 minutes at most).
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -315,24 +463,60 @@ async fn main() -> anyhow::Result<()> {
     let (latencies, last_email) = {
         let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
         let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-        let mut l: Vec<Duration> = p.iter().filter_map(|(id, t)| a.get(id).map(|e| *e - *t)).collect();
+        let mut l: Vec<Duration> = p
+            .iter()
+            .filter_map(|(id, t)| a.get(id).map(|e| *e - *t))
+            .collect();
         l.sort();
         (l, a.values().max().copied())
     };
-    let e2e_secs = last_email.map(|t| (t - started).as_secs_f64()).unwrap_or(f64::NAN);
-    let states: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders.orders GROUP BY status ORDER BY status")
-        .fetch_all(&pool)
-        .await?;
+    let e2e_secs = last_email
+        .map(|t| (t - started).as_secs_f64())
+        .unwrap_or(f64::NAN);
+    let states: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT status, count(*) FROM orders.orders GROUP BY status ORDER BY status",
+    )
+    .fetch_all(&pool)
+    .await?;
     let stages: Vec<(String, f64)> = sqlx::query_as(
         "WITH s AS (SELECT order_id, status, at, lag(at) OVER (PARTITION BY order_id ORDER BY id) AS prev FROM orders.order_events) \
          SELECT status, avg(extract(epoch FROM at - prev) * 1000)::float8 FROM s WHERE prev IS NOT NULL GROUP BY status ORDER BY 2 DESC",
     )
     .fetch_all(&pool)
     .await?;
-    let rss: Vec<(String, Option<u64>)> = procs.iter().map(|p| (p.name.clone(), p.child.id().and_then(peak_rss_kib))).collect();
+    let cpu: Vec<(String, f64)> = procs
+        .iter()
+        .zip(&cpu_before)
+        .map(|(p, before)| {
+            (
+                p.name.clone(),
+                p.child.id().map(cpu_seconds).unwrap_or(0.0) - before,
+            )
+        })
+        .chain([
+            (
+                "rabbitmq (beam.smp)".to_owned(),
+                cpu_of_all("beam.smp") - broker_before,
+            ),
+            (
+                "postgresql (all backends)".to_owned(),
+                cpu_of_all("postgres") - db_before,
+            ),
+            (
+                "this benchmark (HTTP client, SMTP sink)".to_owned(),
+                cpu_seconds(std::process::id()) - bench_before,
+            ),
+        ])
+        .collect();
+    let rss: Vec<(String, Option<u64>)> = procs
+        .iter()
+        .map(|p| (p.name.clone(), p.child.id().and_then(peak_rss_kib)))
+        .collect();
     for p in &procs {
         if let Some(pid) = p.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
     }
     for p in &mut procs {
@@ -344,32 +528,83 @@ async fn main() -> anyhow::Result<()> {
     let (hops, txs) = (7.0, 7.0);
     let ceiling = 1.0 / (hops / hop_rate + txs / db_rate);
     let e2e_rate = latencies.len() as f64 / e2e_secs;
-    println!("## {} orders, concurrency {}, {} replica(s) of each worker\n", args.orders, args.concurrency, args.replicas);
+    println!(
+        "## {} orders, concurrency {}, {} replica(s) of each worker\n",
+        args.orders, args.concurrency, args.replicas
+    );
+    println!(
+        "Worker database pool: {}\n",
+        args.pool
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "8 (default)".into())
+    );
     println!("| measure | value |\n| --- | --- |");
     println!("| accepted (202) | {accepted} of {} |", args.orders);
-    println!("| accepted/s at the HTTP edge | {:.0} |", accepted as f64 / accept_secs);
+    println!(
+        "| accepted/s at the HTTP edge | {:.0} |",
+        accepted as f64 / accept_secs
+    );
     println!("| emails received | {} |", latencies.len());
     println!("| end-to-end orders/s (first POST to last email) | {e2e_rate:.0} |");
-    println!("| latency POST→email p50 / p95 / p99 | {:.0} / {:.0} / {:.0} ms |",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3, percentile(&latencies, 0.95).as_secs_f64() * 1e3, percentile(&latencies, 0.99).as_secs_f64() * 1e3);
-    println!("| final states | {} |", states.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "| latency POST→email p50 / p95 / p99 | {:.0} / {:.0} / {:.0} ms |",
+        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.95).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "| final states | {} |",
+        states
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!("| raw broker hop rate (quorum, confirms, acks) | {hop_rate:.0} msg/s |");
     println!("| raw PostgreSQL small-write tx rate (8 conns) | {db_rate:.0} tx/s |");
     println!("| modelled ceiling 1/({hops}/hop + {txs}/tx) | {ceiling:.0} orders/s |");
-    println!("| end-to-end as share of the ceiling | {:.0}% |", 100.0 * e2e_rate / ceiling);
+    println!(
+        "| end-to-end as share of the ceiling | {:.0}% |",
+        100.0 * e2e_rate / ceiling
+    );
     println!("\nPeak RSS (VmHWM):\n");
     for (name, kib) in rss {
-        println!("- {name}: {}", kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "?".into()));
+        println!(
+            "- {name}: {}",
+            kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "?".into())
+        );
+    }
+    let total_cpu: f64 = cpu.iter().map(|(_, c)| c).sum();
+    println!(
+        "\nCPU seconds during the run ({e2e_secs:.1} s wall, {:.1} s of 2 cores available):\n",
+        e2e_secs * 2.0
+    );
+    let mut cpu = cpu;
+    cpu.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (name, c) in &cpu {
+        println!(
+            "- {name}: {c:.1} s ({:.0}%)",
+            100.0 * c / total_cpu.max(f64::EPSILON)
+        );
     }
     println!("\nMean time per saga stage (from order_events):\n");
     for (stage, ms) in stages {
         println!("- to {stage}: {ms:.1} ms");
     }
-    let lost = accepted as i64 - states.iter().filter(|(s, _)| s == "CONFIRMED" || s == "CANCELLED").map(|(_, n)| n).sum::<i64>();
+    let lost = accepted as i64
+        - states
+            .iter()
+            .filter(|(s, _)| s == "CONFIRMED" || s == "CANCELLED")
+            .map(|(_, n)| n)
+            .sum::<i64>();
     pool.close().await;
     let _ = api_mgmt.delete(&format!("vhosts/{VHOST}")).await;
     if lost != 0 || latencies.len() != accepted {
-        anyhow::bail!("not a result: {lost} accepted orders not final, {} emails for {accepted} orders", latencies.len());
+        anyhow::bail!(
+            "not a result: {lost} accepted orders not final, {} emails for {accepted} orders",
+            latencies.len()
+        );
     }
     Ok(())
 }
