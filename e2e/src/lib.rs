@@ -252,6 +252,24 @@ impl System {
         .await;
     }
 
+    /// Waits until the SKU's stock is exactly `available`, `reserved`,
+    /// `sold`: confirming an order commits its reservation asynchronously.
+    pub async fn wait_stock_exactly(&self, sku: &str, available: i64, reserved: i64, sold: i64) {
+        let mut last = Value::Null;
+        for _ in 0..600 {
+            let (_, body) = self.get(&format!("/inventory/{sku}")).await;
+            if body["available"] == available
+                && body["reserved"] == reserved
+                && body["sold"] == sold
+            {
+                return;
+            }
+            last = body;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("stock of {sku} never became {available}/{reserved}/{sold}: {last}");
+    }
+
     /// Places an order and returns its id.
     pub async fn place(&self, sku: &str, quantity: u32, payment_method: &str) -> String {
         let body = json!({

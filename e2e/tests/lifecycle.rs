@@ -46,10 +46,7 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
         assert_eq!(mail["to"][0], "ada@example.com");
         assert_eq!(mail["multipart"], true);
     }
-    let (_, stock) = system.get("/inventory/SKU-1").await;
-    assert_eq!(stock["available"], 50);
-    assert_eq!(stock["reserved"], 0);
-    assert_eq!(stock["sold"], 50);
+    system.wait_stock_exactly("SKU-1", 50, 0, 50).await;
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }
@@ -83,9 +80,7 @@ async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
         }
     }
     assert_eq!((confirmed, out_of_stock), (1, 2));
-    let (_, stock) = system.get("/inventory/LAST-1").await;
-    assert_eq!(stock["available"], 0);
-    assert_eq!(stock["reserved"], 0);
+    system.wait_stock_exactly("LAST-1", 0, 0, 1).await;
     for id in &ids {
         testkit::eventually(Duration::from_secs(30), "one email per order", || async {
             system.mails_about(id).len() == 1
@@ -184,6 +179,7 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
             error_rate: 0.3,
             latency_ms: 0,
         },
+        payment_timeout: Duration::from_secs(5),
         ..Options::default()
     })
     .await;
@@ -194,18 +190,43 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
     for _ in 0..30 {
         ids.push(system.place("SKU-F", 1, "pm_card_visa").await);
     }
+    let mut timed_out = Vec::new();
     for id in &ids {
         let order = system.wait_final(id).await;
-        assert_eq!(order["status"], "CONFIRMED", "{order}");
         let charges = system.charges(id).await;
-        assert_eq!(
-            charges.len(),
-            1,
+        assert!(
+            charges.len() <= 1,
             "order {id} charged {} times",
             charges.len()
         );
+        match (order["status"].as_str(), order["reason"].as_str()) {
+            (Some("CONFIRMED"), _) => assert_eq!(system.standing_charges(id).await, 1),
+            // A charge that failed on every tier (0.3^4 per order) dies as
+            // exhausted and the saga gives up at its payment timeout.
+            (Some("CANCELLED"), Some("payment_timeout")) => {
+                testkit::eventually(Duration::from_secs(30), "no charge standing", || async {
+                    system.standing_charges(id).await == 0
+                })
+                .await;
+                timed_out.push(id.clone());
+            }
+            other => panic!("order {id} ended {other:?}"),
+        }
     }
     system.set_trouble(Trouble::default()).await;
+    // The only dead messages are those charges, each explained.
+    for (props, _) in system.env.drain("payment.dead").await {
+        let order = props.correlation_id().as_ref().unwrap().to_string();
+        assert!(
+            timed_out.contains(&order),
+            "unexplained dead charge for {order}"
+        );
+        let kind = props
+            .headers()
+            .as_ref()
+            .and_then(|h| runtime::envelope::header_str(h, "x-error-kind"));
+        assert_eq!(kind.as_deref(), Some("exhausted"));
+    }
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }
@@ -278,10 +299,9 @@ async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
     // Declined orders hold stock for a moment, so an order placed then may
     // find none: at most the stock is sold, and what is sold is what was confirmed.
     assert!((1..=20).contains(&confirmed), "{confirmed} confirmed");
-    let (_, stock) = system.get("/inventory/HOT-1").await;
-    assert_eq!(stock["sold"], confirmed);
-    assert_eq!(stock["available"], 20 - confirmed);
-    assert_eq!(stock["reserved"], 0);
+    system
+        .wait_stock_exactly("HOT-1", 20 - confirmed, 0, confirmed)
+        .await;
     for id in &ids {
         testkit::eventually(Duration::from_secs(30), "one email per order", || async {
             system.mails_about(id).len() == 1
