@@ -282,12 +282,7 @@ async fn snapshot_release_after(
 /// Opens the one selected message's body in `$EDITOR` and returns the result.
 async fn edit_body(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result<Vec<u8>> {
     let snapshot = Snapshot::take(&dlq.connection, queue).await?;
-    let now = Utc::now();
-    let chosen: Vec<_> = snapshot
-        .messages
-        .iter()
-        .filter(|m| select.matches(m, now))
-        .collect();
+    let chosen = snapshot.chosen(select);
     let body = match chosen.as_slice() {
         [one] => one.body.clone(),
         other => {

@@ -156,6 +156,15 @@ impl Snapshot {
         Ok(Self { channel, messages })
     }
 
+    /// The messages the selectors choose, in queue order.
+    pub fn chosen(&self, selectors: &Selectors) -> Vec<&DeadMessage> {
+        let now = Utc::now();
+        self.messages
+            .iter()
+            .filter(|m| selectors.matches(m, now))
+            .collect()
+    }
+
     async fn ack(&self, tag: u64) -> anyhow::Result<()> {
         self.channel
             .basic_ack(tag, BasicAckOptions::default())
@@ -259,12 +268,7 @@ impl Dlq {
         progress: &indicatif::ProgressBar,
     ) -> anyhow::Result<Vec<Outcome>> {
         let snapshot = Snapshot::take(&self.connection, queue).await?;
-        let now = Utc::now();
-        let chosen: Vec<&DeadMessage> = snapshot
-            .messages
-            .iter()
-            .filter(|m| selectors.matches(m, now))
-            .collect();
+        let chosen = snapshot.chosen(selectors);
         if options.new_body.is_some() && chosen.len() != 1 {
             let n = chosen.len();
             drop(chosen);
@@ -370,12 +374,7 @@ impl Dlq {
         confirm: impl FnOnce(usize) -> bool,
     ) -> anyhow::Result<Vec<Outcome>> {
         let snapshot = Snapshot::take(&self.connection, queue).await?;
-        let now = Utc::now();
-        let chosen: Vec<&DeadMessage> = snapshot
-            .messages
-            .iter()
-            .filter(|m| selectors.matches(m, now))
-            .collect();
+        let chosen = snapshot.chosen(selectors);
         let mut outcomes = Vec::new();
         if dry_run || chosen.is_empty() || !confirm(chosen.len()) {
             let action = if dry_run { "would purge" } else { "kept" };

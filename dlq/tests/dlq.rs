@@ -226,8 +226,7 @@ async fn an_order_whose_payment_died_while_the_gateway_was_down_completes_after_
         ..Options::default()
     })
     .await;
-    system.restock("SKU-P", 5).await;
-    system.wait_stock("SKU-P", 5).await;
+    system.stock("SKU-P", 5).await;
     let id = system.place("SKU-P", 1, "pm_card_visa").await;
     eventually(WAIT, "the charge is exhausted", || async {
         system.env.depth("payment.dead").await == 1
@@ -302,8 +301,7 @@ async fn replaying_a_message_already_applied_is_reported_and_has_no_second_effec
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dry_run_changes_nothing_and_a_corrected_body_is_replayed() {
     let system = System::start(Options::default()).await;
-    system.restock("SKU-E", 3).await;
-    system.wait_stock("SKU-E", 3).await;
+    system.stock("SKU-E", 3).await;
     let order_id = uuid::Uuid::new_v4();
     let broken = Outgoing::of(&messages::ReserveStock {
         order_id,

@@ -243,6 +243,12 @@ impl System {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
 
+    /// Restocks a SKU and waits until the stock is there.
+    pub async fn stock(&self, sku: &str, quantity: u32) {
+        self.restock(sku, quantity).await;
+        self.wait_stock(sku, i64::from(quantity)).await;
+    }
+
     /// Waits until the SKU shows `available` units.
     pub async fn wait_stock(&self, sku: &str, available: i64) {
         eventually(Duration::from_secs(30), "stock arrives", || async {

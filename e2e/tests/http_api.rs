@@ -18,8 +18,7 @@ fn order_body() -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
     let system = System::start(Options::default()).await;
-    system.restock("SKU-I", 10).await;
-    system.wait_stock("SKU-I", 10).await;
+    system.stock("SKU-I", 10).await;
 
     let (s1, first) = system
         .post("/orders", &order_body(), Some("checkout-42"))

@@ -11,8 +11,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
     let system = System::start(Options::default()).await;
-    system.restock("SKU-1", 100).await;
-    system.wait_stock("SKU-1", 100).await;
+    system.stock("SKU-1", 100).await;
 
     let mut ids = Vec::new();
     for _ in 0..25 {
@@ -54,8 +53,7 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
     let system = System::start(Options::default()).await;
-    system.restock("LAST-1", 1).await;
-    system.wait_stock("LAST-1", 1).await;
+    system.stock("LAST-1", 1).await;
 
     let ids = vec![
         system.place("LAST-1", 1, "pm_card_visa").await,
@@ -94,8 +92,7 @@ async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothing() {
     let system = System::start(Options::default()).await;
-    system.restock("SKU-D", 5).await;
-    system.wait_stock("SKU-D", 5).await;
+    system.stock("SKU-D", 5).await;
 
     let id = system.place("SKU-D", 2, "pm_card_chargeDeclined").await;
     let order = system.wait_final(&id).await;
@@ -123,8 +120,7 @@ async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothin
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_again() {
     let system = System::start(Options::default()).await;
-    system.restock("SKU-C", 3).await;
-    system.wait_stock("SKU-C", 3).await;
+    system.stock("SKU-C", 3).await;
     let id = system.place("SKU-C", 2, "pm_card_visa").await;
     assert_eq!(system.wait_final(&id).await["status"], "CONFIRMED");
 
@@ -183,8 +179,7 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
         ..Options::default()
     })
     .await;
-    system.restock("SKU-F", 1000).await;
-    system.wait_stock("SKU-F", 1000).await;
+    system.stock("SKU-F", 1000).await;
 
     let mut ids = Vec::new();
     for _ in 0..30 {
@@ -234,8 +229,7 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
     let mut system = System::start(Options::default()).await;
-    system.restock("SKU-M", 10).await;
-    system.wait_stock("SKU-M", 10).await;
+    system.stock("SKU-M", 10).await;
     system.stop_smtp().await;
 
     let mut ids = Vec::new();
@@ -269,8 +263,7 @@ async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
         ..Options::default()
     })
     .await;
-    system.restock("HOT-1", 20).await;
-    system.wait_stock("HOT-1", 20).await;
+    system.stock("HOT-1", 20).await;
 
     let placing: Vec<_> = (0..40)
         .map(|i| {
@@ -335,8 +328,7 @@ async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() 
         ..Options::default()
     })
     .await;
-    system.restock("SKU-T", 2).await;
-    system.wait_stock("SKU-T", 2).await;
+    system.stock("SKU-T", 2).await;
 
     let id = system.place("SKU-T", 1, "pm_card_visa").await;
     let order = system.wait_final(&id).await;
