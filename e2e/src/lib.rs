@@ -120,6 +120,7 @@ impl System {
             concurrency: 16,
             database_pool_size: 4,
             outbox_sweep_after: Duration::from_millis(1000),
+            inbox_retention: Duration::from_secs(30 * 86_400),
         };
         let gateway_settings = payment_worker::GatewaySettings {
             url: gateway.clone(),

@@ -99,6 +99,8 @@ pub struct WorkerSettings {
     pub database_pool_size: u32,
     /// How old an outbox row must be before the sweeper relays it (`OUTBOX_SWEEP_AFTER`).
     pub outbox_sweep_after: Duration,
+    /// How long the inbox remembers an applied message (`INBOX_RETENTION_DAYS`).
+    pub inbox_retention: Duration,
 }
 
 impl WorkerSettings {
@@ -113,6 +115,7 @@ impl WorkerSettings {
             concurrency = self.concurrency,
             database_pool_size = self.database_pool_size,
             outbox_sweep_after = ?self.outbox_sweep_after,
+            inbox_retention = ?self.inbox_retention,
             "Effective configuration"
         );
     }
@@ -134,6 +137,7 @@ impl WorkerSettings {
         // the bottleneck anyway.
         let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 1).min(8).to_string())?;
         let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
+        let retention_days: u64 = env_or("INBOX_RETENTION_DAYS", "30")?;
         Ok(Self {
             amqp_url: SecretUrl::new(env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?),
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
@@ -142,6 +146,7 @@ impl WorkerSettings {
             concurrency,
             database_pool_size: pool.max(2),
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
+            inbox_retention: Duration::from_secs(retention_days.max(1) * 86_400),
         })
     }
 }

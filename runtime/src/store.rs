@@ -20,6 +20,7 @@ pub struct Store {
     select_stale: String,
     count_start: String,
     forget_starts: String,
+    prune_inbox: String,
 }
 
 const OUTBOX_COLUMNS: &str =
@@ -30,6 +31,10 @@ impl Store {
     pub fn new(schema: &'static str, consumer: &str) -> Self {
         debug_assert!(schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
         Self {
+            prune_inbox: format!(
+                "DELETE FROM {schema}.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM {schema}.inbox \
+                 WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2) LIMIT 10000))"
+            ),
             count_start: format!(
                 "INSERT INTO {schema}.handler_starts (consumer, message_id, starts) VALUES ($1, $2, 1) \
                  ON CONFLICT (consumer, message_id) DO UPDATE SET starts = {schema}.handler_starts.starts + 1, last_started_at = now() \
@@ -88,6 +93,29 @@ impl Store {
             .execute(pool)
             .await
             .map(drop)
+    }
+
+    /// Deletes inbox rows older than `retention`, in batches; returns how
+    /// many. A message redelivered or replayed after that is applied again,
+    /// so the retention must outlast any redelivery and any dead message
+    /// someone may still replay.
+    pub async fn prune_inbox(
+        &self,
+        pool: &PgPool,
+        retention: Duration,
+    ) -> Result<u64, sqlx::Error> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(AssertSqlSafe(self.prune_inbox.as_str()))
+                .bind(&self.consumer)
+                .bind(retention.as_secs_f64())
+                .execute(pool)
+                .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < 10_000 {
+                return Ok(total);
+            }
+        }
     }
 
     /// Writes `messages` to the outbox; returns their row ids.

@@ -678,12 +678,27 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Relays outbox rows that the post-commit relay did not (a crash between
 /// commit and relay, or the broker away at that moment).
+/// Also prunes the inbox: rows older than `INBOX_RETENTION_DAYS`, checked
+/// at the first tick and then every ten minutes.
 async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
     let every = (inner.settings.outbox_sweep_after / 2).max(Duration::from_millis(100));
+    let mut next_prune = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = token.cancelled() => return,
             () = tokio::time::sleep(every) => {}
+        }
+        if tokio::time::Instant::now() >= next_prune {
+            next_prune = tokio::time::Instant::now() + Duration::from_secs(600);
+            match inner
+                .store
+                .prune_inbox(&inner.pool, inner.settings.inbox_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(worker = inner.spec.name, rows = n, "Inbox pruned"),
+                Err(e) => warn!(worker = inner.spec.name, error = %e, "Inbox prune failed"),
+            }
         }
         if let Err(e) = flush_relayed(&inner).await {
             warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted yet");

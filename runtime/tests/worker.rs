@@ -299,6 +299,41 @@ async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbox_rows_older_than_the_retention_are_pruned_and_recent_ones_kept() {
+    let env = TestEnv::new().await;
+    let pool = prepare(&env).await;
+    let old = uuid::Uuid::new_v4();
+    let recent = uuid::Uuid::new_v4();
+    let other_consumer = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO inventory.inbox (consumer, message_id, processed_at) VALUES \
+         ('probe-worker', $1, now() - interval '40 days'), ('probe-worker', $2, now() - interval '1 day'), \
+         ('someone-else', $3, now() - interval '40 days')",
+    )
+    .bind(old)
+    .bind(recent)
+    .bind(other_consumer)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let worker = start_worker(&env, "100ms").await;
+
+    eventually(WAIT, "the old row is pruned", || async {
+        count(&pool, "SELECT count(*) FROM inventory.inbox").await == 2
+    })
+    .await;
+    worker.stop().await;
+    let kept: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT message_id FROM inventory.inbox ORDER BY processed_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(kept.contains(&recent) && kept.contains(&other_consumer) && !kept.contains(&old));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
     let env = TestEnv::new().await;
     let pool = prepare(&env).await;
