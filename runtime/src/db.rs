@@ -32,6 +32,10 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError>
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        // No ping before each use: it is a round trip per message, and a
+        // connection that died fails the statement instead, which the
+        // handler classifies as transient and the consumer retries.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .map_err(DbError::Connect)
