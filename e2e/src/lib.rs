@@ -196,6 +196,15 @@ impl System {
         }
     }
 
+    /// Waits (a minute at most) until `count` mails about the order arrived; returns them.
+    pub async fn wait_mails(&self, order_id: &str, count: usize) -> Vec<Value> {
+        eventually(Duration::from_secs(60), "the order's emails", || async {
+            self.mails_about(order_id).len() == count
+        })
+        .await;
+        self.mails_about(order_id)
+    }
+
     /// Every mail the SMTP server accepted.
     pub fn mails(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.mail_record)

@@ -52,10 +52,7 @@ async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
         .unwrap();
     assert_eq!(rows, 2);
     assert_eq!(system.charges(id).await.len(), 1);
-    testkit::eventually(Duration::from_secs(30), "one email", || async {
-        system.mails_about(id).len() == 1
-    })
-    .await;
+    system.wait_mails(id, 1).await;
     system.stop().await;
 }
 

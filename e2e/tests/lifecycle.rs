@@ -34,12 +34,7 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
         assert_eq!(system.standing_charges(id).await, 1);
     }
     for id in &ids {
-        testkit::eventually(
-            Duration::from_secs(30),
-            "the confirmation email",
-            || async { system.mails_about(id).len() == 1 },
-        )
-        .await;
+        system.wait_mails(id, 1).await;
         let mail = &system.mails_about(id)[0];
         assert_eq!(mail["subject"], format!("Order {id} confirmed"));
         assert_eq!(mail["to"][0], "ada@example.com");
@@ -80,10 +75,7 @@ async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
     assert_eq!((confirmed, out_of_stock), (1, 2));
     system.wait_stock_exactly("LAST-1", 0, 0, 1).await;
     for id in &ids {
-        testkit::eventually(Duration::from_secs(30), "one email per order", || async {
-            system.mails_about(id).len() == 1
-        })
-        .await;
+        system.wait_mails(id, 1).await;
     }
     system.assert_quiet_and_consistent().await;
     system.stop().await;
@@ -101,12 +93,7 @@ async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothin
     assert_eq!(order["reason"], "payment_declined");
     assert_eq!(system.charges(&id).await.len(), 0);
     system.wait_stock("SKU-D", 5).await;
-    testkit::eventually(
-        Duration::from_secs(30),
-        "the cancellation email",
-        || async { system.mails_about(&id).len() == 1 },
-    )
-    .await;
+    system.wait_mails(&id, 1).await;
     assert!(
         system.mails_about(&id)[0]["text"]
             .as_str()
@@ -137,10 +124,7 @@ async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_a
     .await;
     assert_eq!(system.charges(&id).await.len(), 1, "charged exactly once");
     system.wait_stock("SKU-C", 3).await;
-    testkit::eventually(Duration::from_secs(30), "two emails", || async {
-        system.mails_about(&id).len() == 2
-    })
-    .await;
+    system.wait_mails(&id, 2).await;
     let subjects: Vec<String> = system
         .mails_about(&id)
         .iter()
@@ -245,10 +229,7 @@ async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
     system.start_smtp().await;
 
     for id in &ids {
-        testkit::eventually(Duration::from_secs(60), "the delayed email", || async {
-            system.mails_about(id).len() == 1
-        })
-        .await;
+        system.wait_mails(id, 1).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(system.mails().len(), 5, "an email was sent twice");
@@ -296,10 +277,7 @@ async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
         .wait_stock_exactly("HOT-1", 20 - confirmed, 0, confirmed)
         .await;
     for id in &ids {
-        testkit::eventually(Duration::from_secs(30), "one email per order", || async {
-            system.mails_about(id).len() == 1
-        })
-        .await;
+        system.wait_mails(id, 1).await;
     }
     system.assert_quiet_and_consistent().await;
     system.stop().await;
@@ -341,12 +319,7 @@ async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() 
     })
     .await;
     system.wait_stock("SKU-T", 2).await;
-    testkit::eventually(
-        Duration::from_secs(30),
-        "one cancellation email",
-        || async { system.mails_about(&id).len() == 1 },
-    )
-    .await;
+    system.wait_mails(&id, 1).await;
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }
