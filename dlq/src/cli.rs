@@ -112,9 +112,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             let (queue, _) = dead_queue(&queue)?;
             let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
-            snapshot_release_after(snapshot, |messages| {
+            {
                 let now = Utc::now();
-                let chosen: Vec<_> = messages.iter().filter(|m| select.matches(m, now)).collect();
+                let chosen = snapshot.chosen(&select);
                 match (group_by, json_out) {
                     (Some(by), true) => {
                         let groups: Vec<_> = group(&chosen, by)
@@ -173,8 +173,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                         println!("{table}\n{} message(s) in {queue}", chosen.len());
                     }
                 }
-            })
-            .await;
+            }
+            // Nothing was acked: every message goes back to its place.
+            snapshot.release().await;
             Ok(true)
         }
         Command::Show { queue, id } => {
@@ -269,14 +270,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(true)
         }
     }
-}
-
-async fn snapshot_release_after(
-    snapshot: Snapshot,
-    show: impl FnOnce(&[crate::message::DeadMessage]),
-) {
-    show(&snapshot.messages);
-    snapshot.release().await;
 }
 
 /// Opens the one selected message's body in `$EDITOR` and returns the result.

@@ -33,6 +33,7 @@ pub const DEFAULT_MAX_REPLAYS: i64 = 5;
 
 /// The consumer whose inbox decides whether a dead message's effect was
 /// applied: the worker of the dead queue's domain and the schema it owns.
+/// `dlq` does not link the workers; a test holds this table to their `SPEC`s.
 pub fn consumer_of(domain: Domain) -> (&'static str, &'static str) {
     match domain {
         Domain::Order => ("orders", "order-worker"),

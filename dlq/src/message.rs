@@ -116,14 +116,17 @@ impl DeadMessage {
     /// Everything, for `show`: properties, headers (with `x-death`) and the
     /// body, pretty-printed when it is JSON.
     pub fn details(&self) -> Value {
-        let body = match serde_json::from_slice::<Value>(&self.body) {
-            Ok(v) => v,
-            Err(_) => Value::String(String::from_utf8_lossy(&self.body).into_owned()),
+        let (body, body_is_json) = match serde_json::from_slice::<Value>(&self.body) {
+            Ok(v) => (v, true),
+            Err(_) => (
+                Value::String(String::from_utf8_lossy(&self.body).into_owned()),
+                false,
+            ),
         };
         json!({
             "properties": properties_json(&self.properties),
             "body": body,
-            "body_is_json": serde_json::from_slice::<Value>(&self.body).is_ok(),
+            "body_is_json": body_is_json,
         })
     }
 }

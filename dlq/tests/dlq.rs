@@ -613,3 +613,15 @@ async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
     assert!(runtime::envelope::header_str(&headers, "x-error-kind").is_none());
     env.cleanup().await;
 }
+
+#[test]
+fn the_inbox_dlq_checks_is_the_one_each_worker_writes() {
+    for spec in [
+        order_worker::SPEC,
+        inventory_worker::SPEC,
+        payment_worker::SPEC,
+        notification_worker::SPEC,
+    ] {
+        assert_eq!(dlq::consumer_of(spec.domain), (spec.schema, spec.name));
+    }
+}

@@ -301,30 +301,27 @@ impl System {
 
     /// Waits until the order is CONFIRMED or CANCELLED and returns it.
     pub async fn wait_final(&self, order_id: &str) -> Value {
+        self.wait_order(order_id, "final", |s| s == "CONFIRMED" || s == "CANCELLED")
+            .await
+    }
+
+    /// Waits until the order reaches `status`.
+    pub async fn wait_status(&self, order_id: &str, status: &str) -> Value {
+        self.wait_order(order_id, status, |s| s == status).await
+    }
+
+    /// Polls `GET /orders/{id}` (a minute at most) until its status passes `wanted`.
+    async fn wait_order(&self, order_id: &str, what: &str, wanted: impl Fn(&str) -> bool) -> Value {
         let mut last = Value::Null;
         for _ in 0..1200 {
-            let (status, body) = self.get(&format!("/orders/{order_id}")).await;
-            if status == StatusCode::OK
-                && (body["status"] == "CONFIRMED" || body["status"] == "CANCELLED")
-            {
+            let (code, body) = self.get(&format!("/orders/{order_id}")).await;
+            if code == StatusCode::OK && body["status"].as_str().is_some_and(&wanted) {
                 return body;
             }
             last = body;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("order {order_id} never became final: {last}");
-    }
-
-    /// Waits until the order reaches `status`.
-    pub async fn wait_status(&self, order_id: &str, status: &str) -> Value {
-        for _ in 0..1200 {
-            let (code, body) = self.get(&format!("/orders/{order_id}")).await;
-            if code == StatusCode::OK && body["status"] == status {
-                return body;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("order {order_id} never reached {status}");
+        panic!("order {order_id} never became {what}: {last}");
     }
 
     /// The gateway's charges of an order.

@@ -29,27 +29,11 @@ pub struct Trouble {
 impl Trouble {
     /// From `SIM_ERROR_RATE` and `SIM_LATENCY_MS`.
     pub fn from_env() -> anyhow::Result<Self> {
-        let error_rate: f64 = std::env::var("SIM_ERROR_RATE")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| anyhow::anyhow!("SIM_ERROR_RATE={v:?} is not a number"))
-            })
-            .transpose()?
-            .unwrap_or(0.0);
+        let error_rate: f64 = runtime::config::env_or("SIM_ERROR_RATE", "0")?;
         if !(0.0..=1.0).contains(&error_rate) {
             anyhow::bail!("SIM_ERROR_RATE={error_rate} must be between 0 and 1");
         }
-        let latency_ms = std::env::var("SIM_LATENCY_MS")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| {
-                v.parse()
-                    .map_err(|_| anyhow::anyhow!("SIM_LATENCY_MS={v:?} is not a whole number"))
-            })
-            .transpose()?
-            .unwrap_or(0);
+        let latency_ms: u64 = runtime::config::env_or("SIM_LATENCY_MS", "0")?;
         Ok(Self {
             error_rate,
             latency_ms,

@@ -149,49 +149,24 @@ impl Publisher {
 
     /// Publishes one message and waits for its confirm.
     pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
-        self.publish_raw(
-            &message.exchange,
-            &message.routing_key,
-            &message.body,
-            message.properties(),
-        )
-        .await
+        self.publish_all(std::slice::from_ref(message)).await
     }
 
     /// Publishes several messages back to back and then waits for all the
     /// confirms, so a batch costs one round trip rather than one each.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        let channel = self.channel().await?;
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in messages {
-            match start_publish(
-                &channel,
-                &m.exchange,
-                &m.routing_key,
-                &m.body,
-                m.properties(),
-            )
-            .await
-            {
-                Ok(confirm) => pending.push((m, confirm)),
-                Err(e) => {
-                    self.forget_channel().await;
-                    return Err(e);
-                }
-            }
-        }
-        for (m, confirm) in pending {
-            if let Err(e) = await_confirm(confirm, &m.exchange, &m.routing_key).await {
-                if matches!(e, PublishError::Unavailable(_) | PublishError::Timeout(_)) {
-                    self.forget_channel().await;
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
+        let batch: Vec<Publication<'_>> = messages
+            .iter()
+            .map(|m| {
+                (
+                    m.exchange.as_str(),
+                    m.routing_key.as_str(),
+                    m.body.as_slice(),
+                    m.properties(),
+                )
+            })
+            .collect();
+        self.send(batch).await
     }
 
     /// Publishes a body with explicit properties (retry tiers, dead queues, replays).
@@ -202,11 +177,30 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let channel = self.channel().await?;
-        let result = match start_publish(&channel, exchange, routing_key, body, properties).await {
-            Ok(confirm) => await_confirm(confirm, exchange, routing_key).await,
-            Err(e) => Err(e),
-        };
+        self.send(vec![(exchange, routing_key, body, properties)])
+            .await
+    }
+
+    /// The one send path: publish all, then await all confirms. A broken or
+    /// silent channel is forgotten, so the next publish reconnects.
+    async fn send(&self, batch: Vec<Publication<'_>>) -> Result<(), PublishError> {
+        let result = async {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let channel = self.channel().await?;
+            let mut pending = Vec::with_capacity(batch.len());
+            for (exchange, routing_key, body, properties) in batch {
+                let confirm =
+                    start_publish(&channel, exchange, routing_key, body, properties).await?;
+                pending.push((exchange, routing_key, confirm));
+            }
+            for (exchange, routing_key, confirm) in pending {
+                await_confirm(confirm, exchange, routing_key).await?;
+            }
+            Ok(())
+        }
+        .await;
         if matches!(
             result,
             Err(PublishError::Unavailable(_) | PublishError::Timeout(_))
@@ -222,6 +216,9 @@ impl Publisher {
         }
     }
 }
+
+/// Exchange, routing key, body and properties of one message to send.
+type Publication<'a> = (&'a str, &'a str, &'a [u8], BasicProperties);
 
 async fn start_publish(
     channel: &Channel,

@@ -165,13 +165,17 @@ impl Store {
     }
 
     /// Removes relayed rows.
-    pub async fn delete_outbox(&self, pool: &PgPool, ids: &[i64]) -> Result<(), sqlx::Error> {
+    pub async fn delete_outbox(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[i64],
+    ) -> Result<(), sqlx::Error> {
         if ids.is_empty() {
             return Ok(());
         }
         sqlx::query(AssertSqlSafe(self.delete_outbox.as_str()))
             .bind(ids)
-            .execute(pool)
+            .execute(conn)
             .await
             .map(drop)
     }
@@ -190,18 +194,6 @@ impl Store {
             .fetch_all(&mut *conn)
             .await?;
         Ok(rows.into_iter().map(OutboxRow::into_message).collect())
-    }
-
-    pub async fn delete_outbox_in(
-        &self,
-        conn: &mut PgConnection,
-        ids: &[i64],
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(AssertSqlSafe(self.delete_outbox.as_str()))
-            .bind(ids)
-            .execute(conn)
-            .await
-            .map(drop)
     }
 }
 

@@ -11,7 +11,7 @@
 use crate::broker::{self, PublishError, Publisher};
 use crate::config::WorkerSettings;
 use crate::db;
-use crate::envelope::{Envelope, Inbound, Malformed, header_int, header_str};
+use crate::envelope::{Envelope, Inbound, header_int, header_str};
 use crate::handler::{Context, Failure, Handler, is_transient};
 use crate::routing::{self, DeadKind, Route};
 use crate::store::Store;
@@ -410,9 +410,7 @@ async fn commit<H>(inner: &Inner<H>, ctx: Context) -> Result<Committed, Failure>
     // which saves each relay a commit (and its WAL flush) of its own.
     let relayed = take_relayed(inner);
     let result = async {
-        if !relayed.is_empty() {
-            inner.store.delete_outbox_in(&mut tx, &relayed).await?;
-        }
+        inner.store.delete_outbox(&mut tx, &relayed).await?;
         let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(ids)
@@ -421,7 +419,7 @@ async fn commit<H>(inner: &Inner<H>, ctx: Context) -> Result<Committed, Failure>
     match result {
         Ok(ids) => Ok((ids, outbox)),
         Err(e) => {
-            give_back_relayed(inner, relayed);
+            mark_relayed(inner, relayed);
             Err(e.into())
         }
     }
@@ -435,7 +433,8 @@ fn take_relayed<H>(inner: &Inner<H>) -> Vec<i64> {
         .unwrap_or_default()
 }
 
-fn give_back_relayed<H>(inner: &Inner<H>, ids: Vec<i64>) {
+/// Queues relayed rows for deletion (again, when a deletion failed).
+fn mark_relayed<H>(inner: &Inner<H>, ids: Vec<i64>) {
     if let Ok(mut r) = inner.relayed.lock() {
         r.extend(ids);
     }
@@ -447,10 +446,14 @@ async fn flush_relayed<H>(inner: &Inner<H>) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());
     }
-    match inner.store.delete_outbox(&inner.pool, &ids).await {
+    let deleted = async {
+        let mut conn = inner.pool.acquire().await?;
+        inner.store.delete_outbox(&mut conn, &ids).await
+    };
+    match deleted.await {
         Ok(()) => Ok(()),
         Err(e) => {
-            give_back_relayed(inner, ids);
+            mark_relayed(inner, ids);
             Err(e)
         }
     }
@@ -463,7 +466,7 @@ async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
         return;
     }
     match inner.publisher.publish_all(&messages).await {
-        Ok(()) => give_back_relayed(inner, ids),
+        Ok(()) => mark_relayed(inner, ids),
         Err(e) => {
             warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
         }
@@ -726,14 +729,8 @@ async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Result<usize>
         }
         let (ids, messages): (Vec<i64>, Vec<_>) = rows.into_iter().unzip();
         inner.publisher.publish_all(&messages).await?;
-        inner.store.delete_outbox_in(&mut tx, &ids).await?;
+        inner.store.delete_outbox(&mut tx, &ids).await?;
         tx.commit().await?;
         total += ids.len();
-    }
-}
-
-impl From<Malformed> for Failure {
-    fn from(m: Malformed) -> Self {
-        Failure::Permanent(m.to_string())
     }
 }

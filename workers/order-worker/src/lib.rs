@@ -29,8 +29,8 @@ pub const SPEC: WorkerSpec = WorkerSpec {
 
 /// How long the saga waits for a payment result (`PAYMENT_TIMEOUT`).
 pub fn payment_timeout_from_env() -> anyhow::Result<Duration> {
-    let raw = std::env::var("PAYMENT_TIMEOUT").unwrap_or_else(|_| "30s".into());
-    topology::retry::parse_duration(raw.trim())
+    let raw: String = runtime::config::env_or("PAYMENT_TIMEOUT", "30s")?;
+    topology::retry::parse_duration(&raw)
         .map_err(|e| anyhow::anyhow!("PAYMENT_TIMEOUT={raw:?} is not valid: {e}"))
 }
 
