@@ -82,6 +82,11 @@ message!(ReleaseStock, COMMANDS, keys::INVENTORY_RELEASE);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitStock {
     pub order_id: Uuid,
+    /// The order's SKUs, sorted: only a hint for the order in which the
+    /// inventory worker takes stock rows (the reservation rows are the
+    /// truth). Absent in older messages.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skus: Vec<String>,
 }
 message!(CommitStock, COMMANDS, keys::INVENTORY_COMMIT);
 

@@ -93,8 +93,12 @@ pub struct WorkerSettings {
     pub retry_delays: RetryDelays,
     /// Unacknowledged deliveries the broker may push to this consumer (`PREFETCH`).
     pub prefetch: u16,
-    /// Messages handled at once (`CONCURRENCY`); at most `prefetch`.
+    /// Handler transactions in flight at once (`CONCURRENCY`); at most `prefetch`.
     pub concurrency: usize,
+    /// The most deliveries one handler transaction takes (`BATCH_SIZE`).
+    /// A transaction takes only the deliveries already waiting, so a quiet
+    /// queue still handles each message as soon as it arrives.
+    pub batch_size: usize,
     /// Connections in the database pool (`DATABASE_POOL_SIZE`).
     pub database_pool_size: u32,
     /// How old an outbox row must be before the sweeper relays it (`OUTBOX_SWEEP_AFTER`).
@@ -113,6 +117,7 @@ impl WorkerSettings {
             retry_delays = %self.retry_delays,
             prefetch = self.prefetch,
             concurrency = self.concurrency,
+            batch_size = self.batch_size,
             database_pool_size = self.database_pool_size,
             outbox_sweep_after = ?self.outbox_sweep_after,
             inbox_retention = ?self.inbox_retention,
@@ -121,7 +126,7 @@ impl WorkerSettings {
     }
 
     pub fn from_env() -> Result<Self, ConfigError> {
-        let prefetch: u16 = env_or("PREFETCH", "32")?;
+        let prefetch: u16 = env_or("PREFETCH", "128")?;
         if prefetch == 0 {
             return Err(ConfigError {
                 name: "PREFETCH",
@@ -129,13 +134,14 @@ impl WorkerSettings {
                 reason: "must be at least 1 (0 would mean unbounded)".into(),
             });
         }
-        let concurrency: usize = env_or("CONCURRENCY", &prefetch.to_string())?;
+        let concurrency: usize = env_or("CONCURRENCY", "6")?;
         let concurrency = concurrency.clamp(1, prefetch.into());
-        // Eight connections per worker keep four domains times two replicas
-        // inside PostgreSQL's default limit of 100; deliveries beyond that
-        // wait for a connection in `begin`, which is where the database is
-        // the bottleneck anyway.
-        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 1).min(8).to_string())?;
+        let batch_size: usize = env_or("BATCH_SIZE", "32")?;
+        let batch_size = batch_size.clamp(1, prefetch.into());
+        // One connection per transaction in flight, one for the sweeper and
+        // the start counter; at most eight, which keeps four domains times
+        // two replicas inside PostgreSQL's default limit of 100.
+        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 2).min(8).to_string())?;
         let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
         let retention_days: u64 = env_or("INBOX_RETENTION_DAYS", "30")?;
         Ok(Self {
@@ -144,6 +150,7 @@ impl WorkerSettings {
             retry_delays: env_or("RETRY_DELAYS", "1s,5s,30s,2m,10m")?,
             prefetch,
             concurrency,
+            batch_size,
             database_pool_size: pool.max(2),
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
             inbox_retention: Duration::from_secs(retention_days.max(1) * 86_400),

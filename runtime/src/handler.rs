@@ -114,4 +114,14 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &mut Context,
         message: Self::Message,
     ) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// Names the contended rows this message will lock first (a SKU, an
+    /// order id). Messages handled in one transaction run in key order, so
+    /// concurrent transactions take shared rows in the same order and wait
+    /// for each other instead of deadlocking. `None` (the default) runs
+    /// first, in arrival order.
+    fn lock_key(&self, message: &Self::Message) -> Option<String> {
+        let _ = message;
+        None
+    }
 }

@@ -15,6 +15,8 @@ use uuid::Uuid;
 pub struct Store {
     consumer: String,
     insert_inbox: String,
+    insert_inbox_many: String,
+    forget_inbox: String,
     insert_outbox: String,
     delete_outbox: String,
     select_stale: String,
@@ -52,6 +54,13 @@ impl Store {
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[]) \
                  RETURNING id"
             ),
+            insert_inbox_many: format!(
+                "INSERT INTO {schema}.inbox (consumer, message_id) SELECT $1, UNNEST($2::uuid[]) \
+                 ON CONFLICT DO NOTHING RETURNING message_id"
+            ),
+            forget_inbox: format!(
+                "DELETE FROM {schema}.inbox WHERE consumer = $1 AND message_id = ANY($2)"
+            ),
             delete_outbox: format!("DELETE FROM {schema}.outbox WHERE id = ANY($1)"),
             select_stale: format!(
                 "SELECT {OUTBOX_COLUMNS} FROM {schema}.outbox WHERE created_at < now() - make_interval(secs => $1) \
@@ -73,6 +82,39 @@ impl Store {
             .execute(conn)
             .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records a batch of messages in one statement; returns the ids that
+    /// are new (each once, even when a batch holds the same id twice). The
+    /// others were applied before: duplicates.
+    pub async fn record_inbox_many(
+        &self,
+        conn: &mut PgConnection,
+        message_ids: &[Uuid],
+    ) -> Result<Vec<Uuid>, sqlx::Error> {
+        sqlx::query_scalar(AssertSqlSafe(self.insert_inbox_many.as_str()))
+            .bind(&self.consumer)
+            .bind(message_ids)
+            .fetch_all(conn)
+            .await
+    }
+
+    /// Takes back inbox rows written in this transaction for messages whose
+    /// handler failed, so that their retry is not mistaken for a duplicate.
+    pub async fn forget_inbox(
+        &self,
+        conn: &mut PgConnection,
+        message_ids: &[Uuid],
+    ) -> Result<(), sqlx::Error> {
+        if message_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(AssertSqlSafe(self.forget_inbox.as_str()))
+            .bind(&self.consumer)
+            .bind(message_ids)
+            .execute(conn)
+            .await
+            .map(drop)
     }
 
     /// Counts one more start of a redelivered message (committed at once, so

@@ -21,7 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
-use sqlx::PgPool;
+use sqlx::{AssertSqlSafe, PgPool};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -232,27 +232,30 @@ async fn consume<H: Handler>(
             () = connection_lost => {}
         }
     };
+    // `ready_chunks` takes only the deliveries already waiting: a quiet queue
+    // hands each message on at once, a busy one fills transactions.
     consumer
         .take_until(stop)
-        .for_each_concurrent(inner.settings.concurrency, |delivery| {
+        .ready_chunks(inner.settings.batch_size)
+        .for_each_concurrent(inner.settings.concurrency, |chunk| {
             let inner = inner.clone();
             let token = token.clone();
-            let seen_error = seen_error.clone();
-            async move {
+            let mut deliveries = Vec::with_capacity(chunk.len());
+            for delivery in chunk {
                 match delivery {
-                    // Spawned so handlers use every core; awaited so the
-                    // concurrency bound holds.
-                    Ok(delivery) => {
-                        let _ =
-                            tokio::spawn(async move { process(&inner, delivery, &token).await })
-                                .await;
-                    }
+                    Ok(delivery) => deliveries.push(delivery),
                     Err(e) => {
                         if let Ok(mut slot) = seen_error.lock() {
                             *slot = Some(e.to_string());
                         }
                     }
                 }
+            }
+            async move {
+                // Spawned so handlers use every core; awaited so the
+                // concurrency bound holds.
+                let _ = tokio::spawn(async move { process_all(&inner, deliveries, &token).await })
+                    .await;
             }
         })
         .await;
@@ -268,6 +271,244 @@ async fn consume<H: Handler>(
     anyhow::bail!(reason)
 }
 
+/// A fresh delivery ready for its handler.
+struct Decoded<M> {
+    delivery: Delivery,
+    envelope: Envelope,
+    message: M,
+}
+
+/// Handles the deliveries that were waiting together: one alone, several in
+/// one transaction. Redelivered ones always run alone, one at a time, so
+/// that a message that kills its worker is counted and condemned alone.
+async fn process_all<H: Handler>(
+    inner: &Inner<H>,
+    deliveries: Vec<Delivery>,
+    token: &CancellationToken,
+) {
+    if deliveries.len() == 1 {
+        for delivery in deliveries {
+            process(inner, delivery, token).await;
+        }
+        return;
+    }
+    let mut fresh = Vec::with_capacity(deliveries.len());
+    let mut alone = Vec::new();
+    for delivery in deliveries {
+        if is_redelivered(&delivery) {
+            alone.push(delivery);
+            continue;
+        }
+        let envelope = match Envelope::parse(&delivery.properties) {
+            Ok(e) => e,
+            Err(m) => {
+                dead_letter(inner, &delivery, DeadKind::Malformed, &m.to_string(), 1).await;
+                continue;
+            }
+        };
+        match H::Message::decode(&envelope.kind, &delivery.data) {
+            Ok(message) => fresh.push(Decoded {
+                delivery,
+                envelope,
+                message,
+            }),
+            Err(m) => {
+                let attempt = envelope.attempt;
+                dead_letter(
+                    inner,
+                    &delivery,
+                    DeadKind::Malformed,
+                    &m.to_string(),
+                    attempt,
+                )
+                .await;
+            }
+        }
+    }
+    // Stable: messages with equal keys keep their arrival order.
+    fresh.sort_by_cached_key(|d| inner.handler.lock_key(&d.message));
+    match fresh.len() {
+        0 => {}
+        1 => alone.extend(fresh.into_iter().map(|d| d.delivery)),
+        _ => alone.extend(process_batch(inner, fresh, token).await),
+    }
+    for delivery in alone {
+        process(inner, delivery, token).await;
+    }
+}
+
+fn is_redelivered(delivery: &Delivery) -> bool {
+    delivery.redelivered
+        || delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| header_int(h, headers::DELIVERY_COUNT))
+            .is_some_and(|n| n > 0)
+}
+
+/// The savepoint each message of a batch runs under, so that a failing
+/// handler takes back only its own statements. A batch also bounds its
+/// lock waits: a deadlock the key order could not prevent (a message
+/// locking rows its key does not name) then costs the batch a short wait
+/// rather than PostgreSQL's deadlock timeout, and the message that waited
+/// runs again alone.
+const FIRST_SAVEPOINT: &str = "SET LOCAL lock_timeout = '200ms'; SAVEPOINT message";
+const NEXT_SAVEPOINT: &str = "RELEASE SAVEPOINT message; SAVEPOINT message";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT message";
+
+/// Handles several fresh messages in one transaction: one inbox statement,
+/// one savepoint per message, one outbox statement, one commit (one WAL
+/// flush) for all, then their acks and one confirmed relay for everything
+/// they emitted. Returns the deliveries that must be handled again alone:
+/// those whose handler failed transiently (the batch itself may have
+/// caused it, holding locks longer), or all of them when the transaction
+/// broke.
+async fn process_batch<H: Handler>(
+    inner: &Inner<H>,
+    batch: Vec<Decoded<H::Message>>,
+    token: &CancellationToken,
+) -> Vec<Delivery> {
+    let queue = inner.spec.domain.queue();
+    let started = std::time::Instant::now();
+    let Some(mut tx) = begin(inner, token).await else {
+        // Shutting down while the database is away: leave them to the broker.
+        return Vec::new();
+    };
+    let ids: Vec<_> = batch.iter().map(|d| d.envelope.message_id).collect();
+    let mut new: std::collections::HashSet<_> =
+        match inner.store.record_inbox_many(&mut tx, &ids).await {
+            Ok(new) => new.into_iter().collect(),
+            Err(e) => {
+                debug!(queue, error = %e, "Batch not started; handling its messages alone");
+                return batch.into_iter().map(|d| d.delivery).collect();
+            }
+        };
+    let mut done = Vec::with_capacity(batch.len());
+    let mut outbox = Vec::new();
+    let mut failed = Vec::new();
+    let mut savepoint = FIRST_SAVEPOINT;
+    let mut broken = false;
+    for Decoded {
+        delivery,
+        envelope,
+        message,
+    } in batch
+    {
+        if broken {
+            failed.push((delivery, envelope, None));
+            continue;
+        }
+        if !new.remove(&envelope.message_id) {
+            debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
+            done.push((delivery, envelope));
+            continue;
+        }
+        if sqlx::raw_sql(AssertSqlSafe(savepoint))
+            .execute(&mut *tx)
+            .await
+            .is_err()
+        {
+            broken = true;
+            failed.push((delivery, envelope, None));
+            continue;
+        }
+        savepoint = NEXT_SAVEPOINT;
+        let mut ctx = Context::new(envelope.clone(), tx);
+        let result = run_handler(inner, &mut ctx, message).await;
+        let emitted;
+        (tx, emitted) = ctx.into_parts();
+        match result {
+            Ok(()) => {
+                outbox.extend(emitted);
+                done.push((delivery, envelope));
+            }
+            Err(failure) => {
+                if sqlx::raw_sql(AssertSqlSafe(ROLLBACK_TO_SAVEPOINT))
+                    .execute(&mut *tx)
+                    .await
+                    .is_err()
+                {
+                    broken = true;
+                }
+                failed.push((delivery, envelope, Some(failure)));
+            }
+        }
+    }
+    if broken {
+        // Nothing of this transaction stands: every message starts again.
+        drop(tx);
+        let mut again: Vec<_> = done.into_iter().map(|(d, _)| d).collect();
+        again.extend(failed.into_iter().map(|(d, _, _)| d));
+        return again;
+    }
+    let undo: Vec<_> = failed.iter().map(|(_, e, _)| e.message_id).collect();
+    let relayed = take_relayed(inner);
+    let committed = async {
+        inner.store.forget_inbox(&mut tx, &undo).await?;
+        inner.store.delete_outbox(&mut tx, &relayed).await?;
+        let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(ids)
+    }
+    .await;
+    let outbox_ids = match committed {
+        Ok(ids) => ids,
+        Err(e) => {
+            mark_relayed(inner, relayed);
+            debug!(queue, error = %e, "Batch not committed; handling its messages alone");
+            let mut again: Vec<_> = done.into_iter().map(|(d, _)| d).collect();
+            again.extend(failed.into_iter().map(|(d, _, _)| d));
+            return again;
+        }
+    };
+    let committed_at = std::time::Instant::now();
+    futures::future::join_all(done.iter().map(|(d, _)| ack(d))).await;
+    relay(inner, (outbox_ids, outbox)).await;
+    debug!(queue, messages = done.len(), handled_and_committed = ?(committed_at - started), acked_and_relayed = ?committed_at.elapsed(), "Batch done");
+    for (_, envelope) in &done {
+        debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
+    }
+    let mut again = Vec::new();
+    for (delivery, envelope, failure) in failed {
+        match failure {
+            Some(Failure::Permanent(why)) => {
+                dead_letter(
+                    inner,
+                    &delivery,
+                    DeadKind::Permanent,
+                    &why,
+                    envelope.attempt,
+                )
+                .await
+            }
+            Some(Failure::Transient(why)) => {
+                debug!(queue, message_id = %envelope.message_id, error = why, "Transient failure in a batch; handling it alone");
+                again.push(delivery);
+            }
+            None => again.push(delivery),
+        }
+    }
+    again
+}
+
+/// Runs the handler, turning a panic into a permanent failure.
+async fn run_handler<H: Handler>(
+    inner: &Inner<H>,
+    ctx: &mut Context,
+    message: H::Message,
+) -> Result<(), Failure> {
+    AssertUnwindSafe(inner.handler.handle(ctx, message))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Failure::Permanent(format!(
+                "handler panicked: {}",
+                panic_text(&panic)
+            )))
+        })
+}
+
 /// Handles one delivery to its end: ack, retry tier, dead queue, or (when
 /// the infrastructure is down) left for the broker to redeliver.
 async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &CancellationToken) {
@@ -278,13 +519,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
             return dead_letter(inner, &delivery, DeadKind::Malformed, &m.to_string(), 1).await;
         }
     };
-    let redelivered = delivery.redelivered
-        || delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| header_int(h, headers::DELIVERY_COUNT))
-            .is_some_and(|n| n > 0);
+    let redelivered = is_redelivered(&delivery);
     let _alone = if redelivered {
         Some(inner.suspects.lock().await)
     } else {
@@ -349,16 +584,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         }
         Ok(true) => {
             let mut ctx = Context::new(envelope.clone(), tx);
-            let result = AssertUnwindSafe(inner.handler.handle(&mut ctx, message))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(Failure::Permanent(format!(
-                        "handler panicked: {}",
-                        panic_text(&panic)
-                    )))
-                });
-            match result {
+            match run_handler(inner, &mut ctx, message).await {
                 Ok(()) => commit(inner, ctx).await,
                 Err(f) => Err(f),
             }

@@ -257,6 +257,120 @@ async fn the_same_message_id_delivered_twice_has_one_effect() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_backlog_is_handled_in_shared_transactions_where_a_failure_takes_back_only_its_own_message()
+ {
+    let env = TestEnv::new().await;
+    let delays = "100ms,200ms";
+    // The backlog is in the queue before the worker starts, so deliveries
+    // arrive together and share transactions.
+    apply_topology(&env, delays).await;
+    let mut duplicate = None;
+    for i in 0..120 {
+        let p = match i {
+            10 => Probe {
+                fail: Some("write-then-permanent".into()),
+                ..probe("b10")
+            },
+            20 => Probe {
+                fail: Some("sql-error".into()),
+                ..probe("b20")
+            },
+            30 => Probe {
+                fail: Some("transient".into()),
+                succeed_at_attempt: Some(2),
+                ..probe("b30")
+            },
+            40 => Probe {
+                emit: true,
+                ..probe("b40")
+            },
+            _ => probe(&format!("b{i}")),
+        };
+        let sent = send(&env, &p).await;
+        if i == 5 {
+            duplicate = Some(sent);
+        }
+    }
+    // The same message again, inside the backlog.
+    let dup = duplicate.unwrap();
+    env.publish(&dup.exchange, &dup.routing_key, dup.properties(), &dup.body)
+        .await;
+    for i in 120..140 {
+        send(&env, &probe(&format!("b{i}"))).await;
+    }
+    let worker = start_worker(&env, delays).await;
+    let pool = env.pool().await;
+    eventually(
+        WAIT,
+        "every good message applied, both refused ones dead",
+        || async {
+            count(&pool, "SELECT count(*) FROM probe_effects").await == 138
+                && env.depth("inventory.dead").await == 2
+        },
+    )
+    .await;
+    worker.stop().await;
+
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM (SELECT id FROM probe_effects GROUP BY id HAVING count(*) > 1) d"
+        )
+        .await,
+        0,
+        "a message applied twice"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id IN ('b10', 'b20')"
+        )
+        .await,
+        0,
+        "a refused message's write survived"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 'b30'").await,
+        1
+    );
+    // Inbox rows of one transaction share its start time: several messages
+    // were committed together.
+    assert!(
+        count(
+            &pool,
+            "SELECT count(*) - count(DISTINCT processed_at) FROM inventory.inbox"
+        )
+        .await
+            > 0,
+        "no two messages shared a transaction"
+    );
+    // The refused messages are not in the inbox, so a replay applies them.
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM inventory.inbox").await,
+        138
+    );
+    let dead = env.drain("inventory.dead").await;
+    let mut errors: Vec<String> = dead
+        .iter()
+        .map(|(p, _)| header_text(p, headers::ERROR))
+        .collect();
+    errors.sort();
+    assert!(errors[0].contains("division by zero"), "{errors:?}");
+    assert_eq!(errors[1], "probe b10 wrote, then refused");
+    assert!(
+        dead.iter()
+            .all(|(p, _)| header_text(p, headers::ERROR_KIND) == "permanent")
+    );
+    assert_eq!(env.depth("inventory").await, 0);
+    // b40's event was relayed, once.
+    eventually(WAIT, "b40's event relayed", || async {
+        env.depth("order").await == 1
+    })
+    .await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms").await;

@@ -28,6 +28,10 @@ struct Args {
     orders: usize,
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Offer orders at this fixed rate (orders/s) instead of keeping
+    /// `--concurrency` in flight: the latency at a given load.
+    #[arg(long)]
+    rate: Option<f64>,
     #[arg(long, default_value_t = 1)]
     replicas: usize,
     /// Where the release binaries are.
@@ -36,9 +40,19 @@ struct Args {
     /// DATABASE_POOL_SIZE of each worker (its default is 8).
     #[arg(long)]
     pool: Option<u32>,
+    /// Extra environment for every process, e.g. `--env BATCH_SIZE=16`
+    /// (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    envs: Vec<(String, String)>,
     /// Skip the ceiling measurements.
     #[arg(long)]
     no_ceiling: bool,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 const VHOST: &str = "orderflow_bench";
@@ -350,6 +364,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(pool) = args.pool {
         common.push(("DATABASE_POOL_SIZE", pool.to_string()));
     }
+    for (k, v) in &args.envs {
+        common.retain(|(name, _)| name != k);
+        common.push((k.as_str(), v.clone()));
+    }
     let mut procs = Vec::new();
     let mut env = common.clone();
     env.push(("HTTP_ADDR", "127.0.0.1:18090".to_owned()));
@@ -425,12 +443,22 @@ async fn main() -> anyhow::Result<()> {
         cpu_seconds(std::process::id()),
     );
     let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let rate = args.rate.filter(|r| *r > 0.0);
+    // At a fixed rate every order is in flight from its start time on.
+    let in_flight = if rate.is_some() {
+        args.orders.max(1)
+    } else {
+        args.concurrency
+    };
     let started = Instant::now();
     let results = futures::stream::iter(0..args.orders)
         .map(|i| {
             let http = http.clone();
             let posted = posted.clone();
             async move {
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+                }
                 let t = Instant::now();
                 let body = json!({"customer_email": "bench@example.com", "currency": "EUR",
                     "items": [{"sku": format!("B-{}", i % SKUS), "quantity": 1, "unit_price_cents": 1000}]});
@@ -444,7 +472,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(Instant::now())
             }
         })
-        .buffer_unordered(args.concurrency)
+        .buffer_unordered(in_flight)
         .collect::<Vec<_>>()
         .await;
     let accepted = results.iter().flatten().count();
@@ -528,9 +556,13 @@ async fn main() -> anyhow::Result<()> {
     let (hops, txs) = (7.0, 7.0);
     let ceiling = 1.0 / (hops / hop_rate + txs / db_rate);
     let e2e_rate = latencies.len() as f64 / e2e_secs;
+    let offered = match rate {
+        Some(r) => format!("offered at {r:.0}/s"),
+        None => format!("concurrency {}", args.concurrency),
+    };
     println!(
-        "## {} orders, concurrency {}, {} replica(s) of each worker\n",
-        args.orders, args.concurrency, args.replicas
+        "## {} orders, {offered}, {} replica(s) of each worker\n",
+        args.orders, args.replicas
     );
     println!(
         "Worker database pool: {}\n",

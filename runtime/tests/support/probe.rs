@@ -18,7 +18,9 @@ pub const PROBE_TABLES: &str = "
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Probe {
     pub id: String,
-    /// `transient`, `permanent` or `crash`.
+    /// `transient`, `permanent`, `crash`, `write-then-permanent` (writes its
+    /// effect, then refuses) or `sql-error` (a failing statement, which
+    /// aborts what the transaction did since the message began).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail: Option<String>,
     /// With `transient`: the attempt that finally succeeds.
@@ -87,6 +89,20 @@ impl Handler for ProbeHandler {
                 return Err(Failure::permanent(format!("probe {} is refused", probe.id)));
             }
             Some("crash") => std::process::abort(),
+            Some("write-then-permanent") => {
+                sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
+                    .bind(&probe.id)
+                    .bind(ctx.envelope().message_id)
+                    .execute(ctx.db())
+                    .await?;
+                return Err(Failure::permanent(format!(
+                    "probe {} wrote, then refused",
+                    probe.id
+                )));
+            }
+            Some("sql-error") => {
+                sqlx::query("SELECT 1 / 0").execute(ctx.db()).await?;
+            }
             _ => {}
         }
         sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")

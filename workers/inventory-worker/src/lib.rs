@@ -58,6 +58,18 @@ impl Handler for Inventory {
             InventoryMessage::Restock(cmd) => restock(ctx, cmd).await,
         }
     }
+
+    /// Stock rows are the hot ones (every order of a SKU takes its row):
+    /// the smallest SKU a message touches, which is also the first it locks.
+    fn lock_key(&self, message: &InventoryMessage) -> Option<String> {
+        match message {
+            InventoryMessage::Reserve(cmd) => cmd.items.iter().map(|i| i.sku.clone()).min(),
+            InventoryMessage::Commit(cmd) => cmd.skus.first().cloned(),
+            InventoryMessage::Restock(cmd) => Some(cmd.sku.clone()),
+            // Its SKUs are known only from the reservation rows.
+            InventoryMessage::Release(_) => None,
+        }
+    }
 }
 
 /// Sums the quantities per SKU (an order may name a SKU twice).

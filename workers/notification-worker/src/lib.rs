@@ -8,12 +8,15 @@
 //! commit lost) yields a duplicate that mail systems recognise.
 
 use lettre::message::{Mailbox, MultiPart, header};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message as Email, Tokio1Executor};
+mod smtp;
+
+use lettre::Message as Email;
 use messages::{OrderCancelled, OrderConfirmed};
 use runtime::config::env_or;
 use runtime::{
     Context, Failure, Handler, Inbound, Malformed, Worker, WorkerSettings, WorkerSpec, decode_json,
 };
+use smtp::{Mailer, SendError};
 use std::time::Duration;
 use topology::{Domain, keys};
 use tracing::info;
@@ -48,10 +51,8 @@ impl MailSettings {
     }
 }
 
-fn mailer(url: &str) -> Result<AsyncSmtpTransport<Tokio1Executor>, lettre::transport::smtp::Error> {
-    Ok(AsyncSmtpTransport::<Tokio1Executor>::from_url(url)?
-        .timeout(Some(Duration::from_secs(10)))
-        .build())
+fn mailer(url: &str) -> Result<Mailer, String> {
+    Mailer::from_url(url, Duration::from_secs(10))
 }
 
 pub async fn build(
@@ -59,7 +60,7 @@ pub async fn build(
     mail: MailSettings,
 ) -> anyhow::Result<Worker<Notifications>> {
     let handler = Notifications {
-        mailer: mailer(mail.smtp_url.expose())?,
+        mailer: mailer(mail.smtp_url.expose()).map_err(|e| anyhow::anyhow!(e))?,
         from: mail.from,
     };
     Worker::build(SPEC, settings, handler).await
@@ -81,7 +82,7 @@ impl Inbound for NotificationMessage {
 }
 
 pub struct Notifications {
-    mailer: AsyncSmtpTransport<Tokio1Executor>,
+    mailer: Mailer,
     from: Mailbox,
 }
 
@@ -192,6 +193,15 @@ impl Handler for Notifications {
         };
         self.send_once(ctx, mail).await
     }
+
+    /// Every message writes its order's `sent` row.
+    fn lock_key(&self, message: &NotificationMessage) -> Option<String> {
+        let id = match message {
+            NotificationMessage::Confirmed(ev) => ev.order_id,
+            NotificationMessage::Cancelled(ev) => ev.order_id,
+        };
+        Some(id.to_string())
+    }
 }
 
 impl Notifications {
@@ -227,15 +237,13 @@ impl Notifications {
             .header(header::MIME_VERSION_1_0)
             .multipart(MultiPart::alternative_plain_html(mail.text, mail.html))
             .map_err(|e| Failure::permanent(format!("cannot build the email: {e}")))?;
-        match self.mailer.send(email).await {
-            Ok(_) => {
+        match self.mailer.send(email.envelope(), &email.formatted()).await {
+            Ok(()) => {
                 info!(order_id = %mail.order_id, outcome = mail.outcome, "Email sent");
                 Ok(())
             }
-            Err(e) if e.is_permanent() => {
-                Err(Failure::permanent(format!("SMTP refused the email: {e}")))
-            }
-            Err(e) => Err(Failure::transient(format!("SMTP unavailable: {e}"))),
+            Err(e @ SendError::Refused(_)) => Err(Failure::permanent(e)),
+            Err(e @ SendError::Unavailable(_)) => Err(Failure::transient(e)),
         }
     }
 }

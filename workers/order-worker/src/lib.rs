@@ -137,6 +137,22 @@ impl Handler for OrderSaga {
             OrderMessage::PaymentRefunded(ev) => payment_refunded(ctx, ev).await,
         }
     }
+
+    /// Every message locks its order's row.
+    fn lock_key(&self, message: &OrderMessage) -> Option<String> {
+        let id = match message {
+            OrderMessage::Place(m) => m.order_id,
+            OrderMessage::Cancel(m) => m.order_id,
+            OrderMessage::PaymentTimeout(m) => m.order_id,
+            OrderMessage::StockReserved(m) => m.order_id,
+            OrderMessage::OutOfStock(m) => m.order_id,
+            OrderMessage::StockReleased(m) => m.order_id,
+            OrderMessage::PaymentCharged(m) => m.order_id,
+            OrderMessage::PaymentDeclined(m) => m.order_id,
+            OrderMessage::PaymentRefunded(m) => m.order_id,
+        };
+        Some(id.to_string())
+    }
 }
 
 /// The order as the saga needs it, read under a row lock.
@@ -344,8 +360,18 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
                 ..order
             };
             transition(ctx, &paid, Status::Confirmed, None).await?;
-            emit(ctx, paid.id, &CommitStock { order_id: paid.id });
             let items = order_lines(ctx, paid.id).await?;
+            let mut skus: Vec<String> = items.iter().map(|l| l.sku.clone()).collect();
+            skus.sort();
+            skus.dedup();
+            emit(
+                ctx,
+                paid.id,
+                &CommitStock {
+                    order_id: paid.id,
+                    skus,
+                },
+            );
             emit(
                 ctx,
                 paid.id,

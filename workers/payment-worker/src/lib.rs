@@ -84,6 +84,15 @@ impl Handler for Payments {
             PaymentMessage::Refund(cmd) => self.refund_payment(ctx, cmd.order_id).await,
         }
     }
+
+    /// Every message locks its order's payment row.
+    fn lock_key(&self, message: &PaymentMessage) -> Option<String> {
+        let id = match message {
+            PaymentMessage::Charge(cmd) => cmd.order_id,
+            PaymentMessage::Refund(cmd) => cmd.order_id,
+        };
+        Some(id.to_string())
+    }
 }
 
 struct PaymentRow {
