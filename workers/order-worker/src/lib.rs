@@ -202,20 +202,17 @@ async fn transition(
     to: Status,
     reason: Option<&str>,
 ) -> Result<(), Failure> {
+    // One statement (one round trip) for the status and its history row.
     sqlx::query(
-        "UPDATE orders.orders SET status = $2, reason = $3, updated_at = now() WHERE id = $1",
+        "WITH changed AS (UPDATE orders.orders SET status = $2, reason = $3, updated_at = now() \
+         WHERE id = $1 RETURNING id) \
+         INSERT INTO orders.order_events (order_id, status, reason) SELECT id, $2, $3 FROM changed",
     )
     .bind(order.id)
     .bind(to.as_str())
     .bind(reason)
     .execute(ctx.db())
     .await?;
-    sqlx::query("INSERT INTO orders.order_events (order_id, status, reason) VALUES ($1, $2, $3)")
-        .bind(order.id)
-        .bind(to.as_str())
-        .bind(reason)
-        .execute(ctx.db())
-        .await?;
     info!(order_id = %order.id, from = order.status.as_str(), to = to.as_str(), reason, "Order status changed");
     Ok(())
 }

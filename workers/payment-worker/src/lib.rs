@@ -176,13 +176,16 @@ impl Payments {
                     .await?;
                 match outcome {
                     ChargeOutcome::Charged { charge_id } => {
-                        sqlx::query("UPDATE payments.payments SET amount_cents = $2, currency = $3 WHERE order_id = $1")
-                            .bind(id)
-                            .bind(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX))
-                            .bind(&cmd.currency)
-                            .execute(ctx.db())
-                            .await?;
-                        set_status(ctx, id, "charged", Some(&charge_id), None).await?;
+                        sqlx::query(
+                            "UPDATE payments.payments SET status = 'charged', charge_id = $2, decline = NULL, \
+                             amount_cents = $3, currency = $4, updated_at = now() WHERE order_id = $1",
+                        )
+                        .bind(id)
+                        .bind(&charge_id)
+                        .bind(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX))
+                        .bind(&cmd.currency)
+                        .execute(ctx.db())
+                        .await?;
                         info!(order_id = %id, charge_id, amount_cents = cmd.amount_cents, "Payment charged");
                         ctx.emit(
                             Outgoing::of(&PaymentCharged {
