@@ -109,6 +109,13 @@ pub trait Handler: Send + Sync + 'static {
     /// The payloads this queue carries, decoded by `type`.
     type Message: Inbound;
 
+    /// Whether handling acts outside the transaction (sends an email, calls
+    /// a payment gateway). If it does, each message of a shared transaction
+    /// runs under its own savepoint, so that a failing neighbour never
+    /// makes it act twice. If it acts only on the database, a failure rolls
+    /// the shared transaction back and its messages run again alone.
+    const OUTSIDE_EFFECTS: bool = true;
+
     fn handle(
         &self,
         ctx: &mut Context,

@@ -259,6 +259,19 @@ async fn the_same_message_id_delivered_twice_has_one_effect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiting_backlog_is_handled_in_shared_transactions_where_a_failure_takes_back_only_its_own_message()
  {
+    waiting_backlog_with_failures(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_only_handler_shares_transactions_without_savepoints_and_a_failure_reruns_its_batch_alone()
+ {
+    waiting_backlog_with_failures(false).await;
+}
+
+/// 140 waiting messages, among them a refusal after a write, a failing SQL
+/// statement, a transient failure and a duplicate: each good one applied
+/// once, the refused ones dead with nothing of theirs left behind.
+async fn waiting_backlog_with_failures(outside_effects: bool) {
     let env = TestEnv::new().await;
     let delays = "100ms,200ms";
     // The backlog is in the queue before the worker starts, so deliveries
@@ -298,7 +311,11 @@ async fn a_waiting_backlog_is_handled_in_shared_transactions_where_a_failure_tak
     for i in 120..140 {
         send(&env, &probe(&format!("b{i}"))).await;
     }
-    let worker = start_worker(&env, delays).await;
+    let worker = if outside_effects {
+        start_worker(&env, delays).await
+    } else {
+        start_database_only_worker(&env, delays).await
+    };
     let pool = env.pool().await;
     eventually(
         WAIT,

@@ -14,7 +14,7 @@ async fn main() -> anyhow::Result<()> {
     sqlx::raw_sql(probe::PROBE_TABLES).execute(&pool).await?;
     // Invocations are recorded outside the handler's transaction, on a pool of their own.
     let side = runtime::db::connect(settings.database_url.expose(), 4).await?;
-    let handler = probe::ProbeHandler { pool: side };
+    let handler: probe::ProbeHandler = probe::ProbeHandler { pool: side };
     let worker = runtime::Worker::with_pool(probe::probe_spec(), settings, pool, handler);
     worker.run(runtime::shutdown::signal()).await
 }

@@ -54,12 +54,21 @@ pub async fn apply_topology(env: &TestEnv, retry_delays: &str) {
 }
 
 pub async fn start_worker(env: &TestEnv, retry_delays: &str) -> Running {
+    start_probe::<true>(env, retry_delays).await
+}
+
+/// A worker whose handler declares no effect outside the database.
+pub async fn start_database_only_worker(env: &TestEnv, retry_delays: &str) -> Running {
+    start_probe::<false>(env, retry_delays).await
+}
+
+async fn start_probe<const OUTSIDE_EFFECTS: bool>(env: &TestEnv, retry_delays: &str) -> Running {
     runtime::telemetry::init();
     apply_topology(env, retry_delays).await;
     let pool = prepare(env).await;
     // The probe records invocations outside the handler's transaction: on
     // a pool of its own, so it never waits for the transactions to end.
-    let handler = ProbeHandler {
+    let handler = ProbeHandler::<OUTSIDE_EFFECTS> {
         pool: env.pool().await,
     };
     let worker = Worker::with_pool(probe_spec(), settings(env, retry_delays), pool, handler);

@@ -60,12 +60,16 @@ impl Inbound for ProbeMessage {
     }
 }
 
-pub struct ProbeHandler {
+/// `OUTSIDE_EFFECTS` chooses how shared transactions treat it (savepoint
+/// per message, or roll back and run alone); its invocation log is kept
+/// outside the transaction either way.
+pub struct ProbeHandler<const OUTSIDE_EFFECTS: bool = true> {
     pub pool: sqlx::PgPool,
 }
 
-impl Handler for ProbeHandler {
+impl<const OUTSIDE_EFFECTS: bool> Handler for ProbeHandler<OUTSIDE_EFFECTS> {
     type Message = ProbeMessage;
+    const OUTSIDE_EFFECTS: bool = OUTSIDE_EFFECTS;
 
     async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
         let ProbeMessage::Probe(probe) = message;

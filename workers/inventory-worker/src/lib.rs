@@ -50,6 +50,9 @@ pub struct Inventory;
 impl Handler for Inventory {
     type Message = InventoryMessage;
 
+    /// Only database effects: shared transactions need no savepoints.
+    const OUTSIDE_EFFECTS: bool = false;
+
     async fn handle(&self, ctx: &mut Context, message: InventoryMessage) -> Result<(), Failure> {
         match message {
             InventoryMessage::Reserve(cmd) => reserve_stock(ctx, cmd).await,

@@ -122,6 +122,9 @@ pub struct OrderSaga {
 impl Handler for OrderSaga {
     type Message = OrderMessage;
 
+    /// Only database effects: shared transactions need no savepoints.
+    const OUTSIDE_EFFECTS: bool = false;
+
     async fn handle(&self, ctx: &mut Context, message: OrderMessage) -> Result<(), Failure> {
         match message {
             OrderMessage::Place(cmd) => place_order(ctx, cmd).await,
