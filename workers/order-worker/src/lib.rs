@@ -349,17 +349,29 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     let order = existing_order(ctx, ev.order_id).await?;
     match order.status {
         Status::StockReserved => {
-            sqlx::query("UPDATE orders.orders SET charge_id = $2 WHERE id = $1")
-                .bind(order.id)
-                .bind(&ev.charge_id)
-                .execute(ctx.db())
-                .await?;
-            transition(ctx, &order, Status::Paid, None).await?;
+            // PAID and CONFIRMED at once (nothing sits between them), in
+            // one statement: the charge, the status and both history rows.
+            sqlx::query(
+                "WITH changed AS (UPDATE orders.orders SET status = 'CONFIRMED', charge_id = $2, \
+                 reason = NULL, updated_at = now() WHERE id = $1 RETURNING id) \
+                 INSERT INTO orders.order_events (order_id, status) \
+                 SELECT changed.id, step.status FROM changed, \
+                 UNNEST(ARRAY['PAID', 'CONFIRMED']) WITH ORDINALITY AS step(status, n) ORDER BY step.n",
+            )
+            .bind(order.id)
+            .bind(&ev.charge_id)
+            .execute(ctx.db())
+            .await?;
+            for (from, to) in [
+                (order.status, Status::Paid),
+                (Status::Paid, Status::Confirmed),
+            ] {
+                info!(order_id = %order.id, from = from.as_str(), to = to.as_str(), "Order status changed");
+            }
             let paid = Order {
-                status: Status::Paid,
+                status: Status::Confirmed,
                 ..order
             };
-            transition(ctx, &paid, Status::Confirmed, None).await?;
             let items = order_lines(ctx, paid.id).await?;
             let mut skus: Vec<String> = items.iter().map(|l| l.sku.clone()).collect();
             skus.sort();

@@ -103,12 +103,12 @@ struct PaymentRow {
 
 /// The order's payment row, created as `pending` if new, locked until commit.
 async fn lock_payment(ctx: &mut Context, order_id: Uuid) -> Result<PaymentRow, Failure> {
-    sqlx::query("INSERT INTO payments.payments (order_id, status) VALUES ($1, 'pending') ON CONFLICT DO NOTHING")
-        .bind(order_id)
-        .execute(ctx.db())
-        .await?;
+    // One statement: `DO UPDATE` (a no-op change) locks an existing row and
+    // returns it, as a new one is returned.
     let (status, charge_id, decline): (String, Option<String>, Option<String>) = sqlx::query_as(
-        "SELECT status, charge_id, decline FROM payments.payments WHERE order_id = $1 FOR UPDATE",
+        "INSERT INTO payments.payments (order_id, status) VALUES ($1, 'pending') \
+         ON CONFLICT (order_id) DO UPDATE SET order_id = EXCLUDED.order_id \
+         RETURNING status, charge_id, decline",
     )
     .bind(order_id)
     .fetch_one(ctx.db())
