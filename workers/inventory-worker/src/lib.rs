@@ -140,17 +140,12 @@ async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failu
         return Ok(());
     }
     let quantities: Vec<i64> = wanted.values().copied().collect();
+    // The stock rows (locked above) and the reservation in one statement.
     sqlx::query(
-        "UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
-         FROM UNNEST($1::text[], $2::int8[]) AS w(sku, q) WHERE s.sku = w.sku",
-    )
-    .bind(&skus)
-    .bind(&quantities)
-    .execute(ctx.db())
-    .await?;
-    sqlx::query(
-        "INSERT INTO inventory.reservations (order_id, sku, quantity) \
-         SELECT $1, w.sku, w.q FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)",
+        "WITH w AS (SELECT * FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)), \
+         taken AS (UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+         FROM w WHERE s.sku = w.sku) \
+         INSERT INTO inventory.reservations (order_id, sku, quantity) SELECT $1, w.sku, w.q FROM w",
     )
     .bind(cmd.order_id)
     .bind(&skus)
