@@ -716,29 +716,37 @@ async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
 }
 
 /// Opens the handler's transaction, waiting out a database outage rather
-/// than spending the message's attempts on it.
+/// than spending the message's attempts on it. Shutdown interrupts only the
+/// waits between attempts, never an attempt: an attempt dropped after its
+/// `BEGIN` was sent would return its connection to the pool inside a
+/// transaction. An attempt is bounded by the pool's acquire timeout.
 async fn begin<H>(
     inner: &Inner<H>,
     token: &CancellationToken,
 ) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
-    let backoff = ExponentialBuilder::default()
+    use backon::BackoffBuilder;
+    let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
-        .without_max_times();
-    let attempt = (|| inner.pool.begin())
-        .retry(backoff)
-        .when(is_transient)
-        .notify(|e, delay| warn!(worker = inner.spec.name, error = %e, retry_in = ?delay, "Database unavailable"));
-    tokio::select! {
-        result = attempt => match result {
-            Ok(tx) => Some(tx),
+        .without_max_times()
+        .build();
+    loop {
+        match inner.pool.begin().await {
+            Ok(tx) => return Some(tx),
+            Err(e) if is_transient(&e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(worker = inner.spec.name, error = %e, retry_in = ?delay, "Database unavailable");
+                tokio::select! {
+                    () = token.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
             Err(e) => {
                 error!(worker = inner.spec.name, error = %e, "Cannot open a database transaction");
-                None
+                return None;
             }
-        },
-        () = token.cancelled() => None,
+        }
     }
 }
 

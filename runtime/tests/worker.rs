@@ -548,3 +548,72 @@ async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message
     assert_eq!(env.depth("inventory.dead").await, 0);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_database_connections_lose_nothing_and_apply_each_message_once() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms,200ms,400ms,800ms,1600ms").await;
+    let pool = env.pool().await;
+    for i in 0..200 {
+        send(
+            &env,
+            &Probe {
+                sleep_ms: 5,
+                emit: i % 2 == 0,
+                ..probe(&format!("d{i}"))
+            },
+        )
+        .await;
+    }
+    // Every server process of this test's database but the one asking
+    // (other tests' databases are left alone), three times under load.
+    let admin = sqlx::PgPool::connect(&env.database_url.replace(&env.database, "postgres"))
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        eventually(WAIT, "progress before the cut", || async {
+            count(&pool, "SELECT count(*) FROM probe_effects").await >= round * 40
+        })
+        .await;
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(&env.database)
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert!(!cut.is_empty(), "no connection was cut");
+    }
+    admin.close().await;
+    let pool = env.pool().await;
+    eventually(WAIT, "every message applied", || async {
+        count(&pool, "SELECT count(DISTINCT id) FROM probe_effects").await == 200
+    })
+    .await;
+    eventually(WAIT, "every event relayed", || async {
+        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
+    })
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_effects").await,
+        200
+    );
+    assert_eq!(
+        env.depth("inventory.dead").await,
+        0,
+        "a message died of the cuts"
+    );
+    assert_eq!(env.depth("inventory").await, 0);
+    let mut ids: Vec<String> = env
+        .drain("order")
+        .await
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 100);
+    env.cleanup().await;
+}
