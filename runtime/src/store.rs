@@ -23,6 +23,7 @@ pub struct Store {
     count_start: String,
     forget_starts: String,
     prune_inbox: String,
+    prune_starts: String,
 }
 
 const OUTBOX_COLUMNS: &str =
@@ -36,6 +37,10 @@ impl Store {
             prune_inbox: format!(
                 "DELETE FROM {schema}.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM {schema}.inbox \
                  WHERE consumer = $1 AND processed_at < now() - make_interval(secs => $2) LIMIT 10000))"
+            ),
+            prune_starts: format!(
+                "DELETE FROM {schema}.handler_starts WHERE consumer = $1 \
+                 AND last_started_at < now() - make_interval(secs => $2)"
             ),
             count_start: format!(
                 "INSERT INTO {schema}.handler_starts (consumer, message_id, starts) VALUES ($1, $2, 1) \
@@ -158,6 +163,22 @@ impl Store {
                 return Ok(total);
             }
         }
+    }
+
+    /// Deletes start counts of messages not seen for `retention`: their
+    /// worker died with them and they never came back (purged, or their
+    /// queue was deleted). A count still in use is refreshed at each start.
+    pub async fn prune_starts(
+        &self,
+        pool: &PgPool,
+        retention: Duration,
+    ) -> Result<u64, sqlx::Error> {
+        sqlx::query(AssertSqlSafe(self.prune_starts.as_str()))
+            .bind(&self.consumer)
+            .bind(retention.as_secs_f64())
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected())
     }
 
     /// Writes `messages` to the outbox; returns their row ids.

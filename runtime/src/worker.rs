@@ -952,6 +952,21 @@ async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
                 Ok(n) => info!(worker = inner.spec.name, rows = n, "Inbox pruned"),
                 Err(e) => warn!(worker = inner.spec.name, error = %e, "Inbox prune failed"),
             }
+            match inner
+                .store
+                .prune_starts(&inner.pool, inner.settings.inbox_retention)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => info!(
+                    worker = inner.spec.name,
+                    rows = n,
+                    "Handler start counts pruned"
+                ),
+                Err(e) => {
+                    warn!(worker = inner.spec.name, error = %e, "Handler start count prune failed")
+                }
+            }
         }
         if let Err(e) = flush_relayed(&inner).await {
             warn!(worker = inner.spec.name, error = %e, "Relayed outbox rows not deleted yet");

@@ -430,7 +430,7 @@ async fn emitted_messages_are_relayed_after_commit_with_trace_and_correlation() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn inbox_rows_older_than_the_retention_are_pruned_and_recent_ones_kept() {
+async fn inbox_rows_and_start_counts_older_than_the_retention_are_pruned_and_recent_ones_kept() {
     let env = TestEnv::new().await;
     let pool = prepare(&env).await;
     let old = uuid::Uuid::new_v4();
@@ -447,13 +447,32 @@ async fn inbox_rows_older_than_the_retention_are_pruned_and_recent_ones_kept() {
     .execute(&pool)
     .await
     .unwrap();
+    // Start counts of messages that never came back go the same way.
+    sqlx::query(
+        "INSERT INTO inventory.handler_starts (consumer, message_id, starts, last_started_at) VALUES \
+         ('probe-worker', $1, 2, now() - interval '40 days'), ('probe-worker', $2, 1, now() - interval '1 day')",
+    )
+    .bind(old)
+    .bind(recent)
+    .execute(&pool)
+    .await
+    .unwrap();
 
     let worker = start_worker(&env, "100ms").await;
 
-    eventually(WAIT, "the old row is pruned", || async {
+    eventually(WAIT, "the old rows are pruned", || async {
         count(&pool, "SELECT count(*) FROM inventory.inbox").await == 2
+            && count(&pool, "SELECT count(*) FROM inventory.handler_starts").await == 1
     })
     .await;
+    assert_eq!(
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM inventory.handler_starts WHERE message_id = '{recent}'")
+        )
+        .await,
+        1
+    );
     worker.stop().await;
     let kept: Vec<uuid::Uuid> =
         sqlx::query_scalar("SELECT message_id FROM inventory.inbox ORDER BY processed_at")
