@@ -226,6 +226,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 new_body,
                 max_replays,
                 force,
+                inbox_retention: std::time::Duration::from_secs(
+                    runtime::config::env_or::<u64>("INBOX_RETENTION_DAYS", "30")?.max(1) * 86_400,
+                ),
             };
             let bar = progress();
             let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;

@@ -201,6 +201,9 @@ pub struct ReplayOptions {
     pub new_body: Option<Vec<u8>>,
     pub max_replays: i64,
     pub force: bool,
+    /// The workers' `INBOX_RETENTION_DAYS`: a message dead for longer may
+    /// have been forgotten by the inbox that would catch a second apply.
+    pub inbox_retention: std::time::Duration,
 }
 
 impl Dlq {
@@ -290,6 +293,17 @@ impl Dlq {
                 outcomes.push(skip(format!(
                     "replayed {} times already (budget {}); fix the cause or purge it",
                     m.replays, options.max_replays
+                )));
+                continue;
+            }
+            let dead_for = m.age(Utc::now()).and_then(|a| a.to_std().ok());
+            if !options.force && dead_for.is_some_and(|a| a > options.inbox_retention) {
+                let (_, consumer) = consumer_of(domain);
+                let days = |d: std::time::Duration| d.as_secs() / 86_400;
+                outcomes.push(skip(format!(
+                    "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then --force)",
+                    dead_for.map(days).unwrap_or_default(),
+                    days(options.inbox_retention)
                 )));
                 continue;
             }

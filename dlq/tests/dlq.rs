@@ -50,6 +50,17 @@ fn ids(list: &Value) -> Vec<String> {
 /// Publishes `message` straight into a dead queue as the runtime would have
 /// dead-lettered it.
 async fn bury(env: &TestEnv, queue: &str, message: &Outgoing, kind: &str) {
+    bury_since(env, queue, message, kind, chrono::Utc::now()).await;
+}
+
+async fn bury_since(
+    env: &TestEnv,
+    queue: &str,
+    message: &Outgoing,
+    kind: &str,
+    first_failed_at: chrono::DateTime<chrono::Utc>,
+) {
+    let first_failed_at = first_failed_at.to_rfc3339();
     let mut props = message.properties();
     let mut headers = props.headers().clone().unwrap_or_default();
     for (k, v) in [
@@ -57,7 +68,7 @@ async fn bury(env: &TestEnv, queue: &str, message: &Outgoing, kind: &str) {
         ("x-error", "buried by the test"),
         ("x-original-exchange", message.exchange.as_str()),
         ("x-original-routing-key", message.routing_key.as_str()),
-        ("x-first-failed-at", "2026-11-29T10:00:00+00:00"),
+        ("x-first-failed-at", first_failed_at.as_str()),
     ] {
         headers.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
     }
@@ -296,6 +307,52 @@ async fn replaying_a_message_already_applied_is_reported_and_has_no_second_effec
     let (_, stock) = system.get("/inventory/SKU-A").await;
     assert_eq!(stock["available"], 5, "the replay had a second effect");
     system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_dead_for_longer_than_the_inbox_retention_is_replayed_only_with_force() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let old = Outgoing::of(&messages::Restock {
+        sku: "SKU-OLD".into(),
+        quantity: 1,
+    });
+    let recent = Outgoing::of(&messages::Restock {
+        sku: "SKU-NEW".into(),
+        quantity: 1,
+    });
+    let forty_days_ago = chrono::Utc::now() - chrono::Duration::days(40);
+    bury_since(&env, "inventory.dead", &old, "exhausted", forty_days_ago).await;
+    bury(&env, "inventory.dead", &recent, "exhausted").await;
+
+    let report = dlq_json(&env, &["replay", "inventory.dead", "--all"]);
+    let outcome = |id: &str| {
+        report
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["message_id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let skipped = outcome(&old.message_id.to_string());
+    assert_eq!(skipped["action"], "skipped", "{report}");
+    let why = skipped["detail"].as_str().unwrap();
+    assert!(
+        why.contains("dead for 40 days") && why.contains("inbox retention (30 days)"),
+        "{why}"
+    );
+    assert_eq!(
+        outcome(&recent.message_id.to_string())["action"],
+        "replayed"
+    );
+    assert_eq!(env.depth("inventory.dead").await, 1);
+
+    let forced = dlq_json(&env, &["replay", "inventory.dead", "--all", "--force"]);
+    assert_eq!(forced[0]["action"], "replayed", "{forced}");
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    assert_eq!(env.depth("inventory").await, 2);
+    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
