@@ -97,13 +97,20 @@ fn wanted(items: &[Item]) -> Result<BTreeMap<String, i64>, Failure> {
 
 async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failure> {
     let wanted = wanted(&cmd.items)?;
-    let already: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $1)",
+    let skus: Vec<String> = wanted.keys().cloned().collect();
+    // Locks the SKUs' rows in SKU order, so concurrent orders cannot deadlock
+    // on each other or both take the last unit; in the same statement, asks
+    // whether this order holds a reservation already (reservations name
+    // stocked SKUs only, so an order that holds one gets rows back).
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        "SELECT sku, available, EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $2) \
+         FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
     )
+    .bind(&skus)
     .bind(cmd.order_id)
-    .fetch_one(ctx.db())
+    .fetch_all(ctx.db())
     .await?;
-    if already {
+    if rows.iter().any(|(_, _, already)| *already) {
         // Another message reserved it before (a replay with a new id): say so again.
         ctx.emit(
             Outgoing::of(&StockReserved {
@@ -113,16 +120,10 @@ async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failu
         );
         return Ok(());
     }
-    let skus: Vec<String> = wanted.keys().cloned().collect();
-    // Locks the SKUs' rows in SKU order, so concurrent orders cannot deadlock
-    // on each other or both take the last unit.
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT sku, available FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
-    )
-    .bind(&skus)
-    .fetch_all(ctx.db())
-    .await?;
-    let available: BTreeMap<String, i64> = rows.into_iter().collect();
+    let available: BTreeMap<String, i64> = rows
+        .into_iter()
+        .map(|(sku, available, _)| (sku, available))
+        .collect();
     let short: Vec<String> = wanted
         .iter()
         .filter(|(sku, q)| available.get(*sku).is_none_or(|a| a < *q))

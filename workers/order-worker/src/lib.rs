@@ -191,6 +191,42 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
     .transpose()
 }
 
+/// Moves the order from `from` to `to` (status and history row) in one
+/// statement, if it is in `from`; returns it as it now is. `None`: the
+/// order is in another state or unknown, and the caller looks closer.
+async fn advance(
+    ctx: &mut Context,
+    id: Uuid,
+    from: Status,
+    to: Status,
+) -> Result<Option<Order>, Failure> {
+    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+        "WITH changed AS (UPDATE orders.orders SET status = $3, reason = NULL, updated_at = now() \
+         WHERE id = $1 AND status = $2 \
+         RETURNING id, customer_email, currency, total_cents, payment_method), \
+         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, $3 FROM changed) \
+         SELECT customer_email, currency, total_cents, payment_method FROM changed",
+    )
+    .bind(id)
+    .bind(from.as_str())
+    .bind(to.as_str())
+    .fetch_optional(ctx.db())
+    .await?;
+    Ok(
+        row.map(|(customer_email, currency, total, payment_method)| {
+            info!(order_id = %id, from = from.as_str(), to = to.as_str(), "Order status changed");
+            Order {
+                id,
+                status: to,
+                customer_email,
+                currency,
+                total_cents: u64::try_from(total).unwrap_or_default(),
+                payment_method,
+            }
+        }),
+    )
+}
+
 /// An event about an order this saga has not stored yet can only be early
 /// (or a replay from another deployment): retry it later.
 async fn existing_order(ctx: &mut Context, id: Uuid) -> Result<Order, Failure> {
@@ -307,27 +343,35 @@ async fn stock_reserved(
     id: Uuid,
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
+    // The common case in one statement: PENDING → STOCK_RESERVED.
+    if let Some(order) = advance(ctx, id, Status::Pending, Status::StockReserved).await? {
+        emit(
+            ctx,
+            id,
+            &ChargePayment {
+                order_id: id,
+                amount_cents: order.total_cents,
+                currency: order.currency.clone(),
+                payment_method: order.payment_method.clone(),
+            },
+        );
+        // Through the broker's delay queue, not a sleeping task: it
+        // survives restarts and needs no timer state in any process.
+        ctx.emit(
+            Outgoing::of(&PaymentTimeout { order_id: id })
+                .correlated(id)
+                .delayed_via(Domain::Order.delay_queue(), payment_timeout),
+        );
+        return Ok(());
+    }
     let order = existing_order(ctx, id).await?;
     match order.status {
+        // Not reached: a PENDING order was advanced above, in this
+        // transaction, and no order goes back to PENDING.
         Status::Pending => {
-            transition(ctx, &order, Status::StockReserved, None).await?;
-            emit(
-                ctx,
-                id,
-                &ChargePayment {
-                    order_id: id,
-                    amount_cents: order.total_cents,
-                    currency: order.currency.clone(),
-                    payment_method: order.payment_method.clone(),
-                },
-            );
-            // Through the broker's delay queue, not a sleeping task: it
-            // survives restarts and needs no timer state in any process.
-            ctx.emit(
-                Outgoing::of(&PaymentTimeout { order_id: id })
-                    .correlated(id)
-                    .delayed_via(Domain::Order.delay_queue(), payment_timeout),
-            );
+            return Err(Failure::transient(format!(
+                "order {id} is still PENDING after advancing it"
+            )));
         }
         // Cancelled while the reservation was on its way: give it back.
         Status::Cancelled => emit(ctx, id, &ReleaseStock { order_id: id }),
