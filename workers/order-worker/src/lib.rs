@@ -191,40 +191,52 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
     .transpose()
 }
 
-/// Moves the order from `from` to `to` (status and history row) in one
+/// Moves the order from `from` through `steps` (a history row each, the
+/// status ends at the last), recording `charge_id` if given, in one
 /// statement, if it is in `from`; returns it as it now is. `None`: the
 /// order is in another state or unknown, and the caller looks closer.
 async fn advance(
     ctx: &mut Context,
     id: Uuid,
     from: Status,
-    to: Status,
+    steps: &[Status],
+    charge_id: Option<&str>,
 ) -> Result<Option<Order>, Failure> {
+    let Some(&to) = steps.last() else {
+        return Ok(None);
+    };
     let row: Option<(String, String, i64, String)> = sqlx::query_as(
-        "WITH changed AS (UPDATE orders.orders SET status = $3, reason = NULL, updated_at = now() \
-         WHERE id = $1 AND status = $2 \
+        "WITH changed AS (UPDATE orders.orders SET status = $3, charge_id = COALESCE($4, charge_id), \
+         reason = NULL, updated_at = now() WHERE id = $1 AND status = $2 \
          RETURNING id, customer_email, currency, total_cents, payment_method), \
-         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, $3 FROM changed) \
+         logged AS (INSERT INTO orders.order_events (order_id, status) \
+         SELECT changed.id, step.status FROM changed, \
+         UNNEST($5::text[]) WITH ORDINALITY AS step(status, n) ORDER BY step.n) \
          SELECT customer_email, currency, total_cents, payment_method FROM changed",
     )
     .bind(id)
     .bind(from.as_str())
     .bind(to.as_str())
+    .bind(charge_id)
+    .bind(steps.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .fetch_optional(ctx.db())
     .await?;
-    Ok(
-        row.map(|(customer_email, currency, total, payment_method)| {
-            info!(order_id = %id, from = from.as_str(), to = to.as_str(), "Order status changed");
-            Order {
-                id,
-                status: to,
-                customer_email,
-                currency,
-                total_cents: u64::try_from(total).unwrap_or_default(),
-                payment_method,
-            }
-        }),
-    )
+    let Some((customer_email, currency, total, payment_method)) = row else {
+        return Ok(None);
+    };
+    let mut previous = from;
+    for &step in steps {
+        info!(order_id = %id, from = previous.as_str(), to = step.as_str(), "Order status changed");
+        previous = step;
+    }
+    Ok(Some(Order {
+        id,
+        status: to,
+        customer_email,
+        currency,
+        total_cents: u64::try_from(total).unwrap_or_default(),
+        payment_method,
+    }))
 }
 
 /// An event about an order this saga has not stored yet can only be early
@@ -344,7 +356,7 @@ async fn stock_reserved(
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
     // The common case in one statement: PENDING → STOCK_RESERVED.
-    if let Some(order) = advance(ctx, id, Status::Pending, Status::StockReserved).await? {
+    if let Some(order) = advance(ctx, id, Status::Pending, &[Status::StockReserved], None).await? {
         emit(
             ctx,
             id,
@@ -390,32 +402,19 @@ async fn out_of_stock(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
 }
 
 async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Failure> {
-    let order = existing_order(ctx, ev.order_id).await?;
+    // PAID and CONFIRMED at once (nothing sits between them), in one
+    // statement: the charge, the status and both history rows.
+    let steps = [Status::Paid, Status::Confirmed];
+    let charge = Some(ev.charge_id.as_str());
+    let confirmed = advance(ctx, ev.order_id, Status::StockReserved, &steps, charge).await?;
+    let just_confirmed = confirmed.is_some();
+    let order = match confirmed {
+        Some(order) => order,
+        None => existing_order(ctx, ev.order_id).await?,
+    };
     match order.status {
-        Status::StockReserved => {
-            // PAID and CONFIRMED at once (nothing sits between them), in
-            // one statement: the charge, the status and both history rows.
-            sqlx::query(
-                "WITH changed AS (UPDATE orders.orders SET status = 'CONFIRMED', charge_id = $2, \
-                 reason = NULL, updated_at = now() WHERE id = $1 RETURNING id) \
-                 INSERT INTO orders.order_events (order_id, status) \
-                 SELECT changed.id, step.status FROM changed, \
-                 UNNEST(ARRAY['PAID', 'CONFIRMED']) WITH ORDINALITY AS step(status, n) ORDER BY step.n",
-            )
-            .bind(order.id)
-            .bind(&ev.charge_id)
-            .execute(ctx.db())
-            .await?;
-            for (from, to) in [
-                (order.status, Status::Paid),
-                (Status::Paid, Status::Confirmed),
-            ] {
-                info!(order_id = %order.id, from = from.as_str(), to = to.as_str(), "Order status changed");
-            }
-            let paid = Order {
-                status: Status::Confirmed,
-                ..order
-            };
+        Status::Confirmed if just_confirmed => {
+            let paid = order;
             let items = order_lines(ctx, paid.id).await?;
             let mut skus: Vec<String> = items.iter().map(|l| l.sku.clone()).collect();
             skus.sort();
@@ -442,6 +441,13 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
         }
         // A charge that landed after the order was given up: refund it.
         Status::Cancelled => emit(ctx, order.id, &RefundPayment { order_id: order.id }),
+        // Not reached: a STOCK_RESERVED order was advanced above.
+        Status::StockReserved => {
+            return Err(Failure::transient(format!(
+                "order {} is still STOCK_RESERVED after advancing it",
+                order.id
+            )));
+        }
         Status::Pending | Status::Paid | Status::Confirmed => {}
     }
     Ok(())
