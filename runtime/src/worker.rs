@@ -451,31 +451,25 @@ async fn process_batch<H: Handler>(
             }
         }
     }
-    if broken {
-        // Nothing of this transaction stands: every message starts again.
-        drop(tx);
+    // Nothing of the transaction stands: every message starts again.
+    let all_again = |done: Vec<(Delivery, Envelope)>, failed: Vec<(Delivery, Envelope, _)>| {
         let mut again: Vec<_> = done.into_iter().map(|(d, _)| d).collect();
         again.extend(failed.into_iter().map(|(d, _, _)| d));
-        return again;
+        again
+    };
+    if broken {
+        return all_again(done, failed);
     }
     let undo: Vec<_> = failed.iter().map(|(_, e, _)| e.message_id).collect();
-    let relayed = take_relayed(inner);
-    let committed = async {
-        inner.store.forget_inbox(&mut tx, &undo).await?;
-        inner.store.delete_outbox(&mut tx, &relayed).await?;
-        let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
-        tx.commit().await?;
-        Ok::<_, sqlx::Error>(ids)
-    }
-    .await;
+    let committed = match inner.store.forget_inbox(&mut tx, &undo).await {
+        Ok(()) => commit_with_outbox(inner, tx, &outbox).await,
+        Err(e) => Err(e),
+    };
     let outbox_ids = match committed {
         Ok(ids) => ids,
         Err(e) => {
-            mark_relayed(inner, relayed);
             debug!(queue, error = %e, "Batch not committed; handling its messages alone");
-            let mut again: Vec<_> = done.into_iter().map(|(d, _)| d).collect();
-            again.extend(failed.into_iter().map(|(d, _, _)| d));
-            return again;
+            return all_again(done, failed);
         }
     };
     let committed_at = std::time::Instant::now();
@@ -647,24 +641,31 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
 type Committed = (Vec<i64>, Vec<crate::envelope::Outgoing>);
 
 async fn commit<H>(inner: &Inner<H>, ctx: Context) -> Result<Committed, Failure> {
-    let (mut tx, outbox) = ctx.into_parts();
-    // Rows relayed since the last commit are deleted in this transaction,
-    // which saves each relay a commit (and its WAL flush) of its own.
+    let (tx, outbox) = ctx.into_parts();
+    let ids = commit_with_outbox(inner, tx, &outbox).await?;
+    Ok((ids, outbox))
+}
+
+/// Writes `outbox`, deletes the rows relayed since the last commit (which
+/// saves each relay a commit, and its WAL flush, of its own) and commits;
+/// returns the outbox row ids.
+async fn commit_with_outbox<H>(
+    inner: &Inner<H>,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    outbox: &[crate::envelope::Outgoing],
+) -> Result<Vec<i64>, sqlx::Error> {
     let relayed = take_relayed(inner);
     let result = async {
         inner.store.delete_outbox(&mut tx, &relayed).await?;
-        let ids = inner.store.insert_outbox(&mut tx, &outbox).await?;
+        let ids = inner.store.insert_outbox(&mut tx, outbox).await?;
         tx.commit().await?;
-        Ok::<_, sqlx::Error>(ids)
+        Ok(ids)
     }
     .await;
-    match result {
-        Ok(ids) => Ok((ids, outbox)),
-        Err(e) => {
-            mark_relayed(inner, relayed);
-            Err(e.into())
-        }
+    if result.is_err() {
+        mark_relayed(inner, relayed);
     }
+    result
 }
 
 fn take_relayed<H>(inner: &Inner<H>) -> Vec<i64> {
