@@ -192,8 +192,9 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
 }
 
 /// Moves the order from `from` through `steps` (a history row each, the
-/// status ends at the last), recording `charge_id` if given, in one
-/// statement, if it is in `from`; returns it as it now is. `None`: the
+/// status ends at the last), recording `charge_id` if given and `reason`
+/// (on the order and each history row), in one statement, if it is in
+/// `from`; returns it as it now is. `None`: the
 /// order is in another state or unknown, and the caller looks closer.
 async fn advance(
     ctx: &mut Context,
@@ -201,16 +202,17 @@ async fn advance(
     from: Status,
     steps: &[Status],
     charge_id: Option<&str>,
+    reason: Option<&str>,
 ) -> Result<Option<Order>, Failure> {
     let Some(&to) = steps.last() else {
         return Ok(None);
     };
     let row: Option<(String, String, i64, String)> = sqlx::query_as(
         "WITH changed AS (UPDATE orders.orders SET status = $3, charge_id = COALESCE($4, charge_id), \
-         reason = NULL, updated_at = now() WHERE id = $1 AND status = $2 \
+         reason = $6, updated_at = now() WHERE id = $1 AND status = $2 \
          RETURNING id, customer_email, currency, total_cents, payment_method), \
-         logged AS (INSERT INTO orders.order_events (order_id, status) \
-         SELECT changed.id, step.status FROM changed, \
+         logged AS (INSERT INTO orders.order_events (order_id, status, reason) \
+         SELECT changed.id, step.status, $6 FROM changed, \
          UNNEST($5::text[]) WITH ORDINALITY AS step(status, n) ORDER BY step.n) \
          SELECT customer_email, currency, total_cents, payment_method FROM changed",
     )
@@ -219,6 +221,7 @@ async fn advance(
     .bind(to.as_str())
     .bind(charge_id)
     .bind(steps.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    .bind(reason)
     .fetch_optional(ctx.db())
     .await?;
     let Some((customer_email, currency, total, payment_method)) = row else {
@@ -226,7 +229,7 @@ async fn advance(
     };
     let mut previous = from;
     for &step in steps {
-        info!(order_id = %id, from = previous.as_str(), to = step.as_str(), "Order status changed");
+        info!(order_id = %id, from = previous.as_str(), to = step.as_str(), reason, "Order status changed");
         previous = step;
     }
     Ok(Some(Order {
@@ -247,25 +250,22 @@ async fn existing_order(ctx: &mut Context, id: Uuid) -> Result<Order, Failure> {
         .ok_or_else(|| Failure::transient(format!("order {id} is not known (yet)")))
 }
 
+/// Moves a locked order to `to`. The one place for a status change is
+/// [`advance`], so every change writes its history row.
 async fn transition(
     ctx: &mut Context,
     order: &Order,
     to: Status,
     reason: Option<&str>,
 ) -> Result<(), Failure> {
-    // One statement (one round trip) for the status and its history row.
-    sqlx::query(
-        "WITH changed AS (UPDATE orders.orders SET status = $2, reason = $3, updated_at = now() \
-         WHERE id = $1 RETURNING id) \
-         INSERT INTO orders.order_events (order_id, status, reason) SELECT id, $2, $3 FROM changed",
-    )
-    .bind(order.id)
-    .bind(to.as_str())
-    .bind(reason)
-    .execute(ctx.db())
-    .await?;
-    info!(order_id = %order.id, from = order.status.as_str(), to = to.as_str(), reason, "Order status changed");
-    Ok(())
+    // The row is locked in `order.status`, so the conditional change applies.
+    match advance(ctx, order.id, order.status, &[to], None, reason).await? {
+        Some(_) => Ok(()),
+        None => Err(Failure::transient(format!(
+            "order {} changed under its row lock",
+            order.id
+        ))),
+    }
 }
 
 fn emit<M: runtime::Message>(ctx: &mut Context, order_id: Uuid, message: &M) {
@@ -356,7 +356,16 @@ async fn stock_reserved(
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
     // The common case in one statement: PENDING → STOCK_RESERVED.
-    if let Some(order) = advance(ctx, id, Status::Pending, &[Status::StockReserved], None).await? {
+    if let Some(order) = advance(
+        ctx,
+        id,
+        Status::Pending,
+        &[Status::StockReserved],
+        None,
+        None,
+    )
+    .await?
+    {
         emit(
             ctx,
             id,
@@ -406,7 +415,15 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     // statement: the charge, the status and both history rows.
     let steps = [Status::Paid, Status::Confirmed];
     let charge = Some(ev.charge_id.as_str());
-    let confirmed = advance(ctx, ev.order_id, Status::StockReserved, &steps, charge).await?;
+    let confirmed = advance(
+        ctx,
+        ev.order_id,
+        Status::StockReserved,
+        &steps,
+        charge,
+        None,
+    )
+    .await?;
     let just_confirmed = confirmed.is_some();
     let order = match confirmed {
         Some(order) => order,
