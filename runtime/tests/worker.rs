@@ -544,27 +544,7 @@ async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message
     })
     .await;
 
-    eventually(WAIT, "every message applied", || async {
-        count(&pool, "SELECT count(DISTINCT id) FROM probe_effects").await == 60
-    })
-    .await;
-    eventually(WAIT, "every event relayed", || async {
-        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
-    })
-    .await;
-    worker.stop().await;
-    assert_eq!(count(&pool, "SELECT count(*) FROM probe_effects").await, 60);
-    // Events may be relayed twice (sweeper and relay racing a lost confirm),
-    // never lost; the consumer's inbox removes such duplicates.
-    let events = env.drain("order").await;
-    let mut ids: Vec<String> = events
-        .iter()
-        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), 60);
-    assert_eq!(env.depth("inventory.dead").await, 0);
+    settle_applied_once_and_relayed(&env, &pool, worker, 60, 60).await;
     env.cleanup().await;
 }
 
@@ -606,24 +586,37 @@ async fn cut_database_connections_lose_nothing_and_apply_each_message_once() {
     }
     admin.close().await;
     let pool = env.pool().await;
+    settle_applied_once_and_relayed(&env, &pool, worker, 200, 100).await;
+    env.cleanup().await;
+}
+
+/// Waits until `messages` probes are applied and the outbox is empty, stops
+/// the worker, then asserts that each was applied once, that nothing died
+/// or stayed queued, and that `events` distinct events reached the order
+/// queue. Events may be relayed twice (sweeper and relay racing a lost
+/// confirm), never lost; the consumer's inbox removes such duplicates.
+async fn settle_applied_once_and_relayed(
+    env: &TestEnv,
+    pool: &sqlx::PgPool,
+    worker: Running,
+    messages: i64,
+    events: usize,
+) {
     eventually(WAIT, "every message applied", || async {
-        count(&pool, "SELECT count(DISTINCT id) FROM probe_effects").await == 200
+        count(pool, "SELECT count(DISTINCT id) FROM probe_effects").await == messages
     })
     .await;
     eventually(WAIT, "every event relayed", || async {
-        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
+        count(pool, "SELECT count(*) FROM inventory.outbox").await == 0
     })
     .await;
     worker.stop().await;
     assert_eq!(
-        count(&pool, "SELECT count(*) FROM probe_effects").await,
-        200
+        count(pool, "SELECT count(*) FROM probe_effects").await,
+        messages,
+        "a message applied twice"
     );
-    assert_eq!(
-        env.depth("inventory.dead").await,
-        0,
-        "a message died of the cuts"
-    );
+    assert_eq!(env.depth("inventory.dead").await, 0, "a message died");
     assert_eq!(env.depth("inventory").await, 0);
     let mut ids: Vec<String> = env
         .drain("order")
@@ -633,6 +626,5 @@ async fn cut_database_connections_lose_nothing_and_apply_each_message_once() {
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 100);
-    env.cleanup().await;
+    assert_eq!(ids.len(), events);
 }
