@@ -69,7 +69,7 @@ impl Store {
             delete_outbox: format!("DELETE FROM {schema}.outbox WHERE id = ANY($1)"),
             select_stale: format!(
                 "SELECT {OUTBOX_COLUMNS} FROM {schema}.outbox WHERE created_at < now() - make_interval(secs => $1) \
-                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
+                 AND id <> ALL($3) ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED"
             ),
         }
     }
@@ -245,15 +245,18 @@ impl Store {
 
     /// Rows older than `age` that no one is relaying right now, locked until
     /// `conn`'s transaction ends so two sweepers never send the same row.
+    /// `skip` names rows this process is relaying or has relayed already.
     pub async fn lock_stale_outbox(
         &self,
         conn: &mut PgConnection,
         age: Duration,
         limit: i64,
+        skip: &[i64],
     ) -> Result<Vec<(i64, Outgoing)>, sqlx::Error> {
         let rows: Vec<OutboxRow> = sqlx::query_as(AssertSqlSafe(self.select_stale.as_str()))
             .bind(age.as_secs_f64())
             .bind(limit)
+            .bind(skip)
             .fetch_all(&mut *conn)
             .await?;
         Ok(rows.into_iter().map(OutboxRow::into_message).collect())

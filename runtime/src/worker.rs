@@ -76,6 +76,11 @@ struct Inner<H> {
     /// transaction or the sweeper's next tick, well before the sweeper
     /// would consider them stale.
     relayed: std::sync::Mutex<Vec<i64>>,
+    /// Outbox rows the relay is sending right now. The sweeper leaves them
+    /// (and the relayed ones) alone: a relay slowed past
+    /// `OUTBOX_SWEEP_AFTER_MS` (publisher reconnecting, busy broker) would
+    /// otherwise have its rows sent twice.
+    relaying: std::sync::Mutex<std::collections::HashSet<i64>>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -110,6 +115,7 @@ impl<H: Handler> Worker<H> {
                 handler,
                 suspects: tokio::sync::Mutex::new(()),
                 relayed: std::sync::Mutex::new(Vec::new()),
+                relaying: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         }
     }
@@ -663,7 +669,7 @@ async fn commit_with_outbox<H>(
     }
     .await;
     if result.is_err() {
-        mark_relayed(inner, relayed);
+        mark_relayed(inner, &relayed);
     }
     result
 }
@@ -677,9 +683,9 @@ fn take_relayed<H>(inner: &Inner<H>) -> Vec<i64> {
 }
 
 /// Queues relayed rows for deletion (again, when a deletion failed).
-fn mark_relayed<H>(inner: &Inner<H>, ids: Vec<i64>) {
+fn mark_relayed<H>(inner: &Inner<H>, ids: &[i64]) {
     if let Ok(mut r) = inner.relayed.lock() {
-        r.extend(ids);
+        r.extend_from_slice(ids);
     }
 }
 
@@ -696,7 +702,7 @@ async fn flush_relayed<H>(inner: &Inner<H>) -> Result<(), sqlx::Error> {
     match deleted.await {
         Ok(()) => Ok(()),
         Err(e) => {
-            mark_relayed(inner, ids);
+            mark_relayed(inner, &ids);
             Err(e)
         }
     }
@@ -708,12 +714,57 @@ async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
     if messages.is_empty() {
         return;
     }
+    let _relaying = Relaying::new(inner, &ids);
     match inner.publisher.publish_all(&messages).await {
-        Ok(()) => mark_relayed(inner, ids),
+        Ok(()) => mark_relayed(inner, &ids),
         Err(e) => {
             warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
         }
     }
+}
+
+/// Marks outbox rows as being relayed for as long as it lives, whichever way
+/// the relay ends (a relay cancelled by shutdown included), so the sweeper
+/// never skips a row forever.
+struct Relaying<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<i64>>,
+    ids: &'a [i64],
+}
+
+impl<'a> Relaying<'a> {
+    fn new<H>(inner: &'a Inner<H>, ids: &'a [i64]) -> Self {
+        if let Ok(mut set) = inner.relaying.lock() {
+            set.extend(ids.iter().copied());
+        }
+        Self {
+            set: &inner.relaying,
+            ids,
+        }
+    }
+}
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            for id in self.ids {
+                set.remove(id);
+            }
+        }
+    }
+}
+
+/// Rows the sweeper must not send: being relayed, or relayed and not yet
+/// deleted.
+fn not_to_sweep<H>(inner: &Inner<H>) -> Vec<i64> {
+    let mut skip: Vec<i64> = inner
+        .relaying
+        .lock()
+        .map(|set| set.iter().copied().collect())
+        .unwrap_or_default();
+    if let Ok(relayed) = inner.relayed.lock() {
+        skip.extend(relayed.iter().copied());
+    }
+    skip
 }
 
 /// Opens the handler's transaction, waiting out a database outage rather
@@ -989,7 +1040,11 @@ async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Result<usize>
     let mut total = 0;
     loop {
         let mut tx = inner.pool.begin().await?;
-        let rows = inner.store.lock_stale_outbox(&mut tx, age, 500).await?;
+        let skip = not_to_sweep(inner);
+        let rows = inner
+            .store
+            .lock_stale_outbox(&mut tx, age, 500, &skip)
+            .await?;
         if rows.is_empty() {
             return Ok(total);
         }

@@ -610,6 +610,13 @@ async fn settle_applied_once_and_relayed(
         count(pool, "SELECT count(*) FROM inventory.outbox").await == 0
     })
     .await;
+    // A message whose ack died with the connection is back in the queue
+    // though it was applied; the reconnected worker must take it (and
+    // recognise it as a duplicate) before it stops.
+    eventually(WAIT, "the queue drained", || async {
+        env.depth("inventory").await == 0
+    })
+    .await;
     worker.stop().await;
     assert_eq!(
         count(pool, "SELECT count(*) FROM probe_effects").await,
