@@ -46,6 +46,62 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_of_several_lines_keeps_them_and_sells_then_gives_back_each_sku() {
+    let system = System::start(Options::default()).await;
+    system.stock("LINE-A", 10).await;
+    system.stock("LINE-B", 10).await;
+    // Two lines of the same SKU are reserved, sold and released together.
+    let body = json!({
+        "customer_email": "ada@example.com",
+        "currency": "EUR",
+        "items": [
+            { "sku": "LINE-B", "quantity": 1, "unit_price_cents": 500 },
+            { "sku": "LINE-A", "quantity": 2, "unit_price_cents": 250 },
+            { "sku": "LINE-B", "quantity": 3, "unit_price_cents": 500 },
+        ],
+        "payment_method": "pm_card_visa",
+    });
+    let (status, placed) = system.post("/orders", &body, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    assert_eq!(order["total_cents"], 2500);
+    let lines: Vec<(String, u64)> = order["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["sku"].as_str().unwrap().to_owned(),
+                l["quantity"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lines,
+        vec![
+            ("LINE-B".into(), 1),
+            ("LINE-A".into(), 2),
+            ("LINE-B".into(), 3)
+        ],
+        "the lines in the order they were placed"
+    );
+    system.wait_stock_exactly("LINE-A", 8, 0, 2).await;
+    system.wait_stock_exactly("LINE-B", 6, 0, 4).await;
+
+    let (status, _) = system
+        .post(&format!("/orders/{id}/cancel"), &json!({}), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    system.wait_status(&id, "CANCELLED").await;
+    system.wait_stock_exactly("LINE-A", 10, 0, 0).await;
+    system.wait_stock_exactly("LINE-B", 10, 0, 0).await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_unit_and_three_orders_confirm_one_and_cancel_two_out_of_stock() {
     let system = System::start(Options::default()).await;
     system.stock("LAST-1", 1).await;

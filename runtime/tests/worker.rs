@@ -12,7 +12,9 @@ use support::*;
 use testkit::{TestEnv, eventually};
 use topology::headers;
 
-const WAIT: Duration = Duration::from_secs(30);
+// A bound, not a timing: under the full parallel suite on 2 cores one wait
+// can take tens of seconds.
+const WAIT: Duration = Duration::from_secs(60);
 
 fn probe(id: &str) -> Probe {
     Probe {

@@ -197,23 +197,20 @@ async fn release_stock(ctx: &mut Context, cmd: ReleaseStock) -> Result<(), Failu
 }
 
 async fn commit_stock(ctx: &mut Context, cmd: CommitStock) -> Result<(), Failure> {
-    let mut sold: Vec<(String, i64)> = sqlx::query_as(
-        "UPDATE inventory.reservations SET committed = true \
-         WHERE order_id = $1 AND NOT committed RETURNING sku, quantity",
+    // One statement. `locked` takes the stock rows in SKU order before any
+    // is updated (an update needs its row out of `locked`, which yields in
+    // order), like every other writer of stock, so orders sharing SKUs never
+    // deadlock.
+    sqlx::query(
+        "WITH done AS (UPDATE inventory.reservations SET committed = true \
+         WHERE order_id = $1 AND NOT committed RETURNING sku, quantity), \
+         locked AS (SELECT sku FROM inventory.stock WHERE sku IN (SELECT sku FROM done) ORDER BY sku FOR UPDATE) \
+         UPDATE inventory.stock s SET reserved = s.reserved - done.quantity, sold = s.sold + done.quantity \
+         FROM done, locked WHERE s.sku = done.sku AND locked.sku = done.sku",
     )
     .bind(cmd.order_id)
-    .fetch_all(ctx.db())
+    .execute(ctx.db())
     .await?;
-    sold.sort();
-    for (sku, quantity) in &sold {
-        sqlx::query(
-            "UPDATE inventory.stock SET reserved = reserved - $2, sold = sold + $2 WHERE sku = $1",
-        )
-        .bind(sku)
-        .bind(quantity)
-        .execute(ctx.db())
-        .await?;
-    }
     Ok(())
 }
 

@@ -194,8 +194,8 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
 /// Moves the order from `from` through `steps` (a history row each, the
 /// status ends at the last), recording `charge_id` if given and `reason`
 /// (on the order and each history row), in one statement, if it is in
-/// `from`; returns it as it now is. `None`: the
-/// order is in another state or unknown, and the caller looks closer.
+/// `from`; returns it as it now is, with its lines if `with_lines`. `None`:
+/// the order is in another state or unknown, and the caller looks closer.
 async fn advance(
     ctx: &mut Context,
     id: Uuid,
@@ -203,18 +203,31 @@ async fn advance(
     steps: &[Status],
     charge_id: Option<&str>,
     reason: Option<&str>,
-) -> Result<Option<Order>, Failure> {
+    with_lines: bool,
+) -> Result<Option<(Order, Vec<Line>)>, Failure> {
     let Some(&to) = steps.last() else {
         return Ok(None);
     };
-    let row: Option<(String, String, i64, String)> = sqlx::query_as(
+    type Row = (
+        String,
+        String,
+        i64,
+        String,
+        Option<Vec<String>>,
+        Option<Vec<i32>>,
+        Option<Vec<i64>>,
+    );
+    let row: Option<Row> = sqlx::query_as(
         "WITH changed AS (UPDATE orders.orders SET status = $3, charge_id = COALESCE($4, charge_id), \
          reason = $6, updated_at = now() WHERE id = $1 AND status = $2 \
          RETURNING id, customer_email, currency, total_cents, payment_method), \
          logged AS (INSERT INTO orders.order_events (order_id, status, reason) \
          SELECT changed.id, step.status, $6 FROM changed, \
          UNNEST($5::text[]) WITH ORDINALITY AS step(status, n) ORDER BY step.n) \
-         SELECT customer_email, currency, total_cents, payment_method FROM changed",
+         SELECT c.customer_email, c.currency, c.total_cents, c.payment_method, l.skus, l.quantities, l.prices \
+         FROM changed c LEFT JOIN LATERAL (SELECT array_agg(i.sku ORDER BY i.line) AS skus, \
+         array_agg(i.quantity ORDER BY i.line) AS quantities, array_agg(i.unit_price_cents ORDER BY i.line) AS prices \
+         FROM orders.order_items i WHERE $7 AND i.order_id = c.id) l ON true",
     )
     .bind(id)
     .bind(from.as_str())
@@ -222,9 +235,11 @@ async fn advance(
     .bind(charge_id)
     .bind(steps.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind(reason)
+    .bind(with_lines)
     .fetch_optional(ctx.db())
     .await?;
-    let Some((customer_email, currency, total, payment_method)) = row else {
+    let Some((customer_email, currency, total, payment_method, skus, quantities, prices)) = row
+    else {
         return Ok(None);
     };
     let mut previous = from;
@@ -232,14 +247,26 @@ async fn advance(
         info!(order_id = %id, from = previous.as_str(), to = step.as_str(), reason, "Order status changed");
         previous = step;
     }
-    Ok(Some(Order {
+    let lines = skus
+        .unwrap_or_default()
+        .into_iter()
+        .zip(quantities.unwrap_or_default())
+        .zip(prices.unwrap_or_default())
+        .map(|((sku, quantity), price)| Line {
+            sku,
+            quantity: u32::try_from(quantity).unwrap_or_default(),
+            unit_price_cents: u64::try_from(price).unwrap_or_default(),
+        })
+        .collect();
+    let order = Order {
         id,
         status: to,
         customer_email,
         currency,
         total_cents: u64::try_from(total).unwrap_or_default(),
         payment_method,
-    }))
+    };
+    Ok(Some((order, lines)))
 }
 
 /// An event about an order this saga has not stored yet can only be early
@@ -259,7 +286,7 @@ async fn transition(
     reason: Option<&str>,
 ) -> Result<(), Failure> {
     // The row is locked in `order.status`, so the conditional change applies.
-    match advance(ctx, order.id, order.status, &[to], None, reason).await? {
+    match advance(ctx, order.id, order.status, &[to], None, reason, false).await? {
         Some(_) => Ok(()),
         None => Err(Failure::transient(format!(
             "order {} changed under its row lock",
@@ -288,21 +315,6 @@ async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> 
         })
         .and_then(|t| i64::try_from(t).ok())
         .ok_or_else(|| Failure::permanent("order total overflows"))?;
-    let inserted = sqlx::query(
-        "INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
-         VALUES ($1, $2, $3, $4, $5, 'PENDING') ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(cmd.order_id)
-    .bind(&cmd.customer_email)
-    .bind(&cmd.currency)
-    .bind(total)
-    .bind(&cmd.payment_method)
-    .execute(ctx.db())
-    .await?;
-    if inserted.rows_affected() == 0 {
-        // Placed before under another message id: nothing more to do.
-        return Ok(());
-    }
     let lines: Vec<i32> = (1..=i32::try_from(cmd.items.len()).unwrap_or(i32::MAX)).collect();
     let skus: Vec<&str> = cmd.items.iter().map(|l| l.sku.as_str()).collect();
     let quantities: Vec<i32> = cmd
@@ -315,21 +327,32 @@ async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> 
         .iter()
         .map(|l| i64::try_from(l.unit_price_cents).unwrap_or(i64::MAX))
         .collect();
-    sqlx::query(
-        "INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
-         SELECT $1, l.line, l.sku, l.quantity, l.price FROM UNNEST($2::int[], $3::text[], $4::int[], $5::int8[]) AS l(line, sku, quantity, price)",
+    // The order, its lines and its first history row in one statement; the
+    // lines and the row are written only if the order is new.
+    let placed: bool = sqlx::query_scalar(
+        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
+         VALUES ($1, $2, $3, $4, $5, 'PENDING') ON CONFLICT (id) DO NOTHING RETURNING id), \
+         lines AS (INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
+         SELECT placed.id, l.line, l.sku, l.quantity, l.price FROM placed, \
+         UNNEST($6::int[], $7::text[], $8::int[], $9::int8[]) AS l(line, sku, quantity, price)), \
+         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, 'PENDING' FROM placed) \
+         SELECT EXISTS (SELECT 1 FROM placed)",
     )
     .bind(cmd.order_id)
+    .bind(&cmd.customer_email)
+    .bind(&cmd.currency)
+    .bind(total)
+    .bind(&cmd.payment_method)
     .bind(&lines)
     .bind(&skus)
     .bind(&quantities)
     .bind(&prices)
-    .execute(ctx.db())
+    .fetch_one(ctx.db())
     .await?;
-    sqlx::query("INSERT INTO orders.order_events (order_id, status) VALUES ($1, 'PENDING')")
-        .bind(cmd.order_id)
-        .execute(ctx.db())
-        .await?;
+    if !placed {
+        // Placed before under another message id: nothing more to do.
+        return Ok(());
+    }
     info!(order_id = %cmd.order_id, total_cents = total, "Order placed");
     let items = cmd
         .items
@@ -356,13 +379,14 @@ async fn stock_reserved(
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
     // The common case in one statement: PENDING → STOCK_RESERVED.
-    if let Some(order) = advance(
+    if let Some((order, _)) = advance(
         ctx,
         id,
         Status::Pending,
         &[Status::StockReserved],
         None,
         None,
+        false,
     )
     .await?
     {
@@ -415,6 +439,7 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     // statement: the charge, the status and both history rows.
     let steps = [Status::Paid, Status::Confirmed];
     let charge = Some(ev.charge_id.as_str());
+    // The lines come along: the confirmation and the stock commit need them.
     let confirmed = advance(
         ctx,
         ev.order_id,
@@ -422,17 +447,18 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
         &steps,
         charge,
         None,
+        true,
     )
     .await?;
     let just_confirmed = confirmed.is_some();
-    let order = match confirmed {
-        Some(order) => order,
-        None => existing_order(ctx, ev.order_id).await?,
+    let (order, lines) = match confirmed {
+        Some(changed) => changed,
+        None => (existing_order(ctx, ev.order_id).await?, Vec::new()),
     };
     match order.status {
         Status::Confirmed if just_confirmed => {
             let paid = order;
-            let items = order_lines(ctx, paid.id).await?;
+            let items = lines;
             let mut skus: Vec<String> = items.iter().map(|l| l.sku.clone()).collect();
             skus.sort();
             skus.dedup();
@@ -545,21 +571,4 @@ fn announce_cancellation(ctx: &mut Context, order: &Order, reason: &str, refunde
             refunded,
         },
     );
-}
-
-async fn order_lines(ctx: &mut Context, id: Uuid) -> Result<Vec<Line>, Failure> {
-    let rows: Vec<(String, i32, i64)> = sqlx::query_as(
-        "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
-    )
-    .bind(id)
-    .fetch_all(ctx.db())
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(sku, q, p)| Line {
-            sku,
-            quantity: u32::try_from(q).unwrap_or_default(),
-            unit_price_cents: u64::try_from(p).unwrap_or_default(),
-        })
-        .collect())
 }
