@@ -87,6 +87,17 @@ async fn an_order_of_several_lines_keeps_them_and_sells_then_gives_back_each_sku
         ],
         "the lines in the order they were placed"
     );
+    // The confirmation lists the lines as placed.
+    let mail = system.wait_mails(&id, 1).await.remove(0);
+    let text = mail["text"].as_str().unwrap();
+    let at: Vec<usize> = ["1 x LINE-B at", "2 x LINE-A at", "3 x LINE-B at"]
+        .iter()
+        .map(|line| {
+            text.find(line)
+                .unwrap_or_else(|| panic!("{line:?} not in {text}"))
+        })
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{text}");
     system.wait_stock_exactly("LINE-A", 8, 0, 2).await;
     system.wait_stock_exactly("LINE-B", 6, 0, 4).await;
 
