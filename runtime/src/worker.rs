@@ -305,31 +305,17 @@ async fn process_all<H: Handler>(
             alone.push(delivery);
             continue;
         }
-        let envelope = match Envelope::parse(&delivery.properties) {
-            Ok(e) => e,
-            Err(m) => {
-                dead_letter(inner, &delivery, DeadKind::Malformed, &m.to_string(), 1).await;
-                continue;
-            }
+        let Some(envelope) = envelope_or_bury(inner, &delivery).await else {
+            continue;
         };
-        match H::Message::decode(&envelope.kind, &delivery.data) {
-            Ok(message) => fresh.push(Decoded {
-                delivery,
-                envelope,
-                message,
-            }),
-            Err(m) => {
-                let attempt = envelope.attempt;
-                dead_letter(
-                    inner,
-                    &delivery,
-                    DeadKind::Malformed,
-                    &m.to_string(),
-                    attempt,
-                )
-                .await;
-            }
-        }
+        let Some(message) = message_or_bury(inner, &delivery, &envelope).await else {
+            continue;
+        };
+        fresh.push(Decoded {
+            delivery,
+            envelope,
+            message,
+        });
     }
     // Stable: messages with equal keys keep their arrival order.
     fresh.sort_by_cached_key(|d| inner.handler.lock_key(&d.message));
@@ -340,6 +326,35 @@ async fn process_all<H: Handler>(
     }
     for delivery in alone {
         process(inner, delivery, token).await;
+    }
+}
+
+/// The delivery's envelope, or `None` once a delivery without a valid one
+/// is dead-lettered as malformed.
+async fn envelope_or_bury<H>(inner: &Inner<H>, delivery: &Delivery) -> Option<Envelope> {
+    match Envelope::parse(&delivery.properties) {
+        Ok(envelope) => Some(envelope),
+        Err(m) => {
+            dead_letter(inner, delivery, DeadKind::Malformed, &m.to_string(), 1).await;
+            None
+        }
+    }
+}
+
+/// The delivery's message, or `None` once a body its handler cannot read
+/// is dead-lettered as malformed.
+async fn message_or_bury<H: Handler>(
+    inner: &Inner<H>,
+    delivery: &Delivery,
+    envelope: &Envelope,
+) -> Option<H::Message> {
+    match H::Message::decode(&envelope.kind, &delivery.data) {
+        Ok(message) => Some(message),
+        Err(m) => {
+            let why = m.to_string();
+            dead_letter(inner, delivery, DeadKind::Malformed, &why, envelope.attempt).await;
+            None
+        }
     }
 }
 
@@ -529,11 +544,8 @@ async fn run_handler<H: Handler>(
 /// the infrastructure is down) left for the broker to redeliver.
 async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &CancellationToken) {
     let queue = inner.spec.domain.queue();
-    let envelope = match Envelope::parse(&delivery.properties) {
-        Ok(e) => e,
-        Err(m) => {
-            return dead_letter(inner, &delivery, DeadKind::Malformed, &m.to_string(), 1).await;
-        }
+    let Some(envelope) = envelope_or_bury(inner, &delivery).await else {
+        return;
     };
     let redelivered = is_redelivered(&delivery);
     let _alone = if redelivered {
@@ -574,18 +586,8 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
             Err(e) => debug!(error = %e, "Start not counted"),
         }
     }
-    let message = match H::Message::decode(&envelope.kind, &delivery.data) {
-        Ok(m) => m,
-        Err(m) => {
-            return dead_letter(
-                inner,
-                &delivery,
-                DeadKind::Malformed,
-                &m.to_string(),
-                envelope.attempt,
-            )
-            .await;
-        }
+    let Some(message) = message_or_bury(inner, &delivery, &envelope).await else {
+        return;
     };
 
     let Some(mut tx) = begin(inner, token).await else {
