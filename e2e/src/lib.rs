@@ -21,6 +21,8 @@ pub struct Options {
     pub trouble: Trouble,
     pub payment_timeout: Duration,
     pub gateway_timeout: Duration,
+    /// The retry tiers of every queue (`RETRY_DELAYS`).
+    pub retry_delays: &'static str,
 }
 
 impl Default for Options {
@@ -30,6 +32,7 @@ impl Default for Options {
             trouble: Trouble::default(),
             payment_timeout: Duration::from_secs(30),
             gateway_timeout: Duration::from_secs(5),
+            retry_delays: RETRY_DELAYS,
         }
     }
 }
@@ -59,7 +62,7 @@ impl System {
     pub async fn start(options: Options) -> Self {
         runtime::telemetry::init();
         let env = TestEnv::new().await;
-        let retry: topology::RetryDelays = RETRY_DELAYS.parse().unwrap();
+        let retry: topology::RetryDelays = options.retry_delays.parse().unwrap();
         let conn = env.connection().await;
         assert!(
             topology::declare(&conn, &topology::Topology::contract(&retry))

@@ -279,7 +279,14 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
-    let mut system = System::start(Options::default()).await;
+    // Tiers that outlast the outage however slowly the SMTP server process
+    // starts again (seconds on a loaded machine): the emails must wait for
+    // it in the retry tiers, not run out of attempts.
+    let mut system = System::start(Options {
+        retry_delays: "200ms,500ms,1500ms,5s,10s,20s",
+        ..Options::default()
+    })
+    .await;
     system.stock("SKU-M", 10).await;
     system.stop_smtp().await;
 
