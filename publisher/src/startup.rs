@@ -38,8 +38,9 @@ impl Application {
         let pool = PgPoolOptions::new()
             .max_connections(settings.database_pool_size.max(1))
             .acquire_timeout(Duration::from_secs(2))
-            .connect_lazy(settings.database_url.expose())
-            .map_err(|e| anyhow::anyhow!("DATABASE_URL is not valid: {e}"))?;
+            .connect_lazy_with(runtime::db::connect_options(
+                settings.database_url.expose(),
+            )?);
         let state = AppState {
             publisher: publisher.clone(),
             pool,

@@ -1,7 +1,8 @@
 //! The PostgreSQL pool and migrations.
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 use tracing::info;
@@ -25,9 +26,39 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// Reads `DATABASE_URL` as libpq would, with one difference: a URL that
+/// names a loopback host (or a Unix socket) and sets no `sslmode` (nor
+/// `PGSSLMODE`) connects without TLS instead of libpq's `prefer`. Nothing
+/// on loopback can be overheard by anyone who could not also read the
+/// database's memory, and TLS there costs both sides CPU on every message
+/// (decision 0006). An explicit `sslmode` is always kept.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
+    let options = PgConnectOptions::from_str(url).map_err(DbError::BadUrl)?;
+    let explicit = std::env::var_os("PGSSLMODE").is_some()
+        || url::Url::parse(url).is_ok_and(|u| {
+            u.query_pairs()
+                .any(|(k, _)| k == "sslmode" || k == "ssl-mode")
+        });
+    if !explicit && is_loopback(&options) {
+        return Ok(options.ssl_mode(PgSslMode::Disable));
+    }
+    Ok(options)
+}
+
+fn is_loopback(options: &PgConnectOptions) -> bool {
+    if options.get_socket().is_some() {
+        return true;
+    }
+    let host = options.get_host();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.starts_with('/')
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Connects a pool to `url`, creating the database if it does not exist.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(url).map_err(DbError::BadUrl)?;
+    let options = connect_options(url)?;
     create_database_if_missing(&options).await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -76,4 +107,56 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Db
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(url: &str) -> PgSslMode {
+        connect_options(url).expect("valid URL").get_ssl_mode()
+    }
+
+    #[test]
+    fn loopback_without_sslmode_connects_without_tls() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/orderflow",
+            "postgres://postgres@127.0.0.2/orderflow",
+            "postgres://postgres@localhost/orderflow",
+            "postgres://postgres@[::1]:5432/orderflow",
+            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/orderflow",
+        ] {
+            assert!(matches!(mode(url), PgSslMode::Disable), "{url}");
+        }
+    }
+
+    #[test]
+    fn an_explicit_sslmode_or_a_remote_host_keeps_libpq_behaviour() {
+        assert!(matches!(
+            mode("postgres://postgres@127.0.0.1/orderflow?sslmode=require"),
+            PgSslMode::Require
+        ));
+        assert!(matches!(
+            mode("postgres://postgres@localhost/orderflow?sslmode=prefer"),
+            PgSslMode::Prefer
+        ));
+        assert!(!matches!(
+            mode("postgres://postgres@db.internal:5432/orderflow"),
+            PgSslMode::Disable
+        ));
+        assert!(!matches!(
+            mode("postgres://postgres@10.0.0.5/orderflow"),
+            PgSslMode::Disable
+        ));
+    }
+
+    #[test]
+    fn a_garbage_url_is_a_clear_error() {
+        let err = connect_options("not a url").err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("DATABASE_URL is not a valid")),
+            "{err:?}"
+        );
+    }
 }

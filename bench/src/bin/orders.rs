@@ -256,11 +256,12 @@ async fn broker_hop_rate(amqp: &str, n: usize, ack_every: usize) -> anyhow::Resu
     Ok((rate, broker_us))
 }
 
-/// Small write transactions (one insert, commit), 8 at a time.
+/// Small write transactions (one insert, commit), 8 at a time, connected
+/// as the workers connect.
 async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
-        .connect(url)
+        .connect_with(runtime::db::connect_options(url)?)
         .await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS bench_writes (id bigserial PRIMARY KEY, v text NOT NULL)",

@@ -1,0 +1,35 @@
+//! How the runtime connects to the real PostgreSQL.
+#![allow(clippy::unwrap_used)]
+
+use runtime::db;
+use testkit::TestEnv;
+
+async fn uses_tls(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_sslmode_is_kept() {
+    let env = TestEnv::new().await;
+    let plain = db::connect(&env.database_url, 1).await.unwrap();
+    assert!(!uses_tls(&plain).await, "loopback without sslmode uses TLS");
+    let server_tls: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    plain.close().await;
+
+    let required = db::connect(&format!("{}?sslmode=require", env.database_url), 1).await;
+    if server_tls == "on" {
+        let required = required.unwrap();
+        assert!(uses_tls(&required).await, "sslmode=require did not use TLS");
+        required.close().await;
+    } else {
+        let err = required.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("cannot reach PostgreSQL"), "{err}");
+    }
+    env.cleanup().await;
+}
