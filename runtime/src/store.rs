@@ -17,7 +17,7 @@ pub struct Store {
     insert_inbox: String,
     insert_inbox_many: String,
     forget_inbox: String,
-    insert_outbox: String,
+    write_outbox: String,
     delete_outbox: String,
     select_stale: String,
     count_start: String,
@@ -54,8 +54,11 @@ impl Store {
             insert_inbox: format!(
                 "INSERT INTO {schema}.inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
             ),
-            insert_outbox: format!(
-                "INSERT INTO {schema}.outbox (message_id, exchange, routing_key, kind, correlation_id, traceparent, expiration_ms, body) \
+            // The relayed rows go in a data-modifying CTE, which runs
+            // whether or not the insert reads it: one round trip for both.
+            write_outbox: format!(
+                "WITH relayed AS (DELETE FROM {schema}.outbox WHERE id = ANY($9)) \
+                 INSERT INTO {schema}.outbox (message_id, exchange, routing_key, kind, correlation_id, traceparent, expiration_ms, body) \
                  SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::bytea[]) \
                  RETURNING id"
             ),
@@ -181,20 +184,23 @@ impl Store {
             .map(|done| done.rows_affected())
     }
 
-    /// Writes `messages` to the outbox; returns their row ids.
-    pub async fn insert_outbox(
+    /// Deletes the `relayed` rows and writes `messages` to the outbox, in
+    /// one statement; returns the new rows' ids.
+    pub async fn write_outbox(
         &self,
         conn: &mut PgConnection,
+        relayed: &[i64],
         messages: &[Outgoing],
     ) -> Result<Vec<i64>, sqlx::Error> {
         if messages.is_empty() {
+            self.delete_outbox(conn, relayed).await?;
             return Ok(Vec::new());
         }
         let ms = |m: &Outgoing| {
             m.expiration
                 .map(|e| i64::try_from(e.as_millis()).unwrap_or(i64::MAX))
         };
-        sqlx::query_scalar(AssertSqlSafe(self.insert_outbox.as_str()))
+        sqlx::query_scalar(AssertSqlSafe(self.write_outbox.as_str()))
             .bind(messages.iter().map(|m| m.message_id).collect::<Vec<_>>())
             .bind(
                 messages
@@ -223,6 +229,7 @@ impl Store {
             )
             .bind(messages.iter().map(ms).collect::<Vec<_>>())
             .bind(messages.iter().map(|m| m.body.clone()).collect::<Vec<_>>())
+            .bind(relayed)
             .fetch_all(conn)
             .await
     }

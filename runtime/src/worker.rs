@@ -368,14 +368,15 @@ fn is_redelivered(delivery: &Delivery) -> bool {
             .is_some_and(|n| n > 0)
 }
 
+/// How a batch's transaction begins, in the same round trip as its `BEGIN`:
+/// a batch bounds its lock waits, so a deadlock the key order could not
+/// prevent (a message locking rows its key does not name) costs the batch
+/// a short wait rather than PostgreSQL's deadlock timeout, and the message
+/// that waited runs again alone.
+const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '200ms'";
 /// The savepoint each message of a batch runs under, so that a failing
-/// handler takes back only its own statements. A batch also bounds its
-/// lock waits: a deadlock the key order could not prevent (a message
-/// locking rows its key does not name) then costs the batch a short wait
-/// rather than PostgreSQL's deadlock timeout, and the message that waited
-/// runs again alone.
-const FIRST_SAVEPOINT: &str = "SET LOCAL lock_timeout = '200ms'; SAVEPOINT message";
-const BOUND_LOCK_WAITS: &str = "SET LOCAL lock_timeout = '200ms'";
+/// handler takes back only its own statements.
+const FIRST_SAVEPOINT: &str = "SAVEPOINT message";
 const NEXT_SAVEPOINT: &str = "RELEASE SAVEPOINT message; SAVEPOINT message";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT message";
 
@@ -393,7 +394,7 @@ async fn process_batch<H: Handler>(
 ) -> Vec<Delivery> {
     let queue = inner.spec.domain.queue();
     let started = std::time::Instant::now();
-    let Some(mut tx) = begin(inner, token).await else {
+    let Some(mut tx) = begin(inner, token, Some(BEGIN_BATCH)).await else {
         // Shutting down while the database is away: leave them to the broker.
         return Vec::new();
     };
@@ -414,14 +415,6 @@ async fn process_batch<H: Handler>(
     // again alone, which repeats nothing outside the database. This saves
     // a round trip and a subtransaction per message.
     let savepoints = H::OUTSIDE_EFFECTS;
-    if !savepoints
-        && let Err(e) = sqlx::raw_sql(AssertSqlSafe(BOUND_LOCK_WAITS))
-            .execute(&mut *tx)
-            .await
-    {
-        debug!(queue, error = %e, "Batch not started; handling its messages alone");
-        return batch.into_iter().map(|d| d.delivery).collect();
-    }
     let mut savepoint = FIRST_SAVEPOINT;
     let mut broken = false;
     for Decoded {
@@ -590,7 +583,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         return;
     };
 
-    let Some(mut tx) = begin(inner, token).await else {
+    let Some(mut tx) = begin(inner, token, None).await else {
         // Shutting down while the database is away: leave it to the broker.
         return;
     };
@@ -664,8 +657,7 @@ async fn commit_with_outbox<H>(
 ) -> Result<Vec<i64>, sqlx::Error> {
     let relayed = take_relayed(inner);
     let result = async {
-        inner.store.delete_outbox(&mut tx, &relayed).await?;
-        let ids = inner.store.insert_outbox(&mut tx, outbox).await?;
+        let ids = inner.store.write_outbox(&mut tx, &relayed, outbox).await?;
         tx.commit().await?;
         Ok(ids)
     }
@@ -774,9 +766,11 @@ fn not_to_sweep<H>(inner: &Inner<H>) -> Vec<i64> {
 /// waits between attempts, never an attempt: an attempt dropped after its
 /// `BEGIN` was sent would return its connection to the pool inside a
 /// transaction. An attempt is bounded by the pool's acquire timeout.
+/// `statement` replaces the plain `BEGIN` (it must begin the transaction).
 async fn begin<H>(
     inner: &Inner<H>,
     token: &CancellationToken,
+    statement: Option<&'static str>,
 ) -> Option<sqlx::Transaction<'static, sqlx::Postgres>> {
     use backon::BackoffBuilder;
     let mut delays = ExponentialBuilder::default()
@@ -786,7 +780,11 @@ async fn begin<H>(
         .without_max_times()
         .build();
     loop {
-        match inner.pool.begin().await {
+        let attempt = match statement {
+            Some(statement) => inner.pool.begin_with(AssertSqlSafe(statement)).await,
+            None => inner.pool.begin().await,
+        };
+        match attempt {
             Ok(tx) => return Some(tx),
             Err(e) if is_transient(&e) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));

@@ -496,7 +496,7 @@ async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
         Outgoing::of(&support::probe::Probed { id: "b".into() }).correlated("b"),
     ];
     let mut tx = pool.begin().await.unwrap();
-    store.insert_outbox(&mut tx, &left).await.unwrap();
+    store.write_outbox(&mut tx, &[], &left).await.unwrap();
     tx.commit().await.unwrap();
     let worker = start_worker(&env, "100ms").await;
 
