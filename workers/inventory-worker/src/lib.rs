@@ -98,19 +98,33 @@ fn wanted(items: &[Item]) -> Result<BTreeMap<String, i64>, Failure> {
 async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failure> {
     let wanted = wanted(&cmd.items)?;
     let skus: Vec<String> = wanted.keys().cloned().collect();
-    // Locks the SKUs' rows in SKU order, so concurrent orders cannot deadlock
-    // on each other or both take the last unit; in the same statement, asks
-    // whether this order holds a reservation already (reservations name
-    // stocked SKUs only, so an order that holds one gets rows back).
-    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
-        "SELECT sku, available, EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $2) \
-         FROM inventory.stock WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    let quantities: Vec<i64> = wanted.values().copied().collect();
+    // One statement decides and reserves. `locked` takes the SKUs' rows in
+    // SKU order (the lock order of every stock writer, so concurrent orders
+    // cannot deadlock or both take the last unit) and is evaluated, as the
+    // uncorrelated subquery `go`, before the update touches any row; the
+    // update and the reservation happen only if this order holds no
+    // reservation yet (reservations name stocked SKUs only, so one that
+    // holds one is seen) and every SKU has enough.
+    let (already, short): (bool, Vec<String>) = sqlx::query_as(
+        "WITH w AS (SELECT * FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)), \
+         locked AS MATERIALIZED (SELECT sku, available FROM inventory.stock WHERE sku = ANY($2) ORDER BY sku FOR UPDATE), \
+         held AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $1) AS already), \
+         short AS MATERIALIZED (SELECT w.sku FROM w LEFT JOIN locked l ON l.sku = w.sku \
+         WHERE l.available IS NULL OR l.available < w.q), \
+         go AS MATERIALIZED (SELECT NOT (SELECT already FROM held) AND NOT EXISTS (SELECT 1 FROM short) AS ok), \
+         taken AS (UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
+         FROM w WHERE (SELECT ok FROM go) AND s.sku = w.sku), \
+         kept AS (INSERT INTO inventory.reservations (order_id, sku, quantity) \
+         SELECT $1, w.sku, w.q FROM w WHERE (SELECT ok FROM go)) \
+         SELECT (SELECT already FROM held), ARRAY(SELECT sku FROM short ORDER BY sku)",
     )
-    .bind(&skus)
     .bind(cmd.order_id)
-    .fetch_all(ctx.db())
+    .bind(&skus)
+    .bind(&quantities)
+    .fetch_one(ctx.db())
     .await?;
-    if rows.iter().any(|(_, _, already)| *already) {
+    if already {
         // Another message reserved it before (a replay with a new id): say so again.
         ctx.emit(
             Outgoing::of(&StockReserved {
@@ -120,15 +134,6 @@ async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failu
         );
         return Ok(());
     }
-    let available: BTreeMap<String, i64> = rows
-        .into_iter()
-        .map(|(sku, available, _)| (sku, available))
-        .collect();
-    let short: Vec<String> = wanted
-        .iter()
-        .filter(|(sku, q)| available.get(*sku).is_none_or(|a| a < *q))
-        .map(|(sku, _)| sku.clone())
-        .collect();
     if !short.is_empty() {
         info!(order_id = %cmd.order_id, skus = ?short, "Out of stock");
         ctx.emit(
@@ -140,19 +145,6 @@ async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failu
         );
         return Ok(());
     }
-    let quantities: Vec<i64> = wanted.values().copied().collect();
-    // The stock rows (locked above) and the reservation in one statement.
-    sqlx::query(
-        "WITH w AS (SELECT * FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)), \
-         taken AS (UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
-         FROM w WHERE s.sku = w.sku) \
-         INSERT INTO inventory.reservations (order_id, sku, quantity) SELECT $1, w.sku, w.q FROM w",
-    )
-    .bind(cmd.order_id)
-    .bind(&skus)
-    .bind(&quantities)
-    .execute(ctx.db())
-    .await?;
     info!(order_id = %cmd.order_id, skus = skus.len(), "Stock reserved");
     ctx.emit(
         Outgoing::of(&StockReserved {
