@@ -122,6 +122,9 @@ impl System {
             prefetch: 16,
             concurrency: 3,
             batch_size: 8,
+            // The lifecycle runs through the lingering batcher; the runtime's
+            // own tests cover handling on arrival.
+            batch_linger: Duration::from_millis(5),
             database_pool_size: 4,
             outbox_sweep_after: Duration::from_millis(1000),
             inbox_retention: Duration::from_secs(30 * 86_400),

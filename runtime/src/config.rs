@@ -99,6 +99,10 @@ pub struct WorkerSettings {
     /// A transaction takes only the deliveries already waiting, so a quiet
     /// queue still handles each message as soon as it arrives.
     pub batch_size: usize,
+    /// How long a transaction waits for more deliveries after its first,
+    /// unless `batch_size` arrive sooner (`BATCH_LINGER_MS`). Zero: it takes
+    /// only those already waiting.
+    pub batch_linger: Duration,
     /// Connections in the database pool (`DATABASE_POOL_SIZE`).
     pub database_pool_size: u32,
     /// How old an outbox row must be before the sweeper relays it (`OUTBOX_SWEEP_AFTER`).
@@ -118,6 +122,7 @@ impl WorkerSettings {
             prefetch = self.prefetch,
             concurrency = self.concurrency,
             batch_size = self.batch_size,
+            batch_linger = ?self.batch_linger,
             database_pool_size = self.database_pool_size,
             outbox_sweep_after = ?self.outbox_sweep_after,
             inbox_retention = ?self.inbox_retention,
@@ -138,6 +143,7 @@ impl WorkerSettings {
         let concurrency = concurrency.clamp(1, prefetch.into());
         let batch_size: usize = env_or("BATCH_SIZE", "32")?;
         let batch_size = batch_size.clamp(1, prefetch.into());
+        let linger_ms: u64 = env_or("BATCH_LINGER_MS", "3")?;
         // One connection per transaction in flight, one for the sweeper and
         // the start counter; at most eight, which keeps four domains times
         // two replicas inside PostgreSQL's default limit of 100.
@@ -151,6 +157,7 @@ impl WorkerSettings {
             prefetch,
             concurrency,
             batch_size,
+            batch_linger: Duration::from_millis(linger_ms),
             database_pool_size: pool.max(2),
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
             inbox_retention: Duration::from_secs(retention_days.max(1) * 86_400),

@@ -239,10 +239,21 @@ async fn consume<H: Handler>(
         }
     };
     // `ready_chunks` takes only the deliveries already waiting: a quiet queue
-    // hands each message on at once, a busy one fills transactions.
-    consumer
-        .take_until(stop)
-        .ready_chunks(inner.settings.batch_size)
+    // hands each message on at once, a busy one fills transactions. With a
+    // linger, a chunk also waits that long after its first delivery for
+    // more, trading that wait for fewer transactions at moderate rates.
+    let deliveries = consumer.take_until(stop);
+    let chunks = if inner.settings.batch_linger.is_zero() {
+        deliveries.ready_chunks(inner.settings.batch_size).boxed()
+    } else {
+        tokio_stream::StreamExt::chunks_timeout(
+            deliveries,
+            inner.settings.batch_size,
+            inner.settings.batch_linger,
+        )
+        .boxed()
+    };
+    chunks
         .for_each_concurrent(inner.settings.concurrency, |chunk| {
             let inner = inner.clone();
             let token = token.clone();

@@ -258,6 +258,50 @@ async fn the_same_message_id_delivered_twice_has_one_effect() {
     env.cleanup().await;
 }
 
+/// Sends `ids` one after the other, `gap` apart, and returns how many
+/// transactions the worker applied them in.
+async fn transactions_for(env: &TestEnv, ids: &[&str], gap: Duration) -> i64 {
+    for id in ids {
+        send(env, &probe(id)).await;
+        tokio::time::sleep(gap).await;
+    }
+    let pool = env.pool().await;
+    let n = i64::try_from(ids.len()).unwrap();
+    eventually(WAIT, "every message applied", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == n
+    })
+    .await;
+    count(&pool, "SELECT count(DISTINCT txid) FROM probe_effects").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_linger_deliveries_arriving_apart_share_one_transaction() {
+    let env = TestEnv::new().await;
+    let mut lingering = settings(&env, "100ms");
+    // Far longer than sending four messages takes, even on a loaded machine.
+    lingering.batch_linger = Duration::from_secs(3);
+    let worker = start_worker_with(&env, lingering).await;
+    let ids = ["l1", "l2", "l3", "l4"];
+    assert_eq!(
+        transactions_for(&env, &ids, Duration::from_millis(50)).await,
+        1
+    );
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_linger_deliveries_arriving_apart_are_handled_on_arrival() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let ids = ["a1", "a2", "a3", "a4"];
+    // Each arrives to an idle worker; all four in one transaction would mean
+    // the worker waited for company.
+    assert!(transactions_for(&env, &ids, Duration::from_millis(300)).await >= 2);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_waiting_backlog_is_handled_in_shared_transactions_where_a_failure_takes_back_only_its_own_message()
  {

@@ -18,6 +18,7 @@ pub fn settings(env: &TestEnv, retry_delays: &str) -> WorkerSettings {
         prefetch: 16,
         concurrency: 4,
         batch_size: 8,
+        batch_linger: Duration::ZERO,
         database_pool_size: 10,
         outbox_sweep_after: Duration::from_millis(500),
         inbox_retention: Duration::from_secs(30 * 86_400),
@@ -54,24 +55,32 @@ pub async fn apply_topology(env: &TestEnv, retry_delays: &str) {
 }
 
 pub async fn start_worker(env: &TestEnv, retry_delays: &str) -> Running {
-    start_probe::<true>(env, retry_delays).await
+    start_probe::<true>(env, settings(env, retry_delays)).await
+}
+
+/// A worker with settings of the test's choosing.
+pub async fn start_worker_with(env: &TestEnv, settings: WorkerSettings) -> Running {
+    start_probe::<true>(env, settings).await
 }
 
 /// A worker whose handler declares no effect outside the database.
 pub async fn start_database_only_worker(env: &TestEnv, retry_delays: &str) -> Running {
-    start_probe::<false>(env, retry_delays).await
+    start_probe::<false>(env, settings(env, retry_delays)).await
 }
 
-async fn start_probe<const OUTSIDE_EFFECTS: bool>(env: &TestEnv, retry_delays: &str) -> Running {
+async fn start_probe<const OUTSIDE_EFFECTS: bool>(
+    env: &TestEnv,
+    settings: WorkerSettings,
+) -> Running {
     runtime::telemetry::init();
-    apply_topology(env, retry_delays).await;
+    apply_topology(env, &settings.retry_delays.to_string()).await;
     let pool = prepare(env).await;
     // The probe records invocations outside the handler's transaction: on
     // a pool of its own, so it never waits for the transactions to end.
     let handler = ProbeHandler::<OUTSIDE_EFFECTS> {
         pool: env.pool().await,
     };
-    let worker = Worker::with_pool(probe_spec(), settings(env, retry_delays), pool, handler);
+    let worker = Worker::with_pool(probe_spec(), settings, pool, handler);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(worker.run(async move {
         let _ = stopped.await;

@@ -12,7 +12,7 @@ pub const PROBED_KIND: &str = "inventory.probed";
 
 pub const PROBE_TABLES: &str = "
     CREATE TABLE IF NOT EXISTS probe_invocations (id text NOT NULL, attempt int NOT NULL, at timestamptz NOT NULL DEFAULT now());
-    CREATE TABLE IF NOT EXISTS probe_effects (id text NOT NULL, message_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT now());
+    CREATE TABLE IF NOT EXISTS probe_effects (id text NOT NULL, message_id uuid NOT NULL, at timestamptz NOT NULL DEFAULT now(), txid bigint NOT NULL DEFAULT txid_current());
 ";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
