@@ -96,8 +96,8 @@ pub struct WorkerSettings {
     /// Handler transactions in flight at once (`CONCURRENCY`); at most `prefetch`.
     pub concurrency: usize,
     /// The most deliveries one handler transaction takes (`BATCH_SIZE`).
-    /// A transaction takes only the deliveries already waiting, so a quiet
-    /// queue still handles each message as soon as it arrives.
+    /// A transaction takes the deliveries already waiting and those that
+    /// arrive within `batch_linger` of its first.
     pub batch_size: usize,
     /// How long a transaction waits for more deliveries after its first,
     /// unless `batch_size` arrive sooner (`BATCH_LINGER_MS`). Zero: it takes
