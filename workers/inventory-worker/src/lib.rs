@@ -124,28 +124,22 @@ async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failu
     .bind(&quantities)
     .fetch_one(ctx.db())
     .await?;
-    if already {
-        // Another message reserved it before (a replay with a new id): say so again.
-        ctx.emit(
-            Outgoing::of(&StockReserved {
-                order_id: cmd.order_id,
-            })
-            .correlated(cmd.order_id),
-        );
-        return Ok(());
+    if !already {
+        if !short.is_empty() {
+            info!(order_id = %cmd.order_id, skus = ?short, "Out of stock");
+            ctx.emit(
+                Outgoing::of(&OutOfStock {
+                    order_id: cmd.order_id,
+                    skus: short,
+                })
+                .correlated(cmd.order_id),
+            );
+            return Ok(());
+        }
+        info!(order_id = %cmd.order_id, skus = skus.len(), "Stock reserved");
     }
-    if !short.is_empty() {
-        info!(order_id = %cmd.order_id, skus = ?short, "Out of stock");
-        ctx.emit(
-            Outgoing::of(&OutOfStock {
-                order_id: cmd.order_id,
-                skus: short,
-            })
-            .correlated(cmd.order_id),
-        );
-        return Ok(());
-    }
-    info!(order_id = %cmd.order_id, skus = skus.len(), "Stock reserved");
+    // Reserved now, or by another message before (a replay with a new id):
+    // either way, say so.
     ctx.emit(
         Outgoing::of(&StockReserved {
             order_id: cmd.order_id,

@@ -457,28 +457,26 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     };
     match order.status {
         Status::Confirmed if just_confirmed => {
-            let paid = order;
-            let items = lines;
-            let mut skus: Vec<String> = items.iter().map(|l| l.sku.clone()).collect();
+            let mut skus: Vec<String> = lines.iter().map(|l| l.sku.clone()).collect();
             skus.sort();
             skus.dedup();
             emit(
                 ctx,
-                paid.id,
+                order.id,
                 &CommitStock {
-                    order_id: paid.id,
+                    order_id: order.id,
                     skus,
                 },
             );
             emit(
                 ctx,
-                paid.id,
+                order.id,
                 &OrderConfirmed {
-                    order_id: paid.id,
-                    customer_email: paid.customer_email.clone(),
-                    currency: paid.currency.clone(),
-                    total_cents: paid.total_cents,
-                    items,
+                    order_id: order.id,
+                    customer_email: order.customer_email.clone(),
+                    currency: order.currency.clone(),
+                    total_cents: order.total_cents,
+                    items: lines,
                 },
             );
         }
