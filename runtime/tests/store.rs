@@ -7,8 +7,8 @@ mod support;
 use runtime::Outgoing;
 use runtime::store::Store;
 use std::time::Duration;
-use support::prepare;
 use support::probe::Probed;
+use support::{commit_outbox, prepare};
 use testkit::TestEnv;
 
 fn probed(id: &str) -> Outgoing {
@@ -27,12 +27,7 @@ async fn the_sweeper_skips_rows_in_relay_and_rows_another_sweeper_holds() {
     let env = TestEnv::new().await;
     let pool = prepare(&env).await;
     let store = Store::new("inventory", "probe-worker");
-    let mut tx = pool.begin().await.unwrap();
-    let ids = store
-        .write_outbox(&mut tx, &[], &[probed("a"), probed("b"), probed("c")])
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let ids = commit_outbox(&pool, &store, &[], &[probed("a"), probed("b"), probed("c")]).await;
     let (a, b, c) = (ids[0], ids[1], ids[2]);
 
     // Younger than the age asked for: not stale yet.
@@ -77,29 +72,14 @@ async fn writing_the_outbox_deletes_the_rows_relayed_since_the_last_write() {
     let env = TestEnv::new().await;
     let pool = prepare(&env).await;
     let store = Store::new("inventory", "probe-worker");
-    let mut tx = pool.begin().await.unwrap();
-    let first = store
-        .write_outbox(&mut tx, &[], &[probed("a"), probed("b")])
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let first = commit_outbox(&pool, &store, &[], &[probed("a"), probed("b")]).await;
 
     // `a` was relayed; the next handler transaction takes its row along.
-    let mut tx = pool.begin().await.unwrap();
-    let second = store
-        .write_outbox(&mut tx, &[first[0]], &[probed("c")])
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let second = commit_outbox(&pool, &store, &[first[0]], &[probed("c")]).await;
     assert_eq!(outbox_ids(&pool).await, vec![first[1], second[0]]);
 
     // Nothing new to write: the relayed rows still go.
-    let mut tx = pool.begin().await.unwrap();
-    let none = store
-        .write_outbox(&mut tx, &[first[1], second[0]], &[])
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let none = commit_outbox(&pool, &store, &[first[1], second[0]], &[]).await;
     assert!(none.is_empty());
     assert!(outbox_ids(&pool).await.is_empty());
     env.cleanup().await;

@@ -539,9 +539,7 @@ async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
         Outgoing::of(&support::probe::Probed { id: "a".into() }).correlated("a"),
         Outgoing::of(&support::probe::Probed { id: "b".into() }).correlated("b"),
     ];
-    let mut tx = pool.begin().await.unwrap();
-    store.write_outbox(&mut tx, &[], &left).await.unwrap();
-    tx.commit().await.unwrap();
+    commit_outbox(&pool, &store, &[], &left).await;
     let worker = start_worker(&env, "100ms").await;
 
     eventually(WAIT, "both rows relayed", || async {

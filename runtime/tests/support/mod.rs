@@ -95,6 +95,24 @@ pub async fn send(env: &TestEnv, probe: &Probe) -> Outgoing {
     out
 }
 
+/// Commits, in a transaction of its own, what a handler transaction writes
+/// to the outbox: deletes the `relayed` rows and writes `messages`; returns
+/// the new rows' ids.
+pub async fn commit_outbox(
+    pool: &sqlx::PgPool,
+    store: &runtime::store::Store,
+    relayed: &[i64],
+    messages: &[Outgoing],
+) -> Vec<i64> {
+    let mut tx = pool.begin().await.unwrap();
+    let ids = store
+        .write_outbox(&mut tx, relayed, messages)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
 pub async fn count(pool: &sqlx::PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(pool)
