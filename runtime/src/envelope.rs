@@ -71,6 +71,19 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The envelope of work no delivery started (a deadline scan): a fresh
+    /// id, no correlation, a new trace for whatever the work emits.
+    pub fn started_here(kind: &str) -> Self {
+        Self {
+            message_id: Uuid::new_v4(),
+            kind: kind.to_owned(),
+            correlation_id: None,
+            timestamp: Some(now_secs()),
+            traceparent: None,
+            attempt: 1,
+        }
+    }
+
     pub fn parse(properties: &BasicProperties) -> Result<Self, Malformed> {
         let content_type = properties.content_type().as_ref().map(|c| c.to_string());
         if content_type.as_deref() != Some(CONTENT_TYPE) {
@@ -113,7 +126,9 @@ pub struct Outgoing {
     pub kind: String,
     pub correlation_id: Option<String>,
     pub traceparent: Option<String>,
-    /// Per-message expiration, for messages scheduled through a delay queue.
+    /// Per-message expiration. Nothing emits one now; outbox rows written
+    /// by versions that scheduled payment timeouts through `order.delay`
+    /// carry one and are relayed with it (decision 0008).
     pub expiration: Option<Duration>,
     pub body: Vec<u8>,
 }
@@ -153,15 +168,6 @@ impl Outgoing {
             self.correlation_id.clone_from(&cause.correlation_id);
         }
         self.traceparent = Some(child_traceparent(cause.traceparent.as_deref()));
-        self
-    }
-
-    /// Sends the message to `queue` through the default exchange instead of
-    /// its exchange, held until `delay` has passed.
-    pub fn delayed_via(mut self, queue: String, delay: Duration) -> Self {
-        self.exchange = String::new();
-        self.routing_key = queue;
-        self.expiration = Some(delay);
         self
     }
 

@@ -7,6 +7,7 @@
 use crate::envelope::{Envelope, Inbound, Outgoing};
 use sqlx::{PgConnection, Postgres, Transaction};
 use std::future::Future;
+use std::time::Duration;
 
 /// Why a handler could not finish a message.
 #[derive(Debug, thiserror::Error)]
@@ -130,5 +131,27 @@ pub trait Handler: Send + Sync + 'static {
     fn lock_key(&self, message: &Self::Message) -> Option<String> {
         let _ = message;
         None
+    }
+
+    /// How often the runtime calls [`Handler::expire_deadlines`]; `None`
+    /// (the default): this handler keeps no deadlines.
+    fn deadline_scan_every(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Acts on the deadlines that have passed (an order whose payment never
+    /// answered), kept as rows in the handler's own schema. Runs in a
+    /// transaction of its own, like a message: what it emits is relayed
+    /// after commit, and a failure takes back everything it did. Returns
+    /// how many deadlines it acted on; while that is more than zero the
+    /// runtime calls again at once, so a backlog is worked off in chunks.
+    /// Replicas scan side by side: take the rows with `FOR UPDATE SKIP
+    /// LOCKED`, so each deadline is acted on by one of them.
+    fn expire_deadlines(
+        &self,
+        ctx: &mut Context,
+    ) -> impl Future<Output = Result<usize, Failure>> + Send {
+        let _ = ctx;
+        async { Ok(0) }
     }
 }

@@ -137,6 +137,10 @@ impl<H: Handler> Worker<H> {
         });
         let inner = self.inner;
         let sweeper = tokio::spawn(sweep_loop(inner.clone(), token.clone()));
+        let deadlines = inner
+            .handler
+            .deadline_scan_every()
+            .map(|every| tokio::spawn(deadline_loop(inner.clone(), token.clone(), every)));
         let name = format!("{} consumer", inner.spec.name);
         loop {
             let connection = tokio::select! {
@@ -157,6 +161,9 @@ impl<H: Handler> Worker<H> {
             }
         }
         let _ = sweeper.await;
+        if let Some(deadlines) = deadlines {
+            let _ = deadlines.await;
+        }
         // Delete what was relayed, then relay whatever the last handlers
         // left, regardless of age.
         if let Err(e) = flush_relayed(&inner).await {
@@ -1044,6 +1051,64 @@ async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
             Err(e) => warn!(worker = inner.spec.name, error = %e, "Outbox sweep failed"),
         }
     }
+}
+
+/// Scans the handler's deadlines every `every` until shutdown. A scan that
+/// acted on some runs again at once; one that failed is logged and tried
+/// at the next tick (its transaction took nothing back it had not done).
+async fn deadline_loop<H: Handler>(
+    inner: Arc<Inner<H>>,
+    token: CancellationToken,
+    every: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        loop {
+            match expire_deadlines(&inner, &token).await {
+                Ok(0) => break,
+                Ok(n) => debug!(worker = inner.spec.name, deadlines = n, "Deadlines expired"),
+                Err(e) => {
+                    warn!(worker = inner.spec.name, error = %e, "Deadline scan failed; trying again at the next tick");
+                    break;
+                }
+            }
+            if token.is_cancelled() {
+                return;
+            }
+        }
+    }
+}
+
+/// One deadline scan in its own transaction, committed with what it emitted
+/// and relayed like a handler's messages.
+async fn expire_deadlines<H: Handler>(
+    inner: &Inner<H>,
+    token: &CancellationToken,
+) -> Result<usize, Failure> {
+    let Some(tx) = begin(inner, token, None).await else {
+        return Ok(0);
+    };
+    let mut ctx = Context::new(Envelope::started_here("deadlines"), tx);
+    let expired = AssertUnwindSafe(inner.handler.expire_deadlines(&mut ctx))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Failure::Permanent(format!(
+                "deadline scan panicked: {}",
+                panic_text(&panic)
+            )))
+        })?;
+    let (tx, outbox) = ctx.into_parts();
+    if expired == 0 && outbox.is_empty() {
+        // Nothing was due: nothing to commit (dropping rolls back).
+        return Ok(0);
+    }
+    let ids = commit_with_outbox(inner, tx, &outbox).await?;
+    relay(inner, (ids, outbox)).await;
+    Ok(expired)
 }
 
 /// Relays every outbox row older than `age`, in batches; returns how many.

@@ -63,14 +63,11 @@ impl Topology {
         for domain in Domain::ALL {
             queues.push(work_queue(domain));
             for (tier, delay) in retry.iter() {
-                queues.push(held_queue(
+                queues.push(retry_tier(
                     domain.retry_queue(tier),
                     domain,
-                    Some(delay.as_millis()),
+                    delay.as_millis(),
                 ));
-            }
-            if domain == Domain::Order {
-                queues.push(held_queue(domain.delay_queue(), domain, None));
             }
             queues.push(dead_queue(domain));
         }
@@ -166,14 +163,11 @@ fn work_queue(domain: Domain) -> Queue {
     }
 }
 
-/// A queue that holds messages until they expire and then dead-letters them
-/// back into the work queue: a retry tier (queue TTL) or the delay queue
-/// (per-message expiration only).
-fn held_queue(name: String, domain: Domain, ttl_ms: Option<u128>) -> Queue {
+/// A retry tier: holds messages for its TTL, then dead-letters them back
+/// into the work queue.
+fn retry_tier(name: String, domain: Domain, ttl_ms: u128) -> Queue {
     let mut arguments = quorum_args(domain.queue().to_owned());
-    if let Some(ttl) = ttl_ms {
-        arguments.insert("x-message-ttl".to_owned(), json!(ttl));
-    }
+    arguments.insert("x-message-ttl".to_owned(), json!(ttl_ms));
     Queue { name, arguments }
 }
 

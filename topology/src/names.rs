@@ -48,13 +48,7 @@ impl Domain {
         dead_queue(self.queue())
     }
 
-    /// The queue that holds messages a domain schedules for itself, released
-    /// back into the work queue when their per-message expiration passes.
-    pub fn delay_queue(self) -> String {
-        format!("{}.delay", self.queue())
-    }
-
-    /// Which domain a work, retry, delay or dead queue belongs to.
+    /// Which domain a work, retry or dead queue belongs to.
     pub fn of_queue(queue: &str) -> Option<Domain> {
         let head = queue.split('.').next()?;
         Domain::ALL.into_iter().find(|d| d.queue() == head)

@@ -376,7 +376,6 @@ async fn main() -> anyhow::Result<()> {
         ("RUST_LOG", "warn".to_owned()),
         ("SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}")),
         ("PAYMENT_GATEWAY_URL", "http://127.0.0.1:18090".to_owned()),
-        ("PAYMENT_TIMEOUT", "10m".to_owned()),
     ];
     let mut common = common;
     if let Some(pool) = args.pool {

@@ -115,6 +115,10 @@ pub mod reason {
     pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
 }
 
+/// Orders given up in one deadline scan transaction; a longer backlog is
+/// worked off in further scans at once.
+const DEADLINES_PER_SCAN: i64 = 100;
+
 pub struct OrderSaga {
     pub payment_timeout: Duration,
 }
@@ -139,6 +143,29 @@ impl Handler for OrderSaga {
             OrderMessage::PaymentDeclined(ev) => payment_declined(ctx, ev.order_id).await,
             OrderMessage::PaymentRefunded(ev) => payment_refunded(ctx, ev).await,
         }
+    }
+
+    /// Often enough that a payment is given up within a tenth of its
+    /// timeout, at most once a second, at least every 100 ms.
+    fn deadline_scan_every(&self) -> Option<Duration> {
+        Some((self.payment_timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(1)))
+    }
+
+    /// Cancels the orders whose payment did not answer in time. The rows are
+    /// taken with `SKIP LOCKED`: replicas scanning side by side split them,
+    /// and an order a message is changing right now waits for the next scan.
+    async fn expire_deadlines(&self, ctx: &mut Context) -> Result<usize, Failure> {
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM orders.orders WHERE status = 'STOCK_RESERVED' AND payment_due_at <= now() \
+             ORDER BY payment_due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(DEADLINES_PER_SCAN)
+        .fetch_all(ctx.db())
+        .await?;
+        for &id in &due {
+            payment_timed_out(ctx, id).await?;
+        }
+        Ok(due.len())
     }
 
     /// Every message locks its order's row.
@@ -191,23 +218,54 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
     .transpose()
 }
 
-/// Moves the order from `from` through `steps` (a history row each, the
-/// status ends at the last), recording `charge_id` if given and `reason`
-/// (on the order and each history row), in one statement, if it is in
-/// `from`; returns it as it now is, with its lines if `with_lines`. `None`:
-/// the order is in another state or unknown, and the caller looks closer.
+/// A status change as [`advance`] applies it: from `from` through `steps`
+/// (a history row each, the status ends at the last).
+struct Change<'a> {
+    from: Status,
+    steps: &'a [Status],
+    /// Recorded on the order if given.
+    charge_id: Option<&'a str>,
+    /// On the order and each history row.
+    reason: Option<&'a str>,
+    /// Whether the order's lines come back with it.
+    with_lines: bool,
+    /// Sets the payment deadline this far from now.
+    payment_due_in: Option<Duration>,
+}
+
+impl<'a> Change<'a> {
+    fn new(from: Status, steps: &'a [Status]) -> Self {
+        Self {
+            from,
+            steps,
+            charge_id: None,
+            reason: None,
+            with_lines: false,
+            payment_due_in: None,
+        }
+    }
+}
+
+/// Applies `change` in one statement if the order is in `change.from`;
+/// returns the order as it now is, with its lines if asked. `None`: the
+/// order is in another state or unknown, and the caller looks closer.
 async fn advance(
     ctx: &mut Context,
     id: Uuid,
-    from: Status,
-    steps: &[Status],
-    charge_id: Option<&str>,
-    reason: Option<&str>,
-    with_lines: bool,
+    change: Change<'_>,
 ) -> Result<Option<(Order, Vec<Line>)>, Failure> {
+    let Change {
+        from,
+        steps,
+        charge_id,
+        reason,
+        with_lines,
+        payment_due_in,
+    } = change;
     let Some(&to) = steps.last() else {
         return Ok(None);
     };
+    let due_in_ms = payment_due_in.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     type Row = (
         String,
         String,
@@ -219,7 +277,8 @@ async fn advance(
     );
     let row: Option<Row> = sqlx::query_as(
         "WITH changed AS (UPDATE orders.orders SET status = $3, charge_id = COALESCE($4, charge_id), \
-         reason = $6, updated_at = now() WHERE id = $1 AND status = $2 \
+         reason = $6, payment_due_at = COALESCE(now() + $8 * interval '1 millisecond', payment_due_at), \
+         updated_at = now() WHERE id = $1 AND status = $2 \
          RETURNING id, customer_email, currency, total_cents, payment_method), \
          logged AS (INSERT INTO orders.order_events (order_id, status, reason) \
          SELECT changed.id, step.status, $6 FROM changed, \
@@ -236,6 +295,7 @@ async fn advance(
     .bind(steps.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind(reason)
     .bind(with_lines)
+    .bind(due_in_ms)
     .fetch_optional(ctx.db())
     .await?;
     let Some((customer_email, currency, total, payment_method, skus, quantities, prices)) = row
@@ -286,7 +346,12 @@ async fn transition(
     reason: Option<&str>,
 ) -> Result<(), Failure> {
     // The row is locked in `order.status`, so the conditional change applies.
-    match advance(ctx, order.id, order.status, &[to], None, reason, false).await? {
+    let steps = [to];
+    let change = Change {
+        reason,
+        ..Change::new(order.status, &steps)
+    };
+    match advance(ctx, order.id, change).await? {
         Some(_) => Ok(()),
         None => Err(Failure::transient(format!(
             "order {} changed under its row lock",
@@ -379,17 +444,14 @@ async fn stock_reserved(
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
     // The common case in one statement: PENDING → STOCK_RESERVED.
-    if let Some((order, _)) = advance(
-        ctx,
-        id,
-        Status::Pending,
-        &[Status::StockReserved],
-        None,
-        None,
-        false,
-    )
-    .await?
-    {
+    // The deadline is a row the saga scans (`expire_deadlines`), not a
+    // message held by the broker: nothing per order crosses the broker
+    // unless the payment really is late (decision 0008).
+    let change = Change {
+        payment_due_in: Some(payment_timeout),
+        ..Change::new(Status::Pending, &[Status::StockReserved])
+    };
+    if let Some((order, _)) = advance(ctx, id, change).await? {
         emit(
             ctx,
             id,
@@ -399,13 +461,6 @@ async fn stock_reserved(
                 currency: order.currency.clone(),
                 payment_method: order.payment_method.clone(),
             },
-        );
-        // Through the broker's delay queue, not a sleeping task: it
-        // survives restarts and needs no timer state in any process.
-        ctx.emit(
-            Outgoing::of(&PaymentTimeout { order_id: id })
-                .correlated(id)
-                .delayed_via(Domain::Order.delay_queue(), payment_timeout),
         );
         return Ok(());
     }
@@ -438,18 +493,13 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     // PAID and CONFIRMED at once (nothing sits between them), in one
     // statement: the charge, the status and both history rows.
     let steps = [Status::Paid, Status::Confirmed];
-    let charge = Some(ev.charge_id.as_str());
     // The lines come along: the confirmation and the stock commit need them.
-    let confirmed = advance(
-        ctx,
-        ev.order_id,
-        Status::StockReserved,
-        &steps,
-        charge,
-        None,
-        true,
-    )
-    .await?;
+    let change = Change {
+        charge_id: Some(ev.charge_id.as_str()),
+        with_lines: true,
+        ..Change::new(Status::StockReserved, &steps)
+    };
+    let confirmed = advance(ctx, ev.order_id, change).await?;
     let just_confirmed = confirmed.is_some();
     let (order, lines) = match confirmed {
         Some(changed) => changed,
