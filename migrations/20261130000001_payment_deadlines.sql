@@ -4,4 +4,4 @@
 -- holds only the orders that are waiting, so the scan stays cheap however
 -- many orders the table keeps.
 ALTER TABLE orders.orders ADD COLUMN payment_due_at timestamptz;
-CREATE INDEX orders_payment_due ON orders.orders (payment_due_at) WHERE status = 'STOCK_RESERVED';
+CREATE INDEX IF NOT EXISTS orders_payment_due ON orders.orders (payment_due_at) WHERE status = 'STOCK_RESERVED';
