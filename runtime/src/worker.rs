@@ -1054,8 +1054,8 @@ async fn sweep_loop<H>(inner: Arc<Inner<H>>, token: CancellationToken) {
 }
 
 /// Scans the handler's deadlines every `every` until shutdown. A scan that
-/// acted on some runs again at once; one that failed is logged and tried
-/// at the next tick (its transaction took nothing back it had not done).
+/// acted on some runs again at once; one that failed is rolled back,
+/// logged, and run again at the next tick.
 async fn deadline_loop<H: Handler>(
     inner: Arc<Inner<H>>,
     token: CancellationToken,
