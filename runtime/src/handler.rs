@@ -5,7 +5,7 @@
 //! acks, retries or dead-letters: the runtime turns the outcome into that.
 
 use crate::envelope::{Envelope, Inbound, Outgoing};
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::future::Future;
 use std::time::Duration;
 
@@ -116,6 +116,26 @@ pub trait Handler: Send + Sync + 'static {
     /// makes it act twice. If it acts only on the database, a failure rolls
     /// the shared transaction back and its messages run again alone.
     const OUTSIDE_EFFECTS: bool = true;
+
+    /// Work a message needs outside the database before its transaction:
+    /// a slow call whose answer the transaction then records (a payment
+    /// gateway's). The runtime runs it, on no transaction, for all the
+    /// deliveries that wait together at once, so slow calls overlap instead
+    /// of queueing one behind the other in a shared transaction, and none
+    /// holds a database connection while it waits. `db` is for unlocked
+    /// reads only: what must hold under a row lock, `handle` checks again.
+    /// It runs again whenever the message does (a retry, a redelivery, a
+    /// duplicate the inbox will drop), so it must be idempotent. A failure
+    /// is routed like `handle`'s. Returns the message to handle, carrying
+    /// what it learnt; the default returns it unchanged.
+    fn prepare(
+        &self,
+        db: &PgPool,
+        message: Self::Message,
+    ) -> impl Future<Output = Result<Self::Message, Failure>> + Send {
+        let _ = db;
+        async { Ok(message) }
+    }
 
     fn handle(
         &self,

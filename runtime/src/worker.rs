@@ -335,12 +335,32 @@ async fn process_all<H: Handler>(
             message,
         });
     }
+    if fresh.len() == 1 {
+        // Alone, it is prepared and handled by `process`.
+        alone.extend(fresh.into_iter().map(|d| d.delivery));
+        fresh = Vec::new();
+    }
+    // Their outside work, all at once, before the shared transaction.
+    let prepared = futures::future::join_all(fresh.into_iter().map(|d| async move {
+        let prepared = run_prepare(inner, d.message).await;
+        (d.delivery, d.envelope, prepared)
+    }))
+    .await;
+    let mut ready = Vec::with_capacity(prepared.len());
+    for (delivery, envelope, prepared) in prepared {
+        match prepared {
+            Ok(message) => ready.push(Decoded {
+                delivery,
+                envelope,
+                message,
+            }),
+            Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,
+        }
+    }
     // Stable: messages with equal keys keep their arrival order.
-    fresh.sort_by_cached_key(|d| inner.handler.lock_key(&d.message));
-    match fresh.len() {
-        0 => {}
-        1 => alone.extend(fresh.into_iter().map(|d| d.delivery)),
-        _ => alone.extend(process_batch(inner, fresh, token).await),
+    ready.sort_by_cached_key(|d| inner.handler.lock_key(&d.message));
+    if !ready.is_empty() {
+        alone.extend(process_batch(inner, ready, token).await);
     }
     for delivery in alone {
         process(inner, delivery, token).await;
@@ -534,6 +554,22 @@ async fn process_batch<H: Handler>(
     again
 }
 
+/// Runs the handler's outside work, turning a panic into a permanent failure.
+async fn run_prepare<H: Handler>(
+    inner: &Inner<H>,
+    message: H::Message,
+) -> Result<H::Message, Failure> {
+    AssertUnwindSafe(inner.handler.prepare(&inner.pool, message))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Failure::Permanent(format!(
+                "handler panicked preparing: {}",
+                panic_text(&panic)
+            )))
+        })
+}
+
 /// Runs the handler, turning a panic into a permanent failure.
 async fn run_handler<H: Handler>(
     inner: &Inner<H>,
@@ -600,6 +636,10 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
     let Some(message) = message_or_bury(inner, &delivery, &envelope).await else {
         return;
     };
+    let message = match run_prepare(inner, message).await {
+        Ok(message) => message,
+        Err(failure) => return settle_failure(inner, &delivery, &envelope, failure).await,
+    };
 
     let Some(mut tx) = begin(inner, token, None).await else {
         // Shutting down while the database is away: leave it to the broker.
@@ -634,23 +674,30 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
             }
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
         }
-        Err(Failure::Permanent(why)) => {
-            dead_letter(
-                inner,
-                &delivery,
-                DeadKind::Permanent,
-                &why,
-                envelope.attempt,
-            )
-            .await;
+        Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,
+    }
+}
+
+/// Where a message whose handling failed goes: the dead queue at once when
+/// the failure is permanent, else the next retry tier (or the dead queue
+/// when the tiers are used up).
+async fn settle_failure<H>(
+    inner: &Inner<H>,
+    delivery: &Delivery,
+    envelope: &Envelope,
+    failure: Failure,
+) {
+    match failure {
+        Failure::Permanent(why) => {
+            dead_letter(inner, delivery, DeadKind::Permanent, &why, envelope.attempt).await;
         }
-        Err(Failure::Transient(why)) => {
+        Failure::Transient(why) => {
             match routing::after_transient(envelope.attempt, &inner.settings.retry_delays) {
                 Route::Retry { tier, delay } => {
-                    retry(inner, &delivery, &envelope, tier, delay, &why).await
+                    retry(inner, delivery, envelope, tier, delay, &why).await
                 }
                 Route::Dead(kind) => {
-                    dead_letter(inner, &delivery, kind, &why, envelope.attempt).await
+                    dead_letter(inner, delivery, kind, &why, envelope.attempt).await
                 }
             }
         }

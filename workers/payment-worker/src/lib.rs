@@ -1,9 +1,13 @@
 //! The payment domain: charge an order once, refund or void it once.
 //!
-//! The payment row of an order is locked for the whole of a charge or
-//! refund, gateway call included, so a refund never overtakes the charge it
-//! must undo. A retried charge reuses the order's idempotency key, so the
-//! gateway never charges twice.
+//! A charge is asked of the gateway before the handler's transaction
+//! (`Handler::prepare`), so slow gateway calls overlap and hold no database
+//! connection; its idempotency key is derived from the order, so a retried
+//! or duplicated charge never charges twice. The outcome is then recorded
+//! under the payment row's lock. A refund or void that got there first (the
+//! order gave up meanwhile) is honoured: a charge that landed anyway is
+//! refunded at once. Refunds call the gateway under the row lock, so a
+//! second refund never overtakes the first.
 
 pub mod gateway;
 
@@ -14,6 +18,7 @@ use runtime::{
     Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
     decode_json,
 };
+use sqlx::PgPool;
 use std::time::Duration;
 use topology::{Domain, keys};
 use tracing::info;
@@ -57,14 +62,16 @@ pub async fn build(
 }
 
 pub enum PaymentMessage {
-    Charge(ChargePayment),
+    /// With the gateway's answer once prepared; `None` when an unlocked
+    /// look found the payment already settled.
+    Charge(ChargePayment, Option<ChargeOutcome>),
     Refund(RefundPayment),
 }
 
 impl Inbound for PaymentMessage {
     fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
         Ok(match kind {
-            keys::PAYMENT_CHARGE => Self::Charge(decode_json(kind, body)?),
+            keys::PAYMENT_CHARGE => Self::Charge(decode_json(kind, body)?, None),
             keys::PAYMENT_REFUND => Self::Refund(decode_json(kind, body)?),
             other => return Err(Malformed::UnknownType(other.to_owned())),
         })
@@ -78,9 +85,40 @@ pub struct Payments {
 impl Handler for Payments {
     type Message = PaymentMessage;
 
+    /// Asks the gateway for the charge unless an unlocked look finds the
+    /// payment settled (charged, declined, refunded or voided): a charge
+    /// for an order already given up is never made.
+    async fn prepare(
+        &self,
+        db: &PgPool,
+        message: PaymentMessage,
+    ) -> Result<PaymentMessage, Failure> {
+        let PaymentMessage::Charge(cmd, _) = message else {
+            return Ok(message);
+        };
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM payments.payments WHERE order_id = $1")
+                .bind(cmd.order_id)
+                .fetch_optional(db)
+                .await?;
+        if status.as_deref().is_some_and(|s| s != "pending") {
+            return Ok(PaymentMessage::Charge(cmd, None));
+        }
+        let outcome = self
+            .gateway
+            .charge(
+                cmd.order_id,
+                cmd.amount_cents,
+                &cmd.currency,
+                &cmd.payment_method,
+            )
+            .await?;
+        Ok(PaymentMessage::Charge(cmd, Some(outcome)))
+    }
+
     async fn handle(&self, ctx: &mut Context, message: PaymentMessage) -> Result<(), Failure> {
         match message {
-            PaymentMessage::Charge(cmd) => self.charge_payment(ctx, cmd).await,
+            PaymentMessage::Charge(cmd, outcome) => self.charge_payment(ctx, cmd, outcome).await,
             PaymentMessage::Refund(cmd) => self.refund_payment(ctx, cmd.order_id).await,
         }
     }
@@ -88,7 +126,7 @@ impl Handler for Payments {
     /// Every message locks its order's payment row.
     fn lock_key(&self, message: &PaymentMessage) -> Option<String> {
         let id = match message {
-            PaymentMessage::Charge(cmd) => cmd.order_id,
+            PaymentMessage::Charge(cmd, _) => cmd.order_id,
             PaymentMessage::Refund(cmd) => cmd.order_id,
         };
         Some(id.to_string())
@@ -141,7 +179,12 @@ async fn set_status(
 }
 
 impl Payments {
-    async fn charge_payment(&self, ctx: &mut Context, cmd: ChargePayment) -> Result<(), Failure> {
+    async fn charge_payment(
+        &self,
+        ctx: &mut Context,
+        cmd: ChargePayment,
+        prepared: Option<ChargeOutcome>,
+    ) -> Result<(), Failure> {
         let id = cmd.order_id;
         let row = lock_payment(ctx, id).await?;
         match row.status.as_str() {
@@ -165,15 +208,30 @@ impl Payments {
                     .correlated(id),
                 );
             }
-            // The order gave up on this payment before it was made.
-            "refunded" | "voided" => {
-                info!(order_id = %id, "Charge skipped: payment already voided")
-            }
+            // The order gave up on this payment while the charge was on its
+            // way: a charge that landed is refunded now.
+            "refunded" | "voided" => match prepared {
+                Some(ChargeOutcome::Charged { charge_id }) => {
+                    let refunded = self.refund_standing(id, &row).await?;
+                    if !refunded.is_empty() {
+                        info!(order_id = %id, charge_id, "Charge landed after the payment was voided; refunded");
+                        record_refund(ctx, id, "refunded", &row, refunded).await?;
+                    }
+                }
+                _ => info!(order_id = %id, "Charge skipped: payment already voided"),
+            },
             _ => {
-                let outcome = self
-                    .gateway
-                    .charge(id, cmd.amount_cents, &cmd.currency, &cmd.payment_method)
-                    .await?;
+                let outcome = match prepared {
+                    Some(outcome) => outcome,
+                    // Settled at the unlocked look, pending under the lock:
+                    // cannot happen (nothing returns to pending), but the
+                    // answer is one idempotent call away.
+                    None => {
+                        self.gateway
+                            .charge(id, cmd.amount_cents, &cmd.currency, &cmd.payment_method)
+                            .await?
+                    }
+                };
                 match outcome {
                     ChargeOutcome::Charged { charge_id } => {
                         sqlx::query(
@@ -214,40 +272,53 @@ impl Payments {
 
     async fn refund_payment(&self, ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
         let row = lock_payment(ctx, id).await?;
-        let refunded: Vec<String> = match row.status.as_str() {
-            "refunded" | "voided" => return Ok(()),
-            "charged" => {
-                let charge_id = row.charge_id.unwrap_or_default();
-                self.gateway.refund(&charge_id).await?;
-                vec![charge_id]
-            }
-            // No charge recorded here, but one may have landed at the
-            // gateway with its answer lost: ask the gateway, refund what stands.
-            _ => {
-                let mut refunded = Vec::new();
-                for charge in self.gateway.charges_of(id).await? {
-                    if charge.status == "succeeded" && !charge.refunded {
-                        self.gateway.refund(&charge.id).await?;
-                        refunded.push(charge.id);
-                    }
-                }
-                refunded
-            }
-        };
+        if matches!(row.status.as_str(), "refunded" | "voided") {
+            return Ok(());
+        }
+        let refunded = self.refund_standing(id, &row).await?;
         let status = if refunded.is_empty() {
             "voided"
         } else {
             "refunded"
         };
-        set_status(ctx, id, status, None, row.decline.as_deref()).await?;
-        info!(order_id = %id, status, charges = ?refunded, "Payment refunded or voided");
-        ctx.emit(
-            Outgoing::of(&PaymentRefunded {
-                order_id: id,
-                charge_ids: refunded,
-            })
-            .correlated(id),
-        );
-        Ok(())
+        record_refund(ctx, id, status, &row, refunded).await
     }
+
+    /// Refunds what stands of the order's charges (called under the payment
+    /// row's lock) and returns their ids.
+    async fn refund_standing(&self, id: Uuid, row: &PaymentRow) -> Result<Vec<String>, Failure> {
+        if let ("charged", Some(charge_id)) = (row.status.as_str(), &row.charge_id) {
+            self.gateway.refund(charge_id).await?;
+            return Ok(vec![charge_id.clone()]);
+        }
+        // No charge recorded here, but one may have landed at the gateway
+        // with its answer lost, or after a void: ask, refund what stands.
+        let mut refunded = Vec::new();
+        for charge in self.gateway.charges_of(id).await? {
+            if charge.status == "succeeded" && !charge.refunded {
+                self.gateway.refund(&charge.id).await?;
+                refunded.push(charge.id);
+            }
+        }
+        Ok(refunded)
+    }
+}
+
+async fn record_refund(
+    ctx: &mut Context,
+    id: Uuid,
+    status: &str,
+    row: &PaymentRow,
+    refunded: Vec<String>,
+) -> Result<(), Failure> {
+    set_status(ctx, id, status, None, row.decline.as_deref()).await?;
+    info!(order_id = %id, status, charges = ?refunded, "Payment refunded or voided");
+    ctx.emit(
+        Outgoing::of(&PaymentRefunded {
+            order_id: id,
+            charge_ids: refunded,
+        })
+        .correlated(id),
+    );
+    Ok(())
 }

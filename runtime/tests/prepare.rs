@@ -1,0 +1,135 @@
+//! A handler's outside work (`Handler::prepare`) against the real broker
+//! and database: the deliveries that wait together are prepared at once,
+//! each is then handled in the shared transaction, and a failure while
+//! preparing routes the message like a handler's failure would.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use runtime::{Context, Failure, Handler, Worker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use support::probe::{Probe, ProbeMessage, probe_spec};
+use support::{apply_topology, count, header_text, prepare, send, settings};
+use testkit::{TestEnv, eventually};
+use tokio::sync::oneshot;
+use topology::headers;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+struct Gauge {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+/// Prepares slowly (a gateway call stand-in), counting how many prepare at
+/// once; `fail: "prepare"` refuses while preparing. Handling records the
+/// effect in the transaction.
+struct SlowOutside {
+    preparing: Arc<Gauge>,
+}
+
+impl Handler for SlowOutside {
+    type Message = ProbeMessage;
+
+    async fn prepare(
+        &self,
+        _db: &sqlx::PgPool,
+        message: ProbeMessage,
+    ) -> Result<ProbeMessage, Failure> {
+        let ProbeMessage::Probe(probe) = &message;
+        let now = self.preparing.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.preparing.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.preparing.now.fetch_sub(1, Ordering::SeqCst);
+        if probe.fail.as_deref() == Some("prepare") {
+            return Err(Failure::permanent(format!(
+                "probe {} refused while preparing",
+                probe.id
+            )));
+        }
+        Ok(message)
+    }
+
+    async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
+        let ProbeMessage::Probe(probe) = message;
+        let message_id = ctx.envelope().message_id;
+        sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
+            .bind(&probe.id)
+            .bind(message_id)
+            .execute(ctx.db())
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lettered() {
+    runtime::telemetry::init();
+    let env = TestEnv::new().await;
+    apply_topology(&env, "100ms").await;
+    let pool = prepare(&env).await;
+    for i in 0..7 {
+        send(
+            &env,
+            &Probe {
+                id: format!("p{i}"),
+                ..Probe::default()
+            },
+        )
+        .await;
+    }
+    send(
+        &env,
+        &Probe {
+            id: "refused".into(),
+            fail: Some("prepare".into()),
+            ..Probe::default()
+        },
+    )
+    .await;
+
+    // One transaction's worth, gathered before it starts.
+    let mut settings = settings(&env, "100ms");
+    settings.batch_size = 8;
+    settings.batch_linger = Duration::from_millis(500);
+    let preparing = Arc::new(Gauge::default());
+    let worker = Worker::with_pool(
+        probe_spec(),
+        settings,
+        env.pool().await,
+        SlowOutside {
+            preparing: preparing.clone(),
+        },
+    );
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(async move {
+        let _ = stopped.await;
+    }));
+
+    eventually(WAIT, "seven effects and one dead message", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 7
+            && env.depth("inventory.dead").await == 1
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+
+    let most = preparing.most.load(Ordering::SeqCst);
+    assert!(most > 1, "prepared one at a time ({most} at most)");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 'refused'"
+        )
+        .await,
+        0
+    );
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert!(header_text(&dead[0].0, headers::ERROR).contains("refused while preparing"));
+    assert_eq!(env.depth("inventory").await, 0);
+    env.cleanup().await;
+}
