@@ -130,7 +130,19 @@ impl WorkerSettings {
         );
     }
 
-    pub fn from_env() -> Result<Self, ConfigError> {
+    /// The settings of a worker whose handler is `H`, from the environment.
+    /// `CONCURRENCY` defaults to 2 transactions in flight for a handler
+    /// that acts only on the database: more only split the deliveries
+    /// waiting at a steady rate into smaller transactions contending for
+    /// the same cores (`docs/BENCHMARKS.md`: at 400 orders/s, p99 and
+    /// PostgreSQL CPU both lower). A handler with outside effects in its
+    /// transaction (an email) waits on them message by message, so it
+    /// defaults to 6.
+    pub fn from_env_for<H: crate::Handler>() -> Result<Self, ConfigError> {
+        Self::from_env_with(if H::OUTSIDE_EFFECTS { 6 } else { 2 })
+    }
+
+    fn from_env_with(default_concurrency: usize) -> Result<Self, ConfigError> {
         let prefetch: u16 = env_or("PREFETCH", "128")?;
         if prefetch == 0 {
             return Err(ConfigError {
@@ -139,7 +151,7 @@ impl WorkerSettings {
                 reason: "must be at least 1 (0 would mean unbounded)".into(),
             });
         }
-        let concurrency: usize = env_or("CONCURRENCY", "6")?;
+        let concurrency: usize = env_or("CONCURRENCY", &default_concurrency.to_string())?;
         let concurrency = concurrency.clamp(1, prefetch.into());
         let batch_size: usize = env_or("BATCH_SIZE", "32")?;
         let batch_size = batch_size.clamp(1, prefetch.into());
@@ -168,6 +180,47 @@ impl WorkerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Context, Failure, Handler, Inbound, Malformed};
+
+    struct Nothing;
+
+    impl Inbound for Nothing {
+        fn decode(kind: &str, _body: &[u8]) -> Result<Self, Malformed> {
+            Err(Malformed::UnknownType(kind.to_owned()))
+        }
+    }
+
+    struct DatabaseOnly;
+
+    impl Handler for DatabaseOnly {
+        type Message = Nothing;
+        const OUTSIDE_EFFECTS: bool = false;
+
+        async fn handle(&self, _ctx: &mut Context, _message: Nothing) -> Result<(), Failure> {
+            Ok(())
+        }
+    }
+
+    struct Mailer;
+
+    impl Handler for Mailer {
+        type Message = Nothing;
+
+        async fn handle(&self, _ctx: &mut Context, _message: Nothing) -> Result<(), Failure> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn concurrency_defaults_to_two_for_database_only_handlers_and_six_otherwise() {
+        // The test process sets no CONCURRENCY: the defaults apply.
+        let database_only = WorkerSettings::from_env_for::<DatabaseOnly>().expect("settings");
+        let mailer = WorkerSettings::from_env_for::<Mailer>().expect("settings");
+        assert_eq!(database_only.concurrency, 2);
+        assert_eq!(database_only.database_pool_size, 4);
+        assert_eq!(mailer.concurrency, 6);
+        assert_eq!(mailer.database_pool_size, 8);
+    }
 
     #[test]
     fn passwords_are_masked_and_the_rest_is_kept() {

@@ -7,7 +7,7 @@ mod probe;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env()?;
+    let settings = runtime::WorkerSettings::from_env_for::<probe::ProbeHandler>()?;
     let pool =
         runtime::db::connect(settings.database_url.expose(), settings.database_pool_size).await?;
     runtime::db::migrate(&pool).await?;

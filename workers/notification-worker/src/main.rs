@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env()?;
+    let settings = runtime::WorkerSettings::from_env_for::<notification_worker::Notifications>()?;
     let mail = notification_worker::MailSettings::from_env()?;
     settings.log_effective(notification_worker::SPEC.name);
     tracing::info!(smtp_url = %mail.smtp_url, from = %mail.from, "Mail");

@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env()?;
+    let settings = runtime::WorkerSettings::from_env_for::<order_worker::OrderSaga>()?;
     let payment_timeout = order_worker::payment_timeout_from_env()?;
     settings.log_effective(order_worker::SPEC.name);
     tracing::info!(?payment_timeout, "Payment timeout");

@@ -3,7 +3,7 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env()?;
+    let settings = runtime::WorkerSettings::from_env_for::<payment_worker::Payments>()?;
     let gateway = payment_worker::GatewaySettings::from_env()?;
     settings.log_effective(payment_worker::SPEC.name);
     tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, "Payment gateway");
