@@ -132,6 +132,7 @@ impl System {
         let gateway_settings = payment_worker::GatewaySettings {
             url: gateway.clone(),
             timeout: options.gateway_timeout,
+            max_in_flight: 8,
         };
         let mail = notification_worker::MailSettings {
             smtp_url: runtime::SecretUrl::new(format!("smtp://127.0.0.1:{smtp_port}")),

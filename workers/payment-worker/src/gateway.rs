@@ -7,7 +7,9 @@
 
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,15 +45,31 @@ pub struct GatewayCharge {
 pub struct GatewayClient {
     base: String,
     http: reqwest::Client,
+    /// Requests in flight at once, over all messages: each holds a
+    /// connection and its buffers, and providers limit them too.
+    in_flight: Arc<Semaphore>,
 }
 
 impl GatewayClient {
-    pub fn new(base: &str, timeout: Duration) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(timeout).build()?;
+    pub fn new(base: &str, timeout: Duration, max_in_flight: usize) -> anyhow::Result<Self> {
+        let max_in_flight = max_in_flight.max(1);
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(max_in_flight)
+            .build()?;
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             http,
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
         })
+    }
+
+    /// Waits for a free request slot; the slot is given back when dropped.
+    async fn slot(&self) -> Result<SemaphorePermit<'_>, GatewayError> {
+        self.in_flight
+            .acquire()
+            .await
+            .map_err(|e| GatewayError::Unavailable(e.to_string()))
     }
 
     /// Charges once per order: the idempotency key is derived from the
@@ -63,6 +81,7 @@ impl GatewayClient {
         currency: &str,
         payment_method: &str,
     ) -> Result<ChargeOutcome, GatewayError> {
+        let _slot = self.slot().await?;
         let response = self
             .http
             .post(format!("{}/charges", self.base))
@@ -97,6 +116,7 @@ impl GatewayClient {
     }
 
     pub async fn refund(&self, charge_id: &str) -> Result<(), GatewayError> {
+        let _slot = self.slot().await?;
         let response = self
             .http
             .post(format!("{}/refunds", self.base))
@@ -114,6 +134,7 @@ impl GatewayClient {
     }
 
     pub async fn charges_of(&self, order_id: Uuid) -> Result<Vec<GatewayCharge>, GatewayError> {
+        let _slot = self.slot().await?;
         let response = self
             .http
             .get(format!("{}/charges", self.base))

@@ -30,12 +30,14 @@ pub const SPEC: WorkerSpec = WorkerSpec {
     schema: "payments",
 };
 
-/// The gateway's address (`PAYMENT_GATEWAY_URL`) and request timeout
-/// (`PAYMENT_GATEWAY_TIMEOUT`).
+/// The gateway's address (`PAYMENT_GATEWAY_URL`), request timeout
+/// (`PAYMENT_GATEWAY_TIMEOUT`) and how many requests may be in flight at
+/// once (`PAYMENT_GATEWAY_MAX_IN_FLIGHT`).
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub url: String,
     pub timeout: Duration,
+    pub max_in_flight: usize,
 }
 
 impl GatewaySettings {
@@ -47,7 +49,15 @@ impl GatewaySettings {
         let raw: String = env_or("PAYMENT_GATEWAY_TIMEOUT", "5s")?;
         let timeout = topology::retry::parse_duration(&raw)
             .map_err(|e| anyhow::anyhow!("PAYMENT_GATEWAY_TIMEOUT={raw:?} is not valid: {e}"))?;
-        Ok(Self { url, timeout })
+        let max_in_flight: usize = env_or("PAYMENT_GATEWAY_MAX_IN_FLIGHT", "16")?;
+        if max_in_flight == 0 {
+            anyhow::bail!("PAYMENT_GATEWAY_MAX_IN_FLIGHT=0: at least one request must be allowed");
+        }
+        Ok(Self {
+            url,
+            timeout,
+            max_in_flight,
+        })
     }
 }
 
@@ -56,7 +66,7 @@ pub async fn build(
     gateway: &GatewaySettings,
 ) -> anyhow::Result<Worker<Payments>> {
     let handler = Payments {
-        gateway: GatewayClient::new(&gateway.url, gateway.timeout)?,
+        gateway: GatewayClient::new(&gateway.url, gateway.timeout, gateway.max_in_flight)?,
     };
     Worker::build(SPEC, settings, handler).await
 }
