@@ -302,9 +302,10 @@ struct Decoded<M> {
     message: M,
 }
 
-/// Handles the deliveries that were waiting together: one alone, several in
-/// one transaction. Redelivered ones always run alone, one at a time, so
-/// that a message that kills its worker is counted and condemned alone.
+/// Handles the deliveries that were waiting together: one alone, several
+/// prepared at once (`Handler::prepare`) and then handled in one
+/// transaction. Redelivered ones always run alone, one at a time, so that
+/// a message that kills its worker is counted and condemned alone.
 async fn process_all<H: Handler>(
     inner: &Inner<H>,
     deliveries: Vec<Delivery>,
