@@ -189,12 +189,19 @@ impl Publisher {
                 return Ok(());
             }
             let channel = self.channel().await?;
-            let mut pending = Vec::with_capacity(batch.len());
-            for (exchange, routing_key, body, properties) in batch {
-                let confirm =
-                    start_publish(&channel, exchange, routing_key, body, properties).await?;
-                pending.push((exchange, routing_key, confirm));
-            }
+            // Started together: each publish hands its frames to lapin's I/O
+            // loop and waits until they are written, so one after the other
+            // would cost a wake-up and a socket write each. Polled in order,
+            // they queue their frames in order and go out together.
+            let channel = &channel;
+            let pending = futures::future::try_join_all(batch.into_iter().map(
+                |(exchange, routing_key, body, properties)| async move {
+                    let confirm =
+                        start_publish(channel, exchange, routing_key, body, properties).await?;
+                    Ok::<_, PublishError>((exchange, routing_key, confirm))
+                },
+            ))
+            .await?;
             for (exchange, routing_key, confirm) in pending {
                 await_confirm(confirm, exchange, routing_key).await?;
             }
