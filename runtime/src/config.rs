@@ -130,16 +130,10 @@ impl WorkerSettings {
         );
     }
 
-    /// The settings of a worker whose handler is `H`, from the environment.
-    /// `CONCURRENCY` defaults to 2 transactions in flight for a handler
-    /// that acts only on the database: more only split the deliveries
-    /// waiting at a steady rate into smaller transactions contending for
-    /// the same cores (`docs/BENCHMARKS.md`: at 400 orders/s, p99 and
-    /// PostgreSQL CPU both lower). A handler with outside effects in its
-    /// transaction (an email) waits on them message by message, so it
-    /// defaults to 6.
+    /// The settings of a worker whose handler is `H`, from the environment;
+    /// `CONCURRENCY` defaults to `H::DEFAULT_CONCURRENCY`.
     pub fn from_env_for<H: crate::Handler>() -> Result<Self, ConfigError> {
-        Self::from_env_with(if H::OUTSIDE_EFFECTS { 6 } else { 2 })
+        Self::from_env_with(H::DEFAULT_CONCURRENCY)
     }
 
     fn from_env_with(default_concurrency: usize) -> Result<Self, ConfigError> {
@@ -205,6 +199,7 @@ mod tests {
 
     impl Handler for Mailer {
         type Message = Nothing;
+        const DEFAULT_CONCURRENCY: usize = 6;
 
         async fn handle(&self, _ctx: &mut Context, _message: Nothing) -> Result<(), Failure> {
             Ok(())
@@ -212,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrency_defaults_to_two_for_database_only_handlers_and_six_otherwise() {
+    fn concurrency_defaults_to_what_the_handler_declares() {
         // The test process sets no CONCURRENCY: the defaults apply.
         let database_only = WorkerSettings::from_env_for::<DatabaseOnly>().expect("settings");
         let mailer = WorkerSettings::from_env_for::<Mailer>().expect("settings");

@@ -117,6 +117,15 @@ pub trait Handler: Send + Sync + 'static {
     /// the shared transaction back and its messages run again alone.
     const OUTSIDE_EFFECTS: bool = true;
 
+    /// Transactions in flight at once unless `CONCURRENCY` says otherwise.
+    /// Two, by default: more only split the deliveries waiting at a steady
+    /// rate into smaller transactions contending for the same cores
+    /// (`docs/BENCHMARKS.md`: at 400 orders/s, p99 and PostgreSQL CPU both
+    /// lower). A handler that waits on something slow inside its
+    /// transaction, message by message (an email), wants more; slow work
+    /// that can run before the transaction belongs in [`Handler::prepare`].
+    const DEFAULT_CONCURRENCY: usize = 2;
+
     /// Work a message needs outside the database before its transaction:
     /// a slow call whose answer the transaction then records (a payment
     /// gateway's). The runtime runs it, on no transaction, for all the

@@ -186,6 +186,11 @@ fn cancelled_mail(ev: &OrderCancelled) -> Mail {
 impl Handler for Notifications {
     type Message = NotificationMessage;
 
+    /// Each email is sent inside its transaction (it must be: SMTP has no
+    /// idempotency key, the `sent` row is the dedupe), one after the other,
+    /// so more transactions in flight keep a slow mail server busy.
+    const DEFAULT_CONCURRENCY: usize = 6;
+
     async fn handle(&self, ctx: &mut Context, message: NotificationMessage) -> Result<(), Failure> {
         let mail = match &message {
             NotificationMessage::Confirmed(ev) => confirmed_mail(ev),
