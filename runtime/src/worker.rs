@@ -560,15 +560,11 @@ async fn run_prepare<H: Handler>(
     inner: &Inner<H>,
     message: H::Message,
 ) -> Result<H::Message, Failure> {
-    AssertUnwindSafe(inner.handler.prepare(&inner.pool, message))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            Err(Failure::Permanent(format!(
-                "handler panicked preparing: {}",
-                panic_text(&panic)
-            )))
-        })
+    unless_panicked(
+        "handler panicked preparing",
+        inner.handler.prepare(&inner.pool, message),
+    )
+    .await
 }
 
 /// Runs the handler, turning a panic into a permanent failure.
@@ -577,12 +573,21 @@ async fn run_handler<H: Handler>(
     ctx: &mut Context,
     message: H::Message,
 ) -> Result<(), Failure> {
-    AssertUnwindSafe(inner.handler.handle(ctx, message))
+    unless_panicked("handler panicked", inner.handler.handle(ctx, message)).await
+}
+
+/// Awaits handler code; a panic becomes a permanent failure whose text
+/// starts with `what`, so one bad message cannot take its worker down.
+async fn unless_panicked<T>(
+    what: &str,
+    work: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    AssertUnwindSafe(work)
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
             Err(Failure::Permanent(format!(
-                "handler panicked: {}",
+                "{what}: {}",
                 panic_text(&panic)
             )))
         })
@@ -1140,15 +1145,11 @@ async fn expire_deadlines<H: Handler>(
         return Ok(0);
     };
     let mut ctx = Context::new(Envelope::started_here("deadlines"), tx);
-    let expired = AssertUnwindSafe(inner.handler.expire_deadlines(&mut ctx))
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            Err(Failure::Permanent(format!(
-                "deadline scan panicked: {}",
-                panic_text(&panic)
-            )))
-        })?;
+    let expired = unless_panicked(
+        "deadline scan panicked",
+        inner.handler.expire_deadlines(&mut ctx),
+    )
+    .await?;
     let (tx, outbox) = ctx.into_parts();
     if expired == 0 && outbox.is_empty() {
         // Nothing was due: nothing to commit (dropping rolls back).
