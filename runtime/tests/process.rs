@@ -227,25 +227,6 @@ async fn a_garbage_setting_stops_the_worker_at_start_with_the_variable_named() {
         ("PREFETCH", "70000"),
         ("RETRY_DELAYS", "1s,fast"),
     ] {
-        // Nothing is reachable at these addresses: the settings must fail
-        // before any connection is tried.
-        let run = Command::new(env!("CARGO_BIN_EXE_probe-worker"))
-            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
-            .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
-            .env(name, value)
-            .env("RUST_LOG", "off")
-            .kill_on_drop(true)
-            .output();
-        // A worker that accepted the value would keep retrying its connections.
-        let out = tokio::time::timeout(WAIT, run)
-            .await
-            .unwrap_or_else(|_| panic!("{name}={value} was accepted: the worker kept running"))
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{name}={value} was accepted");
-        assert!(
-            stderr.contains(name) && stderr.contains(value),
-            "{name}={value}: {stderr}"
-        );
+        testkit::assert_setting_refused(env!("CARGO_BIN_EXE_probe-worker"), name, value).await;
     }
 }

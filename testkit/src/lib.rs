@@ -219,3 +219,28 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Starts `binary` with `name=value` and asserts that it refuses the value
+/// at start: it exits non-zero, naming the variable and the value. Nothing
+/// listens at the broker and database addresses it is given, so a binary
+/// that accepted the value would keep retrying them instead of exiting
+/// (caught by a timeout) or fail later with another message.
+pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
+    let run = tokio::process::Command::new(binary)
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env(name, value)
+        .env("RUST_LOG", "off")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{name}={value} was accepted: {binary} kept running"))
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{name}={value} was accepted");
+    assert!(
+        stderr.contains(name) && stderr.contains(value),
+        "{name}={value}: {stderr}"
+    );
+}
