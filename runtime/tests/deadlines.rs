@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::probe::{ProbeMessage, Probed, probe_spec};
-use support::{apply_topology, count, prepare, settings};
+use support::{Running, apply_topology, count, prepare, run, settings};
 use testkit::{TestEnv, eventually};
-use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -64,24 +63,13 @@ impl Handler for Deadlines {
     }
 }
 
-async fn start(
-    env: &TestEnv,
-    fail_once: Arc<AtomicBool>,
-) -> (
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let worker = Worker::with_pool(
+async fn start(env: &TestEnv, fail_once: Arc<AtomicBool>) -> Running {
+    run(Worker::with_pool(
         probe_spec(),
         settings(env, "100ms"),
         env.pool().await,
         Deadlines { fail_once },
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    (stop, task)
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -131,9 +119,8 @@ async fn replicas_act_on_each_passed_deadline_once_and_a_failed_scan_is_repeated
     .await;
     // Give a stray second announcement time to arrive before counting them.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for (stop, task) in replicas {
-        let _ = stop.send(());
-        task.await.unwrap().unwrap();
+    for replica in replicas {
+        replica.stop().await;
     }
 
     // Acted on once = one announcement (one message id) per deadline. The

@@ -11,9 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::probe::{Probe, ProbeMessage, probe_spec};
-use support::{apply_topology, count, header_text, prepare, send, settings};
+use support::{apply_topology, count, header_text, prepare, run, send, settings};
 use testkit::{TestEnv, eventually};
-use tokio::sync::oneshot;
 use topology::headers;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -96,26 +95,21 @@ async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lette
     settings.batch_size = 8;
     settings.batch_linger = Duration::from_millis(500);
     let preparing = Arc::new(Gauge::default());
-    let worker = Worker::with_pool(
+    let worker = run(Worker::with_pool(
         probe_spec(),
         settings,
         env.pool().await,
         SlowOutside {
             preparing: preparing.clone(),
         },
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
+    ));
 
     eventually(WAIT, "seven effects and one dead message", || async {
         count(&pool, "SELECT count(*) FROM probe_effects").await == 7
             && env.depth("inventory.dead").await == 1
     })
     .await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    worker.stop().await;
 
     let most = preparing.most.load(Ordering::SeqCst);
     assert!(most > 1, "prepared one at a time ({most} at most)");

@@ -5,7 +5,7 @@ pub mod probe;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use probe::{PROBE_TABLES, Probe, ProbeHandler, probe_spec};
-use runtime::{Outgoing, Worker, WorkerSettings};
+use runtime::{Handler, Outgoing, Worker, WorkerSettings};
 use std::time::Duration;
 use testkit::TestEnv;
 use tokio::sync::oneshot;
@@ -80,7 +80,11 @@ async fn start_probe<const OUTSIDE_EFFECTS: bool>(
     let handler = ProbeHandler::<OUTSIDE_EFFECTS> {
         pool: env.pool().await,
     };
-    let worker = Worker::with_pool(probe_spec(), settings, pool, handler);
+    run(Worker::with_pool(probe_spec(), settings, pool, handler))
+}
+
+/// Runs `worker` in this process until [`Running::stop`].
+pub fn run<H: Handler>(worker: Worker<H>) -> Running {
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(worker.run(async move {
         let _ = stopped.await;
