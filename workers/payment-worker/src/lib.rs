@@ -231,16 +231,14 @@ impl Payments {
                 _ => info!(order_id = %id, "Charge skipped: payment already voided"),
             },
             _ => {
-                let outcome = match prepared {
-                    Some(outcome) => outcome,
-                    // Settled at the unlocked look, pending under the lock:
-                    // cannot happen (nothing returns to pending), but the
-                    // answer is one idempotent call away.
-                    None => {
-                        self.gateway
-                            .charge(id, cmd.amount_cents, &cmd.currency, &cmd.payment_method)
-                            .await?
-                    }
+                // Settled at the unlocked look, pending under the lock:
+                // nothing returns to pending, so this is not reached; if it
+                // were, a retry prepares the charge again. The gateway is
+                // asked in `prepare` only, never inside the transaction.
+                let Some(outcome) = prepared else {
+                    return Err(Failure::transient(format!(
+                        "payment of order {id} is pending but its charge was not prepared"
+                    )));
                 };
                 match outcome {
                     ChargeOutcome::Charged { charge_id } => {
