@@ -133,10 +133,6 @@ impl WorkerSettings {
     /// The settings of a worker whose handler is `H`, from the environment;
     /// `CONCURRENCY` defaults to `H::DEFAULT_CONCURRENCY`.
     pub fn from_env_for<H: crate::Handler>() -> Result<Self, ConfigError> {
-        Self::from_env_with(H::DEFAULT_CONCURRENCY)
-    }
-
-    fn from_env_with(default_concurrency: usize) -> Result<Self, ConfigError> {
         let prefetch: u16 = env_or("PREFETCH", "128")?;
         if prefetch == 0 {
             return Err(ConfigError {
@@ -145,7 +141,7 @@ impl WorkerSettings {
                 reason: "must be at least 1 (0 would mean unbounded)".into(),
             });
         }
-        let concurrency: usize = env_or("CONCURRENCY", &default_concurrency.to_string())?;
+        let concurrency: usize = env_or("CONCURRENCY", &H::DEFAULT_CONCURRENCY.to_string())?;
         let concurrency = concurrency.clamp(1, prefetch.into());
         let batch_size: usize = env_or("BATCH_SIZE", "32")?;
         let batch_size = batch_size.clamp(1, prefetch.into());
@@ -184,11 +180,10 @@ mod tests {
         }
     }
 
-    struct DatabaseOnly;
+    struct Undeclared;
 
-    impl Handler for DatabaseOnly {
+    impl Handler for Undeclared {
         type Message = Nothing;
-        const OUTSIDE_EFFECTS: bool = false;
 
         async fn handle(&self, _ctx: &mut Context, _message: Nothing) -> Result<(), Failure> {
             Ok(())
@@ -209,10 +204,10 @@ mod tests {
     #[test]
     fn concurrency_defaults_to_what_the_handler_declares() {
         // The test process sets no CONCURRENCY: the defaults apply.
-        let database_only = WorkerSettings::from_env_for::<DatabaseOnly>().expect("settings");
+        let undeclared = WorkerSettings::from_env_for::<Undeclared>().expect("settings");
         let mailer = WorkerSettings::from_env_for::<Mailer>().expect("settings");
-        assert_eq!(database_only.concurrency, 2);
-        assert_eq!(database_only.database_pool_size, 4);
+        assert_eq!(undeclared.concurrency, 2);
+        assert_eq!(undeclared.database_pool_size, 4);
         assert_eq!(mailer.concurrency, 6);
         assert_eq!(mailer.database_pool_size, 8);
     }
