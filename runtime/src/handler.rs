@@ -105,6 +105,45 @@ impl Context {
     }
 }
 
+/// A fresh message of a shared transaction, with its envelope, as
+/// [`Handler::handle_together`] sees it.
+pub struct Fresh<M> {
+    pub envelope: Envelope,
+    pub message: M,
+}
+
+/// What a handler may touch while it applies several messages together:
+/// the shared transaction, and an outbox where each emitted message names
+/// the message that caused it.
+pub struct Together {
+    tx: Transaction<'static, Postgres>,
+    outbox: Vec<Outgoing>,
+}
+
+impl Together {
+    pub(crate) fn new(tx: Transaction<'static, Postgres>) -> Self {
+        Self {
+            tx,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The shared transaction; commit is the runtime's.
+    pub fn db(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Sends `message` once the transaction has committed, continuing the
+    /// trace and correlation of `cause` (see [`Context::emit`]).
+    pub fn emit(&mut self, cause: &Envelope, message: Outgoing) {
+        self.outbox.push(message.caused_by(cause));
+    }
+
+    pub(crate) fn into_parts(self) -> (Transaction<'static, Postgres>, Vec<Outgoing>) {
+        (self.tx, self.outbox)
+    }
+}
+
 /// A domain handler for the messages of one work queue.
 pub trait Handler: Send + Sync + 'static {
     /// The payloads this queue carries, decoded by `type`.
@@ -151,6 +190,26 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &mut Context,
         message: Self::Message,
     ) -> impl Future<Output = Result<(), Failure>> + Send;
+
+    /// Applies several fresh messages of one shared transaction together,
+    /// with set-based statements (one statement for all the orders of a
+    /// chunk that move to the same state, instead of one each: per message,
+    /// that is most of the database's work). Takes the messages it can
+    /// apply that way and returns the others, which the runtime then hands
+    /// to [`Handler::handle`] one by one, in the same transaction, after
+    /// these. So it must take only messages whose outcome does not depend
+    /// on the others of the chunk (the only message of its order, say).
+    /// It must act only on the database (outside work belongs in
+    /// [`Handler::prepare`]): a failure rolls the whole transaction back,
+    /// and every message of it runs again alone. The default takes none.
+    fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<Self::Message>>,
+    ) -> impl Future<Output = Result<Vec<Fresh<Self::Message>>, Failure>> + Send {
+        let _ = ctx;
+        async { Ok(messages) }
+    }
 
     /// Names the contended rows this message will lock first (a SKU, an
     /// order id). Messages handled in one transaction run in key order, so

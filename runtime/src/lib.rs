@@ -22,6 +22,6 @@ pub mod worker;
 pub use broker::{PublishError, Publisher};
 pub use config::{SecretUrl, WorkerSettings};
 pub use envelope::{Envelope, Inbound, Malformed, Message, Outgoing, decode_json};
-pub use handler::{Context, Failure, Handler};
+pub use handler::{Context, Failure, Fresh, Handler, Together};
 pub use routing::DeadKind;
 pub use worker::{Worker, WorkerSpec};

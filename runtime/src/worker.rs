@@ -11,8 +11,8 @@
 use crate::broker::{self, PublishError, Publisher};
 use crate::config::WorkerSettings;
 use crate::db;
-use crate::envelope::{Envelope, Inbound, header_int, header_str};
-use crate::handler::{Context, Failure, Handler, is_transient};
+use crate::envelope::{Envelope, Inbound, Outgoing, header_int, header_str};
+use crate::handler::{Context, Failure, Fresh, Handler, Together, is_transient};
 use crate::routing::{self, DeadKind, Route};
 use crate::store::Store;
 use backon::{ExponentialBuilder, Retryable};
@@ -21,7 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
-use sqlx::{AssertSqlSafe, PgPool};
+use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -449,6 +449,32 @@ async fn process_batch<H: Handler>(
     let mut done = Vec::with_capacity(batch.len());
     let mut outbox = Vec::new();
     let mut failed = Vec::new();
+    let mut fresh = Vec::with_capacity(batch.len());
+    for decoded in batch {
+        if new.remove(&decoded.envelope.message_id) {
+            fresh.push(decoded);
+        } else {
+            let Decoded {
+                delivery, envelope, ..
+            } = decoded;
+            debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
+            done.push((delivery, envelope));
+        }
+    }
+    // What the handler applies together, set-based, comes first, before
+    // any savepoint: it acts only on the database, so when it fails the
+    // whole transaction is rolled back and nothing is repeated outside.
+    if fresh.len() > 1 {
+        match apply_together(inner, tx, fresh, &mut done, &mut outbox).await {
+            Ok((kept_tx, left)) => (tx, fresh) = (kept_tx, left),
+            Err((failure, fresh)) => {
+                debug!(queue, error = %failure, "Messages applied together failed; handling them alone");
+                let mut again: Vec<_> = done.into_iter().map(|(d, _)| d).collect();
+                again.extend(fresh);
+                return again;
+            }
+        }
+    }
     // A handler that acts only on the database needs no savepoint: when one
     // fails, the whole transaction is rolled back and every message runs
     // again alone, which repeats nothing outside the database. This saves
@@ -460,15 +486,10 @@ async fn process_batch<H: Handler>(
         delivery,
         envelope,
         message,
-    } in batch
+    } in fresh
     {
         if broken {
             failed.push((delivery, envelope, None));
-            continue;
-        }
-        if !new.remove(&envelope.message_id) {
-            debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
-            done.push((delivery, envelope));
             continue;
         }
         if savepoints
@@ -553,6 +574,59 @@ async fn process_batch<H: Handler>(
         }
     }
     again
+}
+
+/// Lets the handler apply what it can of `fresh` together
+/// (`Handler::handle_together`): those it took join `done` and what they
+/// emitted joins `outbox`; returns the transaction and the messages left
+/// for `handle`, in their order. On failure the transaction is gone
+/// (rolled back) and every fresh delivery is returned, to run again alone.
+#[allow(clippy::type_complexity)]
+async fn apply_together<H: Handler>(
+    inner: &Inner<H>,
+    tx: Transaction<'static, Postgres>,
+    fresh: Vec<Decoded<H::Message>>,
+    done: &mut Vec<(Delivery, Envelope)>,
+    outbox: &mut Vec<Outgoing>,
+) -> Result<(Transaction<'static, Postgres>, Vec<Decoded<H::Message>>), (Failure, Vec<Delivery>)> {
+    let mut deliveries = std::collections::HashMap::with_capacity(fresh.len());
+    let mut messages = Vec::with_capacity(fresh.len());
+    for Decoded {
+        delivery,
+        envelope,
+        message,
+    } in fresh
+    {
+        deliveries.insert(envelope.message_id, (delivery, envelope.clone()));
+        messages.push(Fresh { envelope, message });
+    }
+    let mut ctx = Together::new(tx);
+    let result = unless_panicked(
+        "handler panicked applying messages together",
+        inner.handler.handle_together(&mut ctx, messages),
+    )
+    .await;
+    let left = match result {
+        Ok(left) => left,
+        Err(failure) => {
+            return Err((failure, deliveries.into_values().map(|(d, _)| d).collect()));
+        }
+    };
+    let (tx, emitted) = ctx.into_parts();
+    let mut rest = Vec::with_capacity(left.len());
+    for Fresh { envelope, message } in left {
+        // Each id once: a message cannot be left twice.
+        if let Some((delivery, _)) = deliveries.remove(&envelope.message_id) {
+            rest.push(Decoded {
+                delivery,
+                envelope,
+                message,
+            });
+        }
+    }
+    done.extend(deliveries.into_values());
+    outbox.extend(emitted);
+    Ok((tx, rest))
 }
 
 /// Runs the handler's outside work, turning a panic into a permanent failure.

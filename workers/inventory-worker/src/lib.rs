@@ -8,12 +8,14 @@ use messages::{
     StockReserved,
 };
 use runtime::{
-    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
-    decode_json,
+    Context, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
+    WorkerSettings, WorkerSpec, decode_json,
 };
-use std::collections::BTreeMap;
+use sqlx::PgConnection;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use topology::{Domain, keys};
 use tracing::info;
+use uuid::Uuid;
 
 pub const SPEC: WorkerSpec = WorkerSpec {
     name: "inventory-worker",
@@ -73,6 +75,73 @@ impl Handler for Inventory {
             InventoryMessage::Release(_) => None,
         }
     }
+
+    /// Reservations and commits of many orders in two statements: lock
+    /// every stock row the chunk names, decide each reservation in Rust in
+    /// chunk order, then write them and the commits at once. Only an
+    /// order's one message of the chunk is taken, and only valid ones;
+    /// releases and restocks are left for `handle`.
+    async fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<InventoryMessage>>,
+    ) -> Result<Vec<Fresh<InventoryMessage>>, Failure> {
+        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
+        for fresh in &messages {
+            if let Some(id) = order_id(&fresh.message) {
+                *per_order.entry(id).or_default() += 1;
+            }
+        }
+        let mut left = Vec::new();
+        let mut reserving = Vec::new();
+        let mut committing = Vec::new();
+        for Fresh { envelope, message } in messages {
+            let alone = order_id(&message).is_some_and(|id| per_order.get(&id) == Some(&1));
+            match message {
+                InventoryMessage::Reserve(cmd) if alone => match wanted(&cmd.items) {
+                    Ok(wanted) => reserving.push((envelope, cmd.order_id, wanted)),
+                    // `handle` refuses it.
+                    Err(_) => left.push(Fresh {
+                        envelope,
+                        message: InventoryMessage::Reserve(cmd),
+                    }),
+                },
+                InventoryMessage::Commit(cmd) if alone => committing.push((envelope, cmd)),
+                message => left.push(Fresh { envelope, message }),
+            }
+        }
+        let mut skus: Vec<String> = reserving
+            .iter()
+            .flat_map(|(_, _, wanted)| wanted.keys().cloned())
+            .chain(
+                committing
+                    .iter()
+                    .flat_map(|(_, cmd)| cmd.skus.iter().cloned()),
+            )
+            .collect();
+        skus.sort();
+        skus.dedup();
+        let orders: Vec<Uuid> = reserving.iter().map(|(_, id, _)| *id).collect();
+        let mut stock = lock_stock(ctx.db(), &skus, &orders).await?;
+        let mut rows = Vec::new();
+        for (envelope, order_id, wanted) in &reserving {
+            let outcome = stock.reserve(*order_id, wanted, &mut rows);
+            ctx.emit(envelope, outcome);
+        }
+        let committed: Vec<Uuid> = committing.iter().map(|(_, cmd)| cmd.order_id).collect();
+        apply(ctx.db(), &rows, &committed).await?;
+        Ok(left)
+    }
+}
+
+/// The order a message is about; a restock is about none.
+fn order_id(message: &InventoryMessage) -> Option<Uuid> {
+    match message {
+        InventoryMessage::Reserve(cmd) => Some(cmd.order_id),
+        InventoryMessage::Release(cmd) => Some(cmd.order_id),
+        InventoryMessage::Commit(cmd) => Some(cmd.order_id),
+        InventoryMessage::Restock(_) => None,
+    }
 }
 
 /// Sums the quantities per SKU (an order may name a SKU twice).
@@ -98,54 +167,117 @@ fn wanted(items: &[Item]) -> Result<BTreeMap<String, i64>, Failure> {
 async fn reserve_stock(ctx: &mut Context, cmd: ReserveStock) -> Result<(), Failure> {
     let wanted = wanted(&cmd.items)?;
     let skus: Vec<String> = wanted.keys().cloned().collect();
-    let quantities: Vec<i64> = wanted.values().copied().collect();
-    // One statement decides and reserves. `locked` takes the SKUs' rows in
-    // SKU order (the lock order of every stock writer, so concurrent orders
-    // cannot deadlock or both take the last unit) and is evaluated, as the
-    // uncorrelated subquery `go`, before the update touches any row; the
-    // update and the reservation happen only if this order holds no
-    // reservation yet (reservations name stocked SKUs only, so one that
-    // holds one is seen) and every SKU has enough.
-    let (already, short): (bool, Vec<String>) = sqlx::query_as(
-        "WITH w AS (SELECT * FROM UNNEST($2::text[], $3::int8[]) AS w(sku, q)), \
-         locked AS MATERIALIZED (SELECT sku, available FROM inventory.stock WHERE sku = ANY($2) ORDER BY sku FOR UPDATE), \
-         held AS MATERIALIZED (SELECT EXISTS (SELECT 1 FROM inventory.reservations WHERE order_id = $1) AS already), \
-         short AS MATERIALIZED (SELECT w.sku FROM w LEFT JOIN locked l ON l.sku = w.sku \
-         WHERE l.available IS NULL OR l.available < w.q), \
-         go AS MATERIALIZED (SELECT NOT (SELECT already FROM held) AND NOT EXISTS (SELECT 1 FROM short) AS ok), \
-         taken AS (UPDATE inventory.stock s SET available = s.available - w.q, reserved = s.reserved + w.q \
-         FROM w WHERE (SELECT ok FROM go) AND s.sku = w.sku), \
-         kept AS (INSERT INTO inventory.reservations (order_id, sku, quantity) \
-         SELECT $1, w.sku, w.q FROM w WHERE (SELECT ok FROM go)) \
-         SELECT (SELECT already FROM held), ARRAY(SELECT sku FROM short ORDER BY sku)",
+    let mut stock = lock_stock(ctx.db(), &skus, &[cmd.order_id]).await?;
+    let mut reserving = Vec::new();
+    let outcome = stock.reserve(cmd.order_id, &wanted, &mut reserving);
+    apply(ctx.db(), &reserving, &[]).await?;
+    ctx.emit(outcome);
+    Ok(())
+}
+
+/// The stock rows of a chunk, locked, and which of its orders hold a
+/// reservation already.
+struct LockedStock {
+    available: HashMap<String, i64>,
+    held: HashSet<Uuid>,
+}
+
+/// Locks the rows of `skus` in SKU order (the lock order of every stock
+/// writer, so concurrent chunks wait for each other instead of deadlocking,
+/// and two orders never both take the last unit) and reads what they have,
+/// and which of `orders` hold a reservation already, in one statement.
+async fn lock_stock(
+    db: &mut PgConnection,
+    skus: &[String],
+    orders: &[Uuid],
+) -> Result<LockedStock, Failure> {
+    let (skus, available, held): (Vec<String>, Vec<i64>, Vec<Uuid>) = sqlx::query_as(
+        "WITH locked AS MATERIALIZED (SELECT sku, available FROM inventory.stock \
+         WHERE sku = ANY($1) ORDER BY sku FOR UPDATE) \
+         SELECT ARRAY(SELECT sku FROM locked), ARRAY(SELECT available FROM locked), \
+         ARRAY(SELECT DISTINCT order_id FROM inventory.reservations WHERE order_id = ANY($2))",
     )
-    .bind(cmd.order_id)
-    .bind(&skus)
-    .bind(&quantities)
-    .fetch_one(ctx.db())
+    .bind(skus)
+    .bind(orders)
+    .fetch_one(db)
     .await?;
-    if !already {
-        if !short.is_empty() {
-            info!(order_id = %cmd.order_id, skus = ?short, "Out of stock");
-            ctx.emit(
-                Outgoing::of(&OutOfStock {
-                    order_id: cmd.order_id,
+    Ok(LockedStock {
+        available: skus.into_iter().zip(available).collect(),
+        held: held.into_iter().collect(),
+    })
+}
+
+impl LockedStock {
+    /// Decides one order, all items or none, against what is left after
+    /// the orders decided before it; adds its reservation rows to
+    /// `reserving` and returns the event that answers it. An order holding
+    /// a reservation already (a replay with a new message id) is answered
+    /// `StockReserved` again, unchanged.
+    fn reserve(
+        &mut self,
+        order_id: Uuid,
+        wanted: &BTreeMap<String, i64>,
+        reserving: &mut Vec<(Uuid, String, i64)>,
+    ) -> Outgoing {
+        if !self.held.contains(&order_id) {
+            let short: Vec<String> = wanted
+                .iter()
+                .filter(|(sku, q)| self.available.get(*sku).is_none_or(|a| a < *q))
+                .map(|(sku, _)| sku.clone())
+                .collect();
+            if !short.is_empty() {
+                info!(%order_id, skus = ?short, "Out of stock");
+                return Outgoing::of(&OutOfStock {
+                    order_id,
                     skus: short,
                 })
-                .correlated(cmd.order_id),
-            );
-            return Ok(());
+                .correlated(order_id);
+            }
+            for (sku, q) in wanted {
+                if let Some(available) = self.available.get_mut(sku) {
+                    *available -= q;
+                }
+                reserving.push((order_id, sku.clone(), *q));
+            }
+            self.held.insert(order_id);
+            info!(%order_id, skus = wanted.len(), "Stock reserved");
         }
-        info!(order_id = %cmd.order_id, skus = skus.len(), "Stock reserved");
+        Outgoing::of(&StockReserved { order_id }).correlated(order_id)
     }
-    // Reserved now, or by another message before (a replay with a new id):
-    // either way, say so.
-    ctx.emit(
-        Outgoing::of(&StockReserved {
-            order_id: cmd.order_id,
-        })
-        .correlated(cmd.order_id),
-    );
+}
+
+/// Writes reservations and commits the reservations of `committing`, in
+/// one statement: the stock rows change once per SKU by the sum of both.
+/// Rows not locked yet are taken in SKU order before any changes (the
+/// update needs its row out of `locked`, which yields in order).
+async fn apply(
+    db: &mut PgConnection,
+    reserving: &[(Uuid, String, i64)],
+    committing: &[Uuid],
+) -> Result<(), Failure> {
+    if reserving.is_empty() && committing.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH kept AS (INSERT INTO inventory.reservations (order_id, sku, quantity) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::int8[])), \
+         done AS (UPDATE inventory.reservations SET committed = true \
+         WHERE order_id = ANY($4) AND NOT committed RETURNING sku, quantity), \
+         delta AS (SELECT sku, sum(available)::int8 AS available, sum(reserved)::int8 AS reserved, \
+         sum(sold)::int8 AS sold FROM (SELECT sku, -q AS available, q AS reserved, 0::int8 AS sold \
+         FROM UNNEST($2::text[], $3::int8[]) AS r(sku, q) \
+         UNION ALL SELECT sku, 0, -quantity, quantity FROM done) d GROUP BY sku), \
+         locked AS (SELECT sku FROM inventory.stock WHERE sku IN (SELECT sku FROM delta) ORDER BY sku FOR UPDATE) \
+         UPDATE inventory.stock s SET available = s.available + d.available, \
+         reserved = s.reserved + d.reserved, sold = s.sold + d.sold \
+         FROM delta d, locked l WHERE s.sku = d.sku AND l.sku = d.sku",
+    )
+    .bind(reserving.iter().map(|(o, _, _)| *o).collect::<Vec<_>>())
+    .bind(reserving.iter().map(|(_, s, _)| s.as_str()).collect::<Vec<_>>())
+    .bind(reserving.iter().map(|(_, _, q)| *q).collect::<Vec<_>>())
+    .bind(committing)
+    .execute(db)
+    .await?;
     Ok(())
 }
 
@@ -183,21 +315,7 @@ async fn release_stock(ctx: &mut Context, cmd: ReleaseStock) -> Result<(), Failu
 }
 
 async fn commit_stock(ctx: &mut Context, cmd: CommitStock) -> Result<(), Failure> {
-    // One statement. `locked` takes the stock rows in SKU order before any
-    // is updated (an update needs its row out of `locked`, which yields in
-    // order), like every other writer of stock, so orders sharing SKUs never
-    // deadlock.
-    sqlx::query(
-        "WITH done AS (UPDATE inventory.reservations SET committed = true \
-         WHERE order_id = $1 AND NOT committed RETURNING sku, quantity), \
-         locked AS (SELECT sku FROM inventory.stock WHERE sku IN (SELECT sku FROM done) ORDER BY sku FOR UPDATE) \
-         UPDATE inventory.stock s SET reserved = s.reserved - done.quantity, sold = s.sold + done.quantity \
-         FROM done, locked WHERE s.sku = done.sku AND locked.sku = done.sku",
-    )
-    .bind(cmd.order_id)
-    .execute(ctx.db())
-    .await?;
-    Ok(())
+    apply(ctx.db(), &[], &[cmd.order_id]).await
 }
 
 async fn restock(ctx: &mut Context, cmd: Restock) -> Result<(), Failure> {

@@ -13,9 +13,11 @@ use messages::{
     RefundPayment, ReleaseStock, ReserveStock, StockReleased, StockReserved,
 };
 use runtime::{
-    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
-    decode_json,
+    Context, Envelope, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
+    WorkerSettings, WorkerSpec, decode_json,
 };
+use sqlx::PgConnection;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use topology::{Domain, keys};
 use tracing::info;
@@ -170,18 +172,123 @@ impl Handler for OrderSaga {
 
     /// Every message locks its order's row.
     fn lock_key(&self, message: &OrderMessage) -> Option<String> {
-        let id = match message {
-            OrderMessage::Place(m) => m.order_id,
-            OrderMessage::Cancel(m) => m.order_id,
-            OrderMessage::PaymentTimeout(m) => m.order_id,
-            OrderMessage::StockReserved(m) => m.order_id,
-            OrderMessage::OutOfStock(m) => m.order_id,
-            OrderMessage::StockReleased(m) => m.order_id,
-            OrderMessage::PaymentCharged(m) => m.order_id,
-            OrderMessage::PaymentDeclined(m) => m.order_id,
-            OrderMessage::PaymentRefunded(m) => m.order_id,
-        };
-        Some(id.to_string())
+        Some(order_id(message).to_string())
+    }
+
+    /// The common steps of many orders in one statement each: new orders,
+    /// reservations, confirmations. Only an order's one message of the
+    /// chunk is taken (its outcome cannot depend on the others), and only
+    /// where the order is in the state the step expects; the rest is left
+    /// for `handle`, which looks closer.
+    async fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<OrderMessage>>,
+    ) -> Result<Vec<Fresh<OrderMessage>>, Failure> {
+        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
+        for fresh in &messages {
+            *per_order.entry(order_id(&fresh.message)).or_default() += 1;
+        }
+        let mut left = Vec::new();
+        let mut placing = Vec::new();
+        let mut reserved = Vec::new();
+        let mut charged = Vec::new();
+        for fresh in messages {
+            let Fresh { envelope, message } = fresh;
+            if per_order.get(&order_id(&message)) != Some(&1) {
+                left.push(Fresh { envelope, message });
+                continue;
+            }
+            match message {
+                OrderMessage::Place(cmd) => match NewOrder::total_cents(&cmd) {
+                    Ok(total_cents) => placing.push((envelope, NewOrder { cmd, total_cents })),
+                    // `handle` refuses it.
+                    Err(_) => left.push(Fresh {
+                        envelope,
+                        message: OrderMessage::Place(cmd),
+                    }),
+                },
+                OrderMessage::StockReserved(ev) => reserved.push((envelope, ev)),
+                OrderMessage::PaymentCharged(ev) => charged.push((envelope, ev)),
+                message => left.push(Fresh { envelope, message }),
+            }
+        }
+        if !placing.is_empty() {
+            let (envelopes, orders): (Vec<Envelope>, Vec<NewOrder>) = placing.into_iter().unzip();
+            let placed: HashSet<Uuid> = place_many(ctx.db(), &orders).await?.into_iter().collect();
+            for (envelope, order) in envelopes.iter().zip(&orders) {
+                // Not placed: placed before under another message id.
+                if placed.contains(&order.cmd.order_id) {
+                    ctx.emit(envelope, order.reserve_stock());
+                }
+            }
+        }
+        if !reserved.is_empty() {
+            let ids: Vec<_> = reserved.iter().map(|(_, ev)| (ev.order_id, None)).collect();
+            let change = Change {
+                payment_due_in: Some(self.payment_timeout),
+                ..Change::new(Status::Pending, &[Status::StockReserved])
+            };
+            let advanced = advance_many(ctx.db(), &ids, change).await?;
+            let mut causes: HashMap<Uuid, (Envelope, StockReserved)> = reserved
+                .into_iter()
+                .map(|(e, ev)| (ev.order_id, (e, ev)))
+                .collect();
+            for (order, _) in advanced {
+                if let Some((envelope, _)) = causes.remove(&order.id) {
+                    ctx.emit(&envelope, charge_payment(&order));
+                }
+            }
+            left.extend(causes.into_values().map(|(envelope, ev)| Fresh {
+                envelope,
+                message: OrderMessage::StockReserved(ev),
+            }));
+        }
+        if !charged.is_empty() {
+            let ids: Vec<_> = charged
+                .iter()
+                .map(|(_, ev)| (ev.order_id, Some(ev.charge_id.as_str())))
+                .collect();
+            let steps = [Status::Paid, Status::Confirmed];
+            let change = Change {
+                with_lines: true,
+                ..Change::new(Status::StockReserved, &steps)
+            };
+            let confirmed = advance_many(ctx.db(), &ids, change).await?;
+            let mut causes: HashMap<Uuid, (Envelope, PaymentCharged)> = charged
+                .into_iter()
+                .map(|(e, ev)| (ev.order_id, (e, ev)))
+                .collect();
+            for (order, lines) in confirmed {
+                if let Some((envelope, _)) = causes.remove(&order.id) {
+                    for message in confirmation(&order, lines) {
+                        ctx.emit(&envelope, message);
+                    }
+                }
+            }
+            left.extend(causes.into_values().map(|(envelope, ev)| Fresh {
+                envelope,
+                message: OrderMessage::PaymentCharged(ev),
+            }));
+        }
+        // In lock order, like the chunk; an order's messages keep theirs.
+        left.sort_by_key(|fresh| order_id(&fresh.message));
+        Ok(left)
+    }
+}
+
+/// The order a message is about.
+fn order_id(message: &OrderMessage) -> Uuid {
+    match message {
+        OrderMessage::Place(m) => m.order_id,
+        OrderMessage::Cancel(m) => m.order_id,
+        OrderMessage::PaymentTimeout(m) => m.order_id,
+        OrderMessage::StockReserved(m) => m.order_id,
+        OrderMessage::OutOfStock(m) => m.order_id,
+        OrderMessage::StockReleased(m) => m.order_id,
+        OrderMessage::PaymentCharged(m) => m.order_id,
+        OrderMessage::PaymentDeclined(m) => m.order_id,
+        OrderMessage::PaymentRefunded(m) => m.order_id,
     }
 }
 
@@ -223,8 +330,6 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
 struct Change<'a> {
     from: Status,
     steps: &'a [Status],
-    /// Recorded on the order if given.
-    charge_id: Option<&'a str>,
     /// On the order and each history row.
     reason: Option<&'a str>,
     /// Whether the order's lines come back with it.
@@ -238,7 +343,6 @@ impl<'a> Change<'a> {
         Self {
             from,
             steps,
-            charge_id: None,
             reason: None,
             with_lines: false,
             payment_due_in: None,
@@ -249,24 +353,39 @@ impl<'a> Change<'a> {
 /// Applies `change` in one statement if the order is in `change.from`;
 /// returns the order as it now is, with its lines if asked. `None`: the
 /// order is in another state or unknown, and the caller looks closer.
+/// `charge_id` is recorded on the order if given.
 async fn advance(
     ctx: &mut Context,
     id: Uuid,
+    charge_id: Option<&str>,
     change: Change<'_>,
 ) -> Result<Option<(Order, Vec<Line>)>, Failure> {
+    Ok(advance_many(ctx.db(), &[(id, charge_id)], change)
+        .await?
+        .pop())
+}
+
+/// [`advance`] for several orders in one statement (each with the charge
+/// id to record, if any): returns those that were in `change.from`, now
+/// changed. Orders are locked in the order given.
+async fn advance_many(
+    db: &mut PgConnection,
+    orders: &[(Uuid, Option<&str>)],
+    change: Change<'_>,
+) -> Result<Vec<(Order, Vec<Line>)>, Failure> {
     let Change {
         from,
         steps,
-        charge_id,
         reason,
         with_lines,
         payment_due_in,
     } = change;
     let Some(&to) = steps.last() else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let due_in_ms = payment_due_in.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     type Row = (
+        Uuid,
         String,
         String,
         i64,
@@ -275,58 +394,62 @@ async fn advance(
         Option<Vec<i32>>,
         Option<Vec<i64>>,
     );
-    let row: Option<Row> = sqlx::query_as(
-        "WITH changed AS (UPDATE orders.orders SET status = $3, charge_id = COALESCE($4, charge_id), \
-         reason = $6, payment_due_at = COALESCE(now() + $8 * interval '1 millisecond', payment_due_at), \
-         updated_at = now() WHERE id = $1 AND status = $2 \
-         RETURNING id, customer_email, currency, total_cents, payment_method), \
+    let rows: Vec<Row> = sqlx::query_as(
+        "WITH input AS (SELECT * FROM UNNEST($1::uuid[], $4::text[]) WITH ORDINALITY AS i(id, charge_id, n)), \
+         changed AS (UPDATE orders.orders o SET status = $3, charge_id = COALESCE(i.charge_id, o.charge_id), \
+         reason = $6, payment_due_at = COALESCE(now() + $8 * interval '1 millisecond', o.payment_due_at), \
+         updated_at = now() FROM input i WHERE o.id = i.id AND o.status = $2 \
+         RETURNING o.id, i.n, o.customer_email, o.currency, o.total_cents, o.payment_method), \
          logged AS (INSERT INTO orders.order_events (order_id, status, reason) \
          SELECT changed.id, step.status, $6 FROM changed, \
-         UNNEST($5::text[]) WITH ORDINALITY AS step(status, n) ORDER BY step.n) \
-         SELECT c.customer_email, c.currency, c.total_cents, c.payment_method, l.skus, l.quantities, l.prices \
+         UNNEST($5::text[]) WITH ORDINALITY AS step(status, n) ORDER BY changed.n, step.n) \
+         SELECT c.id, c.customer_email, c.currency, c.total_cents, c.payment_method, l.skus, l.quantities, l.prices \
          FROM changed c LEFT JOIN LATERAL (SELECT array_agg(i.sku ORDER BY i.line) AS skus, \
          array_agg(i.quantity ORDER BY i.line) AS quantities, array_agg(i.unit_price_cents ORDER BY i.line) AS prices \
-         FROM orders.order_items i WHERE $7 AND i.order_id = c.id) l ON true",
+         FROM orders.order_items i WHERE $7 AND i.order_id = c.id) l ON true ORDER BY c.n",
     )
-    .bind(id)
+    .bind(orders.iter().map(|(id, _)| *id).collect::<Vec<_>>())
     .bind(from.as_str())
     .bind(to.as_str())
-    .bind(charge_id)
+    .bind(orders.iter().map(|(_, c)| *c).collect::<Vec<_>>())
     .bind(steps.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind(reason)
     .bind(with_lines)
     .bind(due_in_ms)
-    .fetch_optional(ctx.db())
+    .fetch_all(db)
     .await?;
-    let Some((customer_email, currency, total, payment_method, skus, quantities, prices)) = row
-    else {
-        return Ok(None);
-    };
-    let mut previous = from;
-    for &step in steps {
-        info!(order_id = %id, from = previous.as_str(), to = step.as_str(), reason, "Order status changed");
-        previous = step;
-    }
-    let lines = skus
-        .unwrap_or_default()
+    Ok(rows
         .into_iter()
-        .zip(quantities.unwrap_or_default())
-        .zip(prices.unwrap_or_default())
-        .map(|((sku, quantity), price)| Line {
-            sku,
-            quantity: u32::try_from(quantity).unwrap_or_default(),
-            unit_price_cents: u64::try_from(price).unwrap_or_default(),
-        })
-        .collect();
-    let order = Order {
-        id,
-        status: to,
-        customer_email,
-        currency,
-        total_cents: u64::try_from(total).unwrap_or_default(),
-        payment_method,
-    };
-    Ok(Some((order, lines)))
+        .map(
+            |(id, customer_email, currency, total, payment_method, skus, quantities, prices)| {
+                let mut previous = from;
+                for &step in steps {
+                    info!(order_id = %id, from = previous.as_str(), to = step.as_str(), reason, "Order status changed");
+                    previous = step;
+                }
+                let lines = skus
+                    .unwrap_or_default()
+                    .into_iter()
+                    .zip(quantities.unwrap_or_default())
+                    .zip(prices.unwrap_or_default())
+                    .map(|((sku, quantity), price)| Line {
+                        sku,
+                        quantity: u32::try_from(quantity).unwrap_or_default(),
+                        unit_price_cents: u64::try_from(price).unwrap_or_default(),
+                    })
+                    .collect();
+                let order = Order {
+                    id,
+                    status: to,
+                    customer_email,
+                    currency,
+                    total_cents: u64::try_from(total).unwrap_or_default(),
+                    payment_method,
+                };
+                (order, lines)
+            },
+        )
+        .collect())
 }
 
 /// An event about an order this saga has not stored yet can only be early
@@ -351,7 +474,7 @@ async fn transition(
         reason,
         ..Change::new(order.status, &steps)
     };
-    match advance(ctx, order.id, change).await? {
+    match advance(ctx, order.id, None, change).await? {
         Some(_) => Ok(()),
         None => Err(Failure::transient(format!(
             "order {} changed under its row lock",
@@ -364,78 +487,121 @@ fn emit<M: runtime::Message>(ctx: &mut Context, order_id: Uuid, message: &M) {
     ctx.emit(Outgoing::of(message).correlated(order_id));
 }
 
-async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> {
-    if cmd.items.is_empty() || cmd.customer_email.is_empty() {
-        return Err(Failure::permanent(
-            "an order needs a customer email and items",
-        ));
+/// A `PlaceOrder` checked and totalled, ready to be stored.
+struct NewOrder {
+    cmd: PlaceOrder,
+    total_cents: i64,
+}
+
+impl NewOrder {
+    fn check(cmd: PlaceOrder) -> Result<Self, Failure> {
+        let total_cents = Self::total_cents(&cmd)?;
+        Ok(Self { cmd, total_cents })
     }
-    let total = cmd
-        .items
-        .iter()
-        .try_fold(0u64, |acc, l| {
-            l.unit_price_cents
-                .checked_mul(u64::from(l.quantity))
-                .and_then(|line| acc.checked_add(line))
-        })
-        .and_then(|t| i64::try_from(t).ok())
-        .ok_or_else(|| Failure::permanent("order total overflows"))?;
-    let lines: Vec<i32> = (1..=i32::try_from(cmd.items.len()).unwrap_or(i32::MAX)).collect();
-    let skus: Vec<&str> = cmd.items.iter().map(|l| l.sku.as_str()).collect();
-    let quantities: Vec<i32> = cmd
-        .items
-        .iter()
-        .map(|l| i32::try_from(l.quantity).unwrap_or(i32::MAX))
-        .collect();
-    let prices: Vec<i64> = cmd
-        .items
-        .iter()
-        .map(|l| i64::try_from(l.unit_price_cents).unwrap_or(i64::MAX))
-        .collect();
-    // The order, its lines and its first history row in one statement; the
-    // lines and the row are written only if the order is new.
-    let placed: bool = sqlx::query_scalar(
-        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
-         VALUES ($1, $2, $3, $4, $5, 'PENDING') ON CONFLICT (id) DO NOTHING RETURNING id), \
-         lines AS (INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
-         SELECT placed.id, l.line, l.sku, l.quantity, l.price FROM placed, \
-         UNNEST($6::int[], $7::text[], $8::int[], $9::int8[]) AS l(line, sku, quantity, price)), \
-         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, 'PENDING' FROM placed) \
-         SELECT EXISTS (SELECT 1 FROM placed)",
-    )
-    .bind(cmd.order_id)
-    .bind(&cmd.customer_email)
-    .bind(&cmd.currency)
-    .bind(total)
-    .bind(&cmd.payment_method)
-    .bind(&lines)
-    .bind(&skus)
-    .bind(&quantities)
-    .bind(&prices)
-    .fetch_one(ctx.db())
-    .await?;
-    if !placed {
-        // Placed before under another message id: nothing more to do.
-        return Ok(());
+
+    /// The order's total, or why it cannot be placed.
+    fn total_cents(cmd: &PlaceOrder) -> Result<i64, Failure> {
+        if cmd.items.is_empty() || cmd.customer_email.is_empty() {
+            return Err(Failure::permanent(
+                "an order needs a customer email and items",
+            ));
+        }
+        cmd.items
+            .iter()
+            .try_fold(0u64, |acc, l| {
+                l.unit_price_cents
+                    .checked_mul(u64::from(l.quantity))
+                    .and_then(|line| acc.checked_add(line))
+            })
+            .and_then(|t| i64::try_from(t).ok())
+            .ok_or_else(|| Failure::permanent("order total overflows"))
     }
-    info!(order_id = %cmd.order_id, total_cents = total, "Order placed");
-    let items = cmd
-        .items
-        .iter()
-        .map(|l| Item {
-            sku: l.sku.clone(),
-            quantity: l.quantity,
-        })
-        .collect();
-    emit(
-        ctx,
-        cmd.order_id,
-        &ReserveStock {
+
+    /// What the saga asks of the inventory once the order is stored.
+    fn reserve_stock(&self) -> Outgoing {
+        let cmd = &self.cmd;
+        info!(order_id = %cmd.order_id, total_cents = self.total_cents, "Order placed");
+        let items = cmd
+            .items
+            .iter()
+            .map(|l| Item {
+                sku: l.sku.clone(),
+                quantity: l.quantity,
+            })
+            .collect();
+        Outgoing::of(&ReserveStock {
             order_id: cmd.order_id,
             items,
-        },
-    );
+        })
+        .correlated(cmd.order_id)
+    }
+}
+
+async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> {
+    let order = NewOrder::check(cmd)?;
+    // Placed before under another message id: nothing more to do.
+    if !place_many(ctx.db(), std::slice::from_ref(&order))
+        .await?
+        .is_empty()
+    {
+        ctx.emit(order.reserve_stock());
+    }
     Ok(())
+}
+
+/// Stores the orders (distinct ids), their lines and their first history
+/// rows in one statement; the lines and rows only for orders that are
+/// new. Returns the ids of the new ones.
+async fn place_many(db: &mut PgConnection, orders: &[NewOrder]) -> Result<Vec<Uuid>, Failure> {
+    let mut lines = Lines::default();
+    for order in orders {
+        for (n, l) in order.cmd.items.iter().enumerate() {
+            lines.order_ids.push(order.cmd.order_id);
+            lines.lines.push(i32::try_from(n + 1).unwrap_or(i32::MAX));
+            lines.skus.push(l.sku.as_str());
+            lines
+                .quantities
+                .push(i32::try_from(l.quantity).unwrap_or(i32::MAX));
+            lines
+                .prices
+                .push(i64::try_from(l.unit_price_cents).unwrap_or(i64::MAX));
+        }
+    }
+    let placed: Vec<Uuid> = sqlx::query_scalar(
+        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
+         SELECT o.id, o.email, o.currency, o.total, o.method, 'PENDING' \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS o(id, email, currency, total, method) \
+         ON CONFLICT (id) DO NOTHING RETURNING id), \
+         lines AS (INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
+         SELECT l.order_id, l.line, l.sku, l.quantity, l.price \
+         FROM UNNEST($6::uuid[], $7::int[], $8::text[], $9::int[], $10::int8[]) AS l(order_id, line, sku, quantity, price) \
+         WHERE l.order_id IN (SELECT id FROM placed)), \
+         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, 'PENDING' FROM placed) \
+         SELECT id FROM placed",
+    )
+    .bind(orders.iter().map(|o| o.cmd.order_id).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.cmd.customer_email.as_str()).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.cmd.currency.as_str()).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.total_cents).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.cmd.payment_method.as_str()).collect::<Vec<_>>())
+    .bind(&lines.order_ids)
+    .bind(&lines.lines)
+    .bind(&lines.skus)
+    .bind(&lines.quantities)
+    .bind(&lines.prices)
+    .fetch_all(db)
+    .await?;
+    Ok(placed)
+}
+
+/// Order lines as the columns of one `UNNEST`.
+#[derive(Default)]
+struct Lines<'a> {
+    order_ids: Vec<Uuid>,
+    lines: Vec<i32>,
+    skus: Vec<&'a str>,
+    quantities: Vec<i32>,
+    prices: Vec<i64>,
 }
 
 async fn stock_reserved(
@@ -451,17 +617,8 @@ async fn stock_reserved(
         payment_due_in: Some(payment_timeout),
         ..Change::new(Status::Pending, &[Status::StockReserved])
     };
-    if let Some((order, _)) = advance(ctx, id, change).await? {
-        emit(
-            ctx,
-            id,
-            &ChargePayment {
-                order_id: id,
-                amount_cents: order.total_cents,
-                currency: order.currency.clone(),
-                payment_method: order.payment_method.clone(),
-            },
-        );
+    if let Some((order, _)) = advance(ctx, id, None, change).await? {
+        ctx.emit(charge_payment(&order));
         return Ok(());
     }
     let order = existing_order(ctx, id).await?;
@@ -480,6 +637,39 @@ async fn stock_reserved(
     Ok(())
 }
 
+/// What the saga asks of the payment worker once the stock is reserved.
+fn charge_payment(order: &Order) -> Outgoing {
+    Outgoing::of(&ChargePayment {
+        order_id: order.id,
+        amount_cents: order.total_cents,
+        currency: order.currency.clone(),
+        payment_method: order.payment_method.clone(),
+    })
+    .correlated(order.id)
+}
+
+/// What a confirmed order sends: the stock commit and the announcement.
+fn confirmation(order: &Order, lines: Vec<Line>) -> [Outgoing; 2] {
+    let mut skus: Vec<String> = lines.iter().map(|l| l.sku.clone()).collect();
+    skus.sort();
+    skus.dedup();
+    [
+        Outgoing::of(&CommitStock {
+            order_id: order.id,
+            skus,
+        })
+        .correlated(order.id),
+        Outgoing::of(&OrderConfirmed {
+            order_id: order.id,
+            customer_email: order.customer_email.clone(),
+            currency: order.currency.clone(),
+            total_cents: order.total_cents,
+            items: lines,
+        })
+        .correlated(order.id),
+    ]
+}
+
 async fn out_of_stock(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
     let order = existing_order(ctx, id).await?;
     if order.status == Status::Pending {
@@ -495,11 +685,10 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     let steps = [Status::Paid, Status::Confirmed];
     // The lines come along: the confirmation and the stock commit need them.
     let change = Change {
-        charge_id: Some(ev.charge_id.as_str()),
         with_lines: true,
         ..Change::new(Status::StockReserved, &steps)
     };
-    let confirmed = advance(ctx, ev.order_id, change).await?;
+    let confirmed = advance(ctx, ev.order_id, Some(ev.charge_id.as_str()), change).await?;
     let just_confirmed = confirmed.is_some();
     let (order, lines) = match confirmed {
         Some(changed) => changed,
@@ -507,28 +696,9 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
     };
     match order.status {
         Status::Confirmed if just_confirmed => {
-            let mut skus: Vec<String> = lines.iter().map(|l| l.sku.clone()).collect();
-            skus.sort();
-            skus.dedup();
-            emit(
-                ctx,
-                order.id,
-                &CommitStock {
-                    order_id: order.id,
-                    skus,
-                },
-            );
-            emit(
-                ctx,
-                order.id,
-                &OrderConfirmed {
-                    order_id: order.id,
-                    customer_email: order.customer_email.clone(),
-                    currency: order.currency.clone(),
-                    total_cents: order.total_cents,
-                    items: lines,
-                },
-            );
+            for message in confirmation(&order, lines) {
+                ctx.emit(message);
+            }
         }
         // A charge that landed after the order was given up: refund it.
         Status::Cancelled => emit(ctx, order.id, &RefundPayment { order_id: order.id }),

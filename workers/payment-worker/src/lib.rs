@@ -15,10 +15,11 @@ use gateway::{ChargeOutcome, GatewayClient};
 use messages::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
 use runtime::config::env_or;
 use runtime::{
-    Context, Failure, Handler, Inbound, Malformed, Outgoing, Worker, WorkerSettings, WorkerSpec,
-    decode_json,
+    Context, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
+    WorkerSettings, WorkerSpec, decode_json,
 };
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use topology::{Domain, keys};
 use tracing::info;
@@ -133,13 +134,144 @@ impl Handler for Payments {
         }
     }
 
+    /// The gateway's answers for many orders in one statement: every
+    /// prepared charge of a pending (or new) payment, the only message of
+    /// its order in the chunk, is recorded at once. The rest (a payment
+    /// settled before, refunds) is left for `handle`, which looks closer.
+    async fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<PaymentMessage>>,
+    ) -> Result<Vec<Fresh<PaymentMessage>>, Failure> {
+        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
+        for fresh in &messages {
+            *per_order.entry(order_id(&fresh.message)).or_default() += 1;
+        }
+        let mut left = Vec::new();
+        let mut answered = Vec::new();
+        for Fresh { envelope, message } in messages {
+            let alone = per_order.get(&order_id(&message)) == Some(&1);
+            match message {
+                PaymentMessage::Charge(cmd, Some(outcome)) if alone => {
+                    answered.push((envelope, cmd, outcome));
+                }
+                message => left.push(Fresh { envelope, message }),
+            }
+        }
+        let recorded: HashSet<Uuid> = record_outcomes(
+            ctx.db(),
+            answered.iter().map(|(_, cmd, outcome)| (cmd, outcome)),
+        )
+        .await?
+        .into_iter()
+        .collect();
+        for (envelope, cmd, outcome) in answered {
+            if recorded.contains(&cmd.order_id) {
+                ctx.emit(&envelope, announce(&cmd, outcome));
+            } else {
+                left.push(Fresh {
+                    envelope,
+                    message: PaymentMessage::Charge(cmd, Some(outcome)),
+                });
+            }
+        }
+        left.sort_by_key(|fresh| order_id(&fresh.message));
+        Ok(left)
+    }
+
     /// Every message locks its order's payment row.
     fn lock_key(&self, message: &PaymentMessage) -> Option<String> {
-        let id = match message {
-            PaymentMessage::Charge(cmd, _) => cmd.order_id,
-            PaymentMessage::Refund(cmd) => cmd.order_id,
-        };
-        Some(id.to_string())
+        Some(order_id(message).to_string())
+    }
+}
+
+/// The order a message is about.
+fn order_id(message: &PaymentMessage) -> Uuid {
+    match message {
+        PaymentMessage::Charge(cmd, _) => cmd.order_id,
+        PaymentMessage::Refund(cmd) => cmd.order_id,
+    }
+}
+
+/// Records the gateway's answers on payments that are pending or new, in
+/// one statement (each order once); returns the orders recorded. A payment
+/// settled before is left as it is and not returned.
+async fn record_outcomes<'a>(
+    db: &mut PgConnection,
+    answers: impl Iterator<Item = (&'a ChargePayment, &'a ChargeOutcome)>,
+) -> Result<Vec<Uuid>, Failure> {
+    let mut columns = OutcomeColumns::default();
+    for (cmd, outcome) in answers {
+        columns.order_ids.push(cmd.order_id);
+        match outcome {
+            ChargeOutcome::Charged { charge_id } => {
+                columns.statuses.push("charged");
+                columns.charge_ids.push(Some(charge_id.as_str()));
+                columns.declines.push(None);
+                columns
+                    .amounts
+                    .push(Some(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX)));
+                columns.currencies.push(Some(cmd.currency.as_str()));
+            }
+            ChargeOutcome::Declined { reason } => {
+                columns.statuses.push("declined");
+                columns.charge_ids.push(None);
+                columns.declines.push(Some(reason.as_str()));
+                columns.amounts.push(None);
+                columns.currencies.push(None);
+            }
+        }
+    }
+    if columns.order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let recorded = sqlx::query_scalar(
+        "INSERT INTO payments.payments AS p (order_id, status, charge_id, decline, amount_cents, currency) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[]) \
+         ON CONFLICT (order_id) DO UPDATE SET status = EXCLUDED.status, \
+         charge_id = COALESCE(EXCLUDED.charge_id, p.charge_id), decline = EXCLUDED.decline, \
+         amount_cents = COALESCE(EXCLUDED.amount_cents, p.amount_cents), \
+         currency = COALESCE(EXCLUDED.currency, p.currency), updated_at = now() \
+         WHERE p.status = 'pending' RETURNING order_id",
+    )
+    .bind(&columns.order_ids)
+    .bind(&columns.statuses)
+    .bind(&columns.charge_ids)
+    .bind(&columns.declines)
+    .bind(&columns.amounts)
+    .bind(&columns.currencies)
+    .fetch_all(db)
+    .await?;
+    Ok(recorded)
+}
+
+/// Gateway answers as the columns of one `UNNEST`.
+#[derive(Default)]
+struct OutcomeColumns<'a> {
+    order_ids: Vec<Uuid>,
+    statuses: Vec<&'static str>,
+    charge_ids: Vec<Option<&'a str>>,
+    declines: Vec<Option<&'a str>>,
+    amounts: Vec<Option<i64>>,
+    currencies: Vec<Option<&'a str>>,
+}
+
+/// The event that tells the saga a recorded answer.
+fn announce(cmd: &ChargePayment, outcome: ChargeOutcome) -> Outgoing {
+    let order_id = cmd.order_id;
+    match outcome {
+        ChargeOutcome::Charged { charge_id } => {
+            info!(%order_id, charge_id, amount_cents = cmd.amount_cents, "Payment charged");
+            Outgoing::of(&PaymentCharged {
+                order_id,
+                charge_id,
+            })
+            .correlated(order_id)
+        }
+        ChargeOutcome::Declined { reason } => {
+            info!(%order_id, reason, "Payment declined");
+            Outgoing::of(&PaymentDeclined { order_id, reason }).correlated(order_id)
+        }
     }
 }
 
@@ -196,6 +328,18 @@ impl Payments {
         prepared: Option<ChargeOutcome>,
     ) -> Result<(), Failure> {
         let id = cmd.order_id;
+        // The common case in one statement: the answer on a pending payment.
+        let prepared = match prepared {
+            Some(outcome) => {
+                let recorded = record_outcomes(ctx.db(), std::iter::once((&cmd, &outcome))).await?;
+                if !recorded.is_empty() {
+                    ctx.emit(announce(&cmd, outcome));
+                    return Ok(());
+                }
+                Some(outcome)
+            }
+            None => None,
+        };
         let row = lock_payment(ctx, id).await?;
         match row.status.as_str() {
             "charged" => {
@@ -230,49 +374,15 @@ impl Payments {
                 }
                 _ => info!(order_id = %id, "Charge skipped: payment already voided"),
             },
+            // Pending: recorded above when prepared. Settled at the
+            // unlocked look, pending under the lock: nothing returns to
+            // pending, so this is not reached; if it were, a retry prepares
+            // the charge again. The gateway is asked in `prepare` only,
+            // never inside the transaction.
             _ => {
-                // Settled at the unlocked look, pending under the lock:
-                // nothing returns to pending, so this is not reached; if it
-                // were, a retry prepares the charge again. The gateway is
-                // asked in `prepare` only, never inside the transaction.
-                let Some(outcome) = prepared else {
-                    return Err(Failure::transient(format!(
-                        "payment of order {id} is pending but its charge was not prepared"
-                    )));
-                };
-                match outcome {
-                    ChargeOutcome::Charged { charge_id } => {
-                        sqlx::query(
-                            "UPDATE payments.payments SET status = 'charged', charge_id = $2, decline = NULL, \
-                             amount_cents = $3, currency = $4, updated_at = now() WHERE order_id = $1",
-                        )
-                        .bind(id)
-                        .bind(&charge_id)
-                        .bind(i64::try_from(cmd.amount_cents).unwrap_or(i64::MAX))
-                        .bind(&cmd.currency)
-                        .execute(ctx.db())
-                        .await?;
-                        info!(order_id = %id, charge_id, amount_cents = cmd.amount_cents, "Payment charged");
-                        ctx.emit(
-                            Outgoing::of(&PaymentCharged {
-                                order_id: id,
-                                charge_id,
-                            })
-                            .correlated(id),
-                        );
-                    }
-                    ChargeOutcome::Declined { reason } => {
-                        set_status(ctx, id, "declined", None, Some(&reason)).await?;
-                        info!(order_id = %id, reason, "Payment declined");
-                        ctx.emit(
-                            Outgoing::of(&PaymentDeclined {
-                                order_id: id,
-                                reason,
-                            })
-                            .correlated(id),
-                        );
-                    }
-                }
+                return Err(Failure::transient(format!(
+                    "payment of order {id} is pending but its charge was not prepared"
+                )));
             }
         }
         Ok(())
