@@ -589,6 +589,8 @@ async fn apply_together<H: Handler>(
     done: &mut Vec<(Delivery, Envelope)>,
     outbox: &mut Vec<Outgoing>,
 ) -> Result<(Transaction<'static, Postgres>, Vec<Decoded<H::Message>>), (Failure, Vec<Delivery>)> {
+    // Fresh message ids are distinct (the inbox statement returns each once).
+    let order: Vec<_> = fresh.iter().map(|d| d.envelope.message_id).collect();
     let mut deliveries = std::collections::HashMap::with_capacity(fresh.len());
     let mut messages = Vec::with_capacity(fresh.len());
     for Decoded {
@@ -600,6 +602,13 @@ async fn apply_together<H: Handler>(
         deliveries.insert(envelope.message_id, (delivery, envelope.clone()));
         messages.push(Fresh { envelope, message });
     }
+    // In chunk order, so that messages run again alone in that order.
+    let in_order = |mut deliveries: std::collections::HashMap<_, _>| -> Vec<(Delivery, Envelope)> {
+        order
+            .iter()
+            .filter_map(|id| deliveries.remove(id))
+            .collect()
+    };
     let mut ctx = Together::new(tx);
     let result = unless_panicked(
         "handler panicked applying messages together",
@@ -609,7 +618,8 @@ async fn apply_together<H: Handler>(
     let left = match result {
         Ok(left) => left,
         Err(failure) => {
-            return Err((failure, deliveries.into_values().map(|(d, _)| d).collect()));
+            let again = in_order(deliveries).into_iter().map(|(d, _)| d).collect();
+            return Err((failure, again));
         }
     };
     let (tx, emitted) = ctx.into_parts();
@@ -624,7 +634,7 @@ async fn apply_together<H: Handler>(
             });
         }
     }
-    done.extend(deliveries.into_values());
+    done.extend(in_order(deliveries));
     outbox.extend(emitted);
     Ok((tx, rest))
 }
