@@ -8,6 +8,7 @@
 //! never touch channels, acks or retry plumbing.
 #![forbid(unsafe_code)]
 
+mod acks;
 pub mod broker;
 pub mod config;
 pub mod db;

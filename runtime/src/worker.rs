@@ -8,6 +8,7 @@
 //! - On shutdown: stop taking deliveries, finish those in flight, relay what
 //!   is left in the outbox, close connections, return.
 
+use crate::acks::Acks;
 use crate::broker::{self, PublishError, Publisher};
 use crate::config::WorkerSettings;
 use crate::db;
@@ -18,7 +19,7 @@ use crate::store::Store;
 use backon::{ExponentialBuilder, Retryable};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 use sqlx::{AssertSqlSafe, PgPool, Postgres, Transaction};
@@ -42,7 +43,7 @@ pub const MAX_STARTS: i32 = 3;
 
 /// The longest a single broker call (ack, subscribe) may take before the
 /// connection is treated as lost.
-const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest error text kept in `x-error`.
 const MAX_ERROR_LEN: usize = 1000;
@@ -81,6 +82,8 @@ struct Inner<H> {
     /// `OUTBOX_SWEEP_AFTER_MS` (publisher reconnecting, busy broker) would
     /// otherwise have its rows sent twice.
     relaying: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// The consumer channel's deliveries, settled through one place.
+    acks: Acks,
 }
 
 impl<H: Handler> Worker<H> {
@@ -116,6 +119,7 @@ impl<H: Handler> Worker<H> {
                 suspects: tokio::sync::Mutex::new(()),
                 relayed: std::sync::Mutex::new(Vec::new()),
                 relaying: std::sync::Mutex::new(std::collections::HashSet::new()),
+                acks: Acks::default(),
             }),
         }
     }
@@ -219,6 +223,9 @@ async fn consume<H: Handler>(
     let (channel, consumer) = tokio::time::timeout(BROKER_CALL_TIMEOUT, subscribe)
         .await
         .map_err(|_| anyhow::anyhow!("subscribing to {queue} timed out"))??;
+    // The previous channel's deliveries are all finished: `for_each_concurrent`
+    // below returns only then.
+    inner.acks.reset();
     info!(
         worker = inner.spec.name,
         queue,
@@ -275,6 +282,8 @@ async fn consume<H: Handler>(
                     }
                 }
             }
+            // In channel order: chunks are taken one after the other.
+            inner.acks.received(&deliveries);
             async move {
                 // Spawned so handlers use every core; awaited so the
                 // concurrency bound holds.
@@ -547,7 +556,10 @@ async fn process_batch<H: Handler>(
         }
     };
     let committed_at = std::time::Instant::now();
-    futures::future::join_all(done.iter().map(|(d, _)| ack(d))).await;
+    inner
+        .acks
+        .ack(&done.iter().map(|(d, _)| d).collect::<Vec<_>>())
+        .await;
     relay(inner, (outbox_ids, outbox)).await;
     debug!(queue, messages = done.len(), handled_and_committed = ?(committed_at - started), acked_and_relayed = ?committed_at.elapsed(), "Batch done");
     for (_, envelope) in &done {
@@ -739,7 +751,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         Ok(false) => {
             drop(tx);
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
-            return ack(&delivery).await;
+            return ack(inner, &delivery).await;
         }
         Ok(true) => {
             let mut ctx = Context::new(envelope.clone(), tx);
@@ -754,7 +766,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         Ok(ids_and_messages) => {
             // The effect and the messages it causes are committed: the ack
             // can go now, and the relay below (or the sweeper) sends them.
-            ack(&delivery).await;
+            ack(inner, &delivery).await;
             relay(inner, ids_and_messages).await;
             if redelivered {
                 let _ = inner
@@ -957,30 +969,14 @@ async fn begin<H>(
     }
 }
 
-async fn ack(delivery: &Delivery) {
-    match tokio::time::timeout(
-        BROKER_CALL_TIMEOUT,
-        delivery.acker.ack(BasicAckOptions::default()),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {}
-        // The channel is gone; the broker redelivers and the inbox dedupes.
-        Ok(Err(e)) => warn!(error = %e, "Ack failed"),
-        Err(_) => warn!("Ack timed out"),
-    }
+async fn ack<H>(inner: &Inner<H>, delivery: &Delivery) {
+    inner.acks.ack(&[delivery]).await;
 }
 
-/// Gives the delivery back to the broker after a failed move, so it is not
-/// held unacked while the publisher is away.
-async fn requeue(delivery: &Delivery, error: &PublishError) {
+async fn requeue<H>(inner: &Inner<H>, delivery: &Delivery, error: &PublishError) {
     warn!(error = %error, "Could not move the message; returning it to its queue");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let nack = delivery.acker.nack(BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    });
-    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, nack).await;
+    inner.acks.requeue(delivery).await;
 }
 
 async fn retry<H>(
@@ -1009,9 +1005,9 @@ async fn retry<H>(
     match publish_with_retries(inner, &target, &delivery.data, properties).await {
         Ok(()) => {
             warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, error = why, "Transient failure, retrying");
-            ack(delivery).await;
+            ack(inner, delivery).await;
         }
-        Err(e) => requeue(delivery, &e).await,
+        Err(e) => requeue(inner, delivery, &e).await,
     }
 }
 
@@ -1051,9 +1047,9 @@ async fn dead_letter<H>(
                 error = why,
                 "Message dead-lettered"
             );
-            ack(delivery).await;
+            ack(inner, delivery).await;
         }
-        Err(e) => requeue(delivery, &e).await,
+        Err(e) => requeue(inner, delivery, &e).await,
     }
 }
 
