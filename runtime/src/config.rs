@@ -143,7 +143,7 @@ impl WorkerSettings {
         }
         let concurrency: usize = env_or("CONCURRENCY", &H::DEFAULT_CONCURRENCY.to_string())?;
         let concurrency = concurrency.clamp(1, prefetch.into());
-        let batch_size: usize = env_or("BATCH_SIZE", "32")?;
+        let batch_size: usize = env_or("BATCH_SIZE", "64")?;
         let batch_size = batch_size.clamp(1, prefetch.into());
         let linger_ms: u64 = env_or("BATCH_LINGER_MS", "3")?;
         // One connection per transaction in flight, one for the sweeper and
