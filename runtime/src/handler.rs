@@ -167,10 +167,10 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Work a message needs outside the database before its transaction:
     /// a slow call whose answer the transaction then records (a payment
-    /// gateway's). The runtime runs it, on no transaction, for all the
-    /// deliveries that wait together at once, so slow calls overlap instead
-    /// of queueing one behind the other in a shared transaction, and none
-    /// holds a database connection while it waits. `db` is for unlocked
+    /// gateway's). The runtime runs it, on no transaction, for the
+    /// deliveries that wait together side by side (16 at once), so slow
+    /// calls overlap instead of queueing one behind the other in a shared
+    /// transaction, and none holds a database connection while it waits. `db` is for unlocked
     /// reads only: what must hold under a row lock, `handle` checks again.
     /// It runs again whenever the message does (a retry, a redelivery, a
     /// duplicate the inbox will drop), so it must be idempotent. A failure
