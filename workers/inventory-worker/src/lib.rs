@@ -110,25 +110,29 @@ impl Handler for Inventory {
                 message => left.push(Fresh { envelope, message }),
             }
         }
-        let mut skus: Vec<String> = reserving
-            .iter()
-            .flat_map(|(_, _, wanted)| wanted.keys().cloned())
-            .chain(
-                committing
-                    .iter()
-                    .flat_map(|(_, cmd)| cmd.skus.iter().cloned()),
-            )
-            .collect();
-        skus.sort();
-        skus.dedup();
-        let orders: Vec<Uuid> = reserving.iter().map(|(_, id, _)| *id).collect();
-        let mut stock = lock_stock(ctx.db(), &skus, &orders).await?;
-        let mut rows = Vec::new();
-        for (envelope, order_id, wanted) in &reserving {
-            let outcome = stock.reserve(*order_id, wanted, &mut rows);
-            ctx.emit(envelope, outcome);
-        }
         let committed: Vec<Uuid> = committing.iter().map(|(_, cmd)| cmd.order_id).collect();
+        let mut rows = Vec::new();
+        // Commits alone need no lock first: their statement takes the
+        // stock rows in SKU order.
+        if !reserving.is_empty() {
+            let mut skus: Vec<String> = reserving
+                .iter()
+                .flat_map(|(_, _, wanted)| wanted.keys().cloned())
+                .chain(
+                    committing
+                        .iter()
+                        .flat_map(|(_, cmd)| cmd.skus.iter().cloned()),
+                )
+                .collect();
+            skus.sort();
+            skus.dedup();
+            let orders: Vec<Uuid> = reserving.iter().map(|(_, id, _)| *id).collect();
+            let mut stock = lock_stock(ctx.db(), &skus, &orders).await?;
+            for (envelope, order_id, wanted) in &reserving {
+                let outcome = stock.reserve(*order_id, wanted, &mut rows);
+                ctx.emit(envelope, outcome);
+            }
+        }
         apply(ctx.db(), &rows, &committed).await?;
         Ok(left)
     }
