@@ -1,5 +1,6 @@
-//! Fault tests on a real worker process (`probe-worker`): SIGKILL mid-message,
-//! a message that crashes its worker every time, SIGTERM under load, and
+//! Fault tests on a real worker process (`probe-worker`): SIGKILL mid-message
+//! and while chunks are applied together, a message that crashes its worker
+//! every time, SIGTERM under load, and
 //! settings it must refuse at start.
 #![allow(clippy::unwrap_used)]
 
@@ -88,6 +89,69 @@ async fn a_worker_killed_mid_handler_gets_the_message_redelivered_and_applies_it
     assert_eq!(count(&pool, "SELECT count(*) FROM probe_effects").await, 1);
     assert_eq!(env.depth("inventory").await, 0);
     assert_eq!(env.depth("inventory.dead").await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_while_applying_chunks_together_loses_nothing_and_applies_each_once() {
+    const PROBES: i64 = 3000;
+    let env = TestEnv::new().await;
+    apply_topology(&env, "100ms,200ms").await;
+    let pool = prepare(&env).await;
+    // Plain probes: the handler applies each chunk of them with one statement.
+    send_many(
+        &env,
+        (0..PROBES).map(|i| Probe {
+            emit: true,
+            ..probe(&format!("m{i}"))
+        }),
+    )
+    .await;
+    let mut first = spawn_worker(&env);
+    eventually(WAIT, "the worker is busy", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await >= 100
+    })
+    .await;
+    signal(&first, "-KILL");
+    first.wait().await.unwrap();
+    let at_kill = count(&pool, "SELECT count(*) FROM probe_effects").await;
+    assert!(
+        at_kill < PROBES,
+        "killed after the last chunk: nothing tested"
+    );
+
+    let mut second = spawn_worker(&env);
+    eventually(WAIT, "every probe applied", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await >= PROBES
+    })
+    .await;
+    // Its emissions relayed (the sweeper sends what the killed one left).
+    eventually(WAIT, "every emission relayed", || async {
+        count(&pool, "SELECT count(*) FROM inventory.outbox").await == 0
+    })
+    .await;
+    signal(&second, "-TERM");
+    assert!(second.wait().await.unwrap().success());
+
+    // Applied once each: what the killed worker committed stands, what it
+    // did not was rolled back and applied by the second.
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_effects").await,
+        PROBES
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT id) FROM probe_effects").await,
+        PROBES
+    );
+    assert_eq!(env.depth("inventory").await, 0);
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    // Every effect's event reached the saga's queue, at least once.
+    let events = env.drain("order").await;
+    let distinct: std::collections::HashSet<String> = events
+        .iter()
+        .filter_map(|(props, _)| props.correlation_id().as_ref().map(|c| c.to_string()))
+        .collect();
+    assert_eq!(i64::try_from(distinct.len()).unwrap(), PROBES);
     env.cleanup().await;
 }
 

@@ -99,6 +99,36 @@ pub async fn send(env: &TestEnv, probe: &Probe) -> Outgoing {
     out
 }
 
+/// Sends many probes on one channel, each confirmed.
+pub async fn send_many(env: &TestEnv, probes: impl IntoIterator<Item = Probe>) {
+    let conn = env.connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for probe in probes {
+        let out = Outgoing::of(&probe).correlated(&probe.id);
+        confirms.push(
+            channel
+                .basic_publish(
+                    out.exchange.as_str().into(),
+                    out.routing_key.as_str().into(),
+                    lapin::options::BasicPublishOptions::default(),
+                    &out.body,
+                    out.properties(),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    for confirm in confirms {
+        assert!(confirm.await.unwrap().is_ack(), "publish not confirmed");
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
 /// Commits, in a transaction of its own, what a handler transaction writes
 /// to the outbox: deletes the `relayed` rows and writes `messages`; returns
 /// the new rows' ids.

@@ -3,7 +3,9 @@
 //! process, sleep, emit an event. It records each invocation outside the
 //! transaction and each effect inside it, so tests can count both.
 
-use runtime::{Context, Failure, Handler, Inbound, Malformed, Message, Outgoing, decode_json};
+use runtime::{
+    Context, Failure, Fresh, Handler, Inbound, Malformed, Message, Outgoing, Together, decode_json,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -118,6 +120,61 @@ impl<const OUTSIDE_EFFECTS: bool> Handler for ProbeHandler<OUTSIDE_EFFECTS> {
             ctx.emit(Outgoing::of(&Probed { id: probe.id }));
         }
         Ok(())
+    }
+
+    /// Plain probes of a chunk are recorded together, one statement for
+    /// their invocations and one for their effects, so the fault tests run
+    /// through the runtime's set-based path as the domain workers do.
+    async fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<ProbeMessage>>,
+    ) -> Result<Vec<Fresh<ProbeMessage>>, Failure> {
+        let (plain, left): (Vec<_>, Vec<_>) = messages.into_iter().partition(|fresh| {
+            let ProbeMessage::Probe(probe) = &fresh.message;
+            probe.plain()
+        });
+        if plain.is_empty() {
+            return Ok(left);
+        }
+        let mut ids = Vec::with_capacity(plain.len());
+        let mut attempts = Vec::with_capacity(plain.len());
+        let mut message_ids = Vec::with_capacity(plain.len());
+        for fresh in &plain {
+            let ProbeMessage::Probe(probe) = &fresh.message;
+            ids.push(probe.id.clone());
+            attempts.push(i32::try_from(fresh.envelope.attempt).unwrap_or(i32::MAX));
+            message_ids.push(fresh.envelope.message_id);
+        }
+        sqlx::query(
+            "INSERT INTO probe_invocations (id, attempt) SELECT * FROM UNNEST($1::text[], $2::int[])",
+        )
+        .bind(&ids)
+        .bind(&attempts)
+        .execute(&self.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO probe_effects (id, message_id) SELECT * FROM UNNEST($1::text[], $2::uuid[])",
+        )
+        .bind(&ids)
+        .bind(&message_ids)
+        .execute(ctx.db())
+        .await?;
+        for fresh in plain {
+            let ProbeMessage::Probe(probe) = fresh.message;
+            if probe.emit {
+                ctx.emit(&fresh.envelope, Outgoing::of(&Probed { id: probe.id }));
+            }
+        }
+        Ok(left)
+    }
+}
+
+impl Probe {
+    /// Succeeds at once, without sleeping: the handler may apply it
+    /// together with others of its chunk.
+    fn plain(&self) -> bool {
+        self.fail.is_none() && self.sleep_ms == 0
     }
 }
 
