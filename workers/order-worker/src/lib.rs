@@ -208,8 +208,12 @@ impl Handler for OrderSaga {
                         message: OrderMessage::Place(cmd),
                     }),
                 },
-                OrderMessage::StockReserved(ev) => reserved.push((envelope, ev)),
-                OrderMessage::PaymentCharged(ev) => charged.push((envelope, ev)),
+                message @ OrderMessage::StockReserved(_) => {
+                    reserved.push(Fresh { envelope, message });
+                }
+                message @ OrderMessage::PaymentCharged(_) => {
+                    charged.push(Fresh { envelope, message });
+                }
                 message => left.push(Fresh { envelope, message }),
             }
         }
@@ -223,54 +227,20 @@ impl Handler for OrderSaga {
                 }
             }
         }
-        if !reserved.is_empty() {
-            let ids: Vec<_> = reserved.iter().map(|(_, ev)| (ev.order_id, None)).collect();
-            let change = Change {
-                payment_due_in: Some(self.payment_timeout),
-                ..Change::new(Status::Pending, &[Status::StockReserved])
-            };
-            let advanced = advance_many(ctx.db(), &ids, change).await?;
-            let mut causes: HashMap<Uuid, (Envelope, StockReserved)> = reserved
-                .into_iter()
-                .map(|(e, ev)| (ev.order_id, (e, ev)))
-                .collect();
-            for (order, _) in advanced {
-                if let Some((envelope, _)) = causes.remove(&order.id) {
-                    ctx.emit(&envelope, charge_payment(&order));
-                }
-            }
-            left.extend(causes.into_values().map(|(envelope, ev)| Fresh {
-                envelope,
-                message: OrderMessage::StockReserved(ev),
-            }));
-        }
-        if !charged.is_empty() {
-            let ids: Vec<_> = charged
-                .iter()
-                .map(|(_, ev)| (ev.order_id, Some(ev.charge_id.as_str())))
-                .collect();
-            let steps = [Status::Paid, Status::Confirmed];
-            let change = Change {
-                with_lines: true,
-                ..Change::new(Status::StockReserved, &steps)
-            };
-            let confirmed = advance_many(ctx.db(), &ids, change).await?;
-            let mut causes: HashMap<Uuid, (Envelope, PaymentCharged)> = charged
-                .into_iter()
-                .map(|(e, ev)| (ev.order_id, (e, ev)))
-                .collect();
-            for (order, lines) in confirmed {
-                if let Some((envelope, _)) = causes.remove(&order.id) {
-                    for message in confirmation(&order, lines) {
-                        ctx.emit(&envelope, message);
-                    }
-                }
-            }
-            left.extend(causes.into_values().map(|(envelope, ev)| Fresh {
-                envelope,
-                message: OrderMessage::PaymentCharged(ev),
-            }));
-        }
+        let reserving = Change {
+            payment_due_in: Some(self.payment_timeout),
+            ..Change::new(Status::Pending, &[Status::StockReserved])
+        };
+        let charge = |order: &Order, _| vec![charge_payment(order)];
+        advance_together(ctx, reserved, reserving, charge, &mut left).await?;
+        // PAID and CONFIRMED at once, with the lines the confirmation needs.
+        let steps = [Status::Paid, Status::Confirmed];
+        let confirming = Change {
+            with_lines: true,
+            ..Change::new(Status::StockReserved, &steps)
+        };
+        let confirm = |order: &Order, lines| confirmation(order, lines).into();
+        advance_together(ctx, charged, confirming, confirm, &mut left).await?;
         // In lock order, like the chunk; an order's messages keep theirs.
         left.sort_by_key(|fresh| order_id(&fresh.message));
         Ok(left)
@@ -290,6 +260,48 @@ fn order_id(message: &OrderMessage) -> Uuid {
         OrderMessage::PaymentDeclined(m) => m.order_id,
         OrderMessage::PaymentRefunded(m) => m.order_id,
     }
+}
+
+/// The charge a `payment.charged` event records on its order.
+fn charge_id(message: &OrderMessage) -> Option<&str> {
+    match message {
+        OrderMessage::PaymentCharged(ev) => Some(ev.charge_id.as_str()),
+        _ => None,
+    }
+}
+
+/// Applies `change` to the orders of `messages` (one message each) in one
+/// statement, emits what `then` makes of each order advanced, caused by its
+/// message, and adds the messages of the others (in another state) to
+/// `left`, for `handle` to look closer.
+async fn advance_together(
+    ctx: &mut Together,
+    messages: Vec<Fresh<OrderMessage>>,
+    change: Change<'_>,
+    then: impl Fn(&Order, Vec<Line>) -> Vec<Outgoing>,
+    left: &mut Vec<Fresh<OrderMessage>>,
+) -> Result<(), Failure> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let orders: Vec<_> = messages
+        .iter()
+        .map(|fresh| (order_id(&fresh.message), charge_id(&fresh.message)))
+        .collect();
+    let advanced = advance_many(ctx.db(), &orders, change).await?;
+    let mut causes: HashMap<Uuid, Fresh<OrderMessage>> = messages
+        .into_iter()
+        .map(|fresh| (order_id(&fresh.message), fresh))
+        .collect();
+    for (order, lines) in advanced {
+        if let Some(cause) = causes.remove(&order.id) {
+            for message in then(&order, lines) {
+                ctx.emit(&cause.envelope, message);
+            }
+        }
+    }
+    left.extend(causes.into_values());
+    Ok(())
 }
 
 /// The order as the saga needs it, read under a row lock.
