@@ -112,6 +112,27 @@ pub struct Fresh<M> {
     pub message: M,
 }
 
+impl<M> Fresh<M> {
+    /// Splits a chunk's messages into those that are the only one with
+    /// their key (an order id) and the rest, both in chunk order; messages
+    /// without a key go to the rest. What [`Handler::handle_together`] may
+    /// take is usually among the first.
+    pub fn partition_unique<K: Eq + std::hash::Hash>(
+        messages: Vec<Self>,
+        key: impl Fn(&M) -> Option<K>,
+    ) -> (Vec<Self>, Vec<Self>) {
+        let mut seen: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+        for fresh in &messages {
+            if let Some(k) = key(&fresh.message) {
+                *seen.entry(k).or_default() += 1;
+            }
+        }
+        messages
+            .into_iter()
+            .partition(|fresh| key(&fresh.message).is_some_and(|k| seen.get(&k) == Some(&1)))
+    }
+}
+
 /// What a handler may touch while it applies several messages together:
 /// the shared transaction, and an outbox where each emitted message names
 /// the message that caused it.
@@ -241,5 +262,37 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<usize, Failure>> + Send {
         let _ = ctx;
         async { Ok(0) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(keys: &[Option<&'static str>]) -> Vec<Fresh<Option<&'static str>>> {
+        keys.iter()
+            .map(|&key| Fresh {
+                envelope: Envelope::started_here("test"),
+                message: key,
+            })
+            .collect()
+    }
+
+    fn keys(messages: &[Fresh<Option<&'static str>>]) -> Vec<Option<&'static str>> {
+        messages.iter().map(|fresh| fresh.message).collect()
+    }
+
+    #[test]
+    fn only_the_single_message_of_a_key_is_unique_and_both_sides_keep_chunk_order() {
+        let messages = chunk(&[Some("a"), Some("b"), None, Some("a"), Some("c")]);
+        let (unique, rest) = Fresh::partition_unique(messages, |m| *m);
+        assert_eq!(keys(&unique), [Some("b"), Some("c")]);
+        assert_eq!(keys(&rest), [Some("a"), None, Some("a")]);
+    }
+
+    #[test]
+    fn an_empty_chunk_splits_into_nothing() {
+        let (unique, rest) = Fresh::partition_unique(chunk(&[]), |m| *m);
+        assert!(unique.is_empty() && rest.is_empty());
     }
 }

@@ -86,19 +86,12 @@ impl Handler for Inventory {
         ctx: &mut Together,
         messages: Vec<Fresh<InventoryMessage>>,
     ) -> Result<Vec<Fresh<InventoryMessage>>, Failure> {
-        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
-        for fresh in &messages {
-            if let Some(id) = order_id(&fresh.message) {
-                *per_order.entry(id).or_default() += 1;
-            }
-        }
-        let mut left = Vec::new();
+        let (alone, mut left) = Fresh::partition_unique(messages, order_id);
         let mut reserving = Vec::new();
         let mut committing = Vec::new();
-        for Fresh { envelope, message } in messages {
-            let alone = order_id(&message).is_some_and(|id| per_order.get(&id) == Some(&1));
+        for Fresh { envelope, message } in alone {
             match message {
-                InventoryMessage::Reserve(cmd) if alone => match wanted(&cmd.items) {
+                InventoryMessage::Reserve(cmd) => match wanted(&cmd.items) {
                     Ok(wanted) => reserving.push((envelope, cmd.order_id, wanted)),
                     // `handle` refuses it.
                     Err(_) => left.push(Fresh {
@@ -106,7 +99,7 @@ impl Handler for Inventory {
                         message: InventoryMessage::Reserve(cmd),
                     }),
                 },
-                InventoryMessage::Commit(cmd) if alone => committing.push((envelope, cmd)),
+                InventoryMessage::Commit(cmd) => committing.push((envelope, cmd)),
                 message => left.push(Fresh { envelope, message }),
             }
         }

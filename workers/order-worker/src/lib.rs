@@ -185,20 +185,11 @@ impl Handler for OrderSaga {
         ctx: &mut Together,
         messages: Vec<Fresh<OrderMessage>>,
     ) -> Result<Vec<Fresh<OrderMessage>>, Failure> {
-        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
-        for fresh in &messages {
-            *per_order.entry(order_id(&fresh.message)).or_default() += 1;
-        }
-        let mut left = Vec::new();
+        let (alone, mut left) = Fresh::partition_unique(messages, |m| Some(order_id(m)));
         let mut placing = Vec::new();
         let mut reserved = Vec::new();
         let mut charged = Vec::new();
-        for fresh in messages {
-            let Fresh { envelope, message } = fresh;
-            if per_order.get(&order_id(&message)) != Some(&1) {
-                left.push(Fresh { envelope, message });
-                continue;
-            }
+        for Fresh { envelope, message } in alone {
             match message {
                 OrderMessage::Place(cmd) => match NewOrder::total_cents(&cmd) {
                     Ok(total_cents) => placing.push((envelope, NewOrder { cmd, total_cents })),

@@ -19,7 +19,7 @@ use runtime::{
     WorkerSettings, WorkerSpec, decode_json,
 };
 use sqlx::{PgConnection, PgPool};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 use topology::{Domain, keys};
 use tracing::info;
@@ -143,16 +143,11 @@ impl Handler for Payments {
         ctx: &mut Together,
         messages: Vec<Fresh<PaymentMessage>>,
     ) -> Result<Vec<Fresh<PaymentMessage>>, Failure> {
-        let mut per_order: HashMap<Uuid, usize> = HashMap::new();
-        for fresh in &messages {
-            *per_order.entry(order_id(&fresh.message)).or_default() += 1;
-        }
-        let mut left = Vec::new();
+        let (alone, mut left) = Fresh::partition_unique(messages, |m| Some(order_id(m)));
         let mut answered = Vec::new();
-        for Fresh { envelope, message } in messages {
-            let alone = per_order.get(&order_id(&message)) == Some(&1);
+        for Fresh { envelope, message } in alone {
             match message {
-                PaymentMessage::Charge(cmd, Some(outcome)) if alone => {
+                PaymentMessage::Charge(cmd, Some(outcome)) => {
                     answered.push((envelope, cmd, outcome));
                 }
                 message => left.push(Fresh { envelope, message }),
