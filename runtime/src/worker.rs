@@ -565,11 +565,12 @@ async fn process_batch<H: Handler>(
         }
     };
     let committed_at = std::time::Instant::now();
-    inner
-        .acks
-        .ack(&done.iter().map(|(d, _)| d).collect::<Vec<_>>())
-        .await;
-    relay(inner, (outbox_ids, outbox)).await;
+    // Both only need the commit: neither waits for the other.
+    let deliveries: Vec<_> = done.iter().map(|(d, _)| d).collect();
+    futures::join!(
+        inner.acks.ack(&deliveries),
+        relay(inner, (outbox_ids, outbox))
+    );
     debug!(queue, messages = done.len(), handled_and_committed = ?(committed_at - started), acked_and_relayed = ?committed_at.elapsed(), "Batch done");
     for (_, envelope) in &done {
         debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
@@ -775,8 +776,7 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         Ok(ids_and_messages) => {
             // The effect and the messages it causes are committed: the ack
             // can go now, and the relay below (or the sweeper) sends them.
-            ack(inner, &delivery).await;
-            relay(inner, ids_and_messages).await;
+            futures::join!(ack(inner, &delivery), relay(inner, ids_and_messages));
             if redelivered {
                 let _ = inner
                     .store
