@@ -611,9 +611,11 @@ async fn apply_together<H: Handler>(
     done: &mut Vec<(Delivery, Envelope)>,
     outbox: &mut Vec<Outgoing>,
 ) -> Result<(Transaction<'static, Postgres>, Vec<Decoded<H::Message>>), (Failure, Vec<Delivery>)> {
-    // Fresh message ids are distinct (the inbox statement returns each once).
-    let order: Vec<_> = fresh.iter().map(|d| d.envelope.message_id).collect();
-    let mut deliveries = std::collections::HashMap::with_capacity(fresh.len());
+    // The deliveries in chunk order (so that they run again alone in that
+    // order), found by message id: fresh ids are distinct, the inbox
+    // statement returns each once.
+    let mut slots = Vec::with_capacity(fresh.len());
+    let mut slot_of = std::collections::HashMap::with_capacity(fresh.len());
     let mut messages = Vec::with_capacity(fresh.len());
     for Decoded {
         delivery,
@@ -621,16 +623,10 @@ async fn apply_together<H: Handler>(
         message,
     } in fresh
     {
-        deliveries.insert(envelope.message_id, (delivery, envelope.clone()));
+        slot_of.insert(envelope.message_id, slots.len());
+        slots.push(Some((delivery, envelope.clone())));
         messages.push(Fresh { envelope, message });
     }
-    // In chunk order, so that messages run again alone in that order.
-    let in_order = |mut deliveries: std::collections::HashMap<_, _>| -> Vec<(Delivery, Envelope)> {
-        order
-            .iter()
-            .filter_map(|id| deliveries.remove(id))
-            .collect()
-    };
     let mut ctx = Together::new(tx);
     let result = unless_panicked(
         "handler panicked applying messages together",
@@ -640,7 +636,7 @@ async fn apply_together<H: Handler>(
     let left = match result {
         Ok(left) => left,
         Err(failure) => {
-            let again = in_order(deliveries).into_iter().map(|(d, _)| d).collect();
+            let again = slots.into_iter().flatten().map(|(d, _)| d).collect();
             return Err((failure, again));
         }
     };
@@ -648,7 +644,8 @@ async fn apply_together<H: Handler>(
     let mut rest = Vec::with_capacity(left.len());
     for Fresh { envelope, message } in left {
         // Each id once: a message cannot be left twice.
-        if let Some((delivery, _)) = deliveries.remove(&envelope.message_id) {
+        let slot = slot_of.get(&envelope.message_id).copied();
+        if let Some((delivery, _)) = slot.and_then(|i| slots[i].take()) {
             rest.push(Decoded {
                 delivery,
                 envelope,
@@ -656,7 +653,8 @@ async fn apply_together<H: Handler>(
             });
         }
     }
-    done.extend(in_order(deliveries));
+    // What is still in its slot was taken together.
+    done.extend(slots.into_iter().flatten());
     outbox.extend(emitted);
     Ok((tx, rest))
 }
@@ -775,7 +773,8 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
     match outcome {
         Ok(ids_and_messages) => {
             // The effect and the messages it causes are committed: the ack
-            // can go now, and the relay below (or the sweeper) sends them.
+            // can go now, and so can the relay (or, after a crash, the
+            // sweeper) that sends them.
             futures::join!(ack(inner, &delivery), relay(inner, ids_and_messages));
             if redelivered {
                 let _ = inner
@@ -982,6 +981,8 @@ async fn ack<H>(inner: &Inner<H>, delivery: &Delivery) {
     inner.acks.ack(&[delivery]).await;
 }
 
+/// Gives the delivery back to the broker after a failed move, so it is not
+/// held unacked while the publisher is away.
 async fn requeue<H>(inner: &Inner<H>, delivery: &Delivery, error: &PublishError) {
     warn!(error = %error, "Could not move the message; returning it to its queue");
     tokio::time::sleep(Duration::from_secs(1)).await;
