@@ -218,20 +218,11 @@ impl Handler for OrderSaga {
                 }
             }
         }
-        let reserving = Change {
-            payment_due_in: Some(self.payment_timeout),
-            ..Change::new(Status::Pending, &[Status::StockReserved])
-        };
+        let reserving = Change::stock_reserved(self.payment_timeout);
         let charge = |order: &Order, _| vec![charge_payment(order)];
         advance_together(ctx, reserved, reserving, charge, &mut left).await?;
-        // PAID and CONFIRMED at once, with the lines the confirmation needs.
-        let steps = [Status::Paid, Status::Confirmed];
-        let confirming = Change {
-            with_lines: true,
-            ..Change::new(Status::StockReserved, &steps)
-        };
         let confirm = |order: &Order, lines| confirmation(order, lines).into();
-        advance_together(ctx, charged, confirming, confirm, &mut left).await?;
+        advance_together(ctx, charged, Change::confirmed(), confirm, &mut left).await?;
         // In lock order, like the chunk; an order's messages keep theirs.
         left.sort_by_key(|fresh| order_id(&fresh.message));
         Ok(left)
@@ -349,6 +340,28 @@ impl<'a> Change<'a> {
             reason: None,
             with_lines: false,
             payment_due_in: None,
+        }
+    }
+}
+
+impl Change<'static> {
+    /// `PENDING → STOCK_RESERVED`, the payment due `payment_timeout` from
+    /// now. The deadline is a row the saga scans (`expire_deadlines`), not
+    /// a message held by the broker: nothing per order crosses the broker
+    /// unless the payment really is late (decision 0008).
+    fn stock_reserved(payment_timeout: Duration) -> Self {
+        Self {
+            payment_due_in: Some(payment_timeout),
+            ..Self::new(Status::Pending, &[Status::StockReserved])
+        }
+    }
+
+    /// `STOCK_RESERVED → PAID → CONFIRMED` at once (nothing sits between
+    /// them), with the lines the confirmation and the stock commit need.
+    fn confirmed() -> Self {
+        Self {
+            with_lines: true,
+            ..Self::new(Status::StockReserved, &[Status::Paid, Status::Confirmed])
         }
     }
 }
@@ -612,14 +625,8 @@ async fn stock_reserved(
     id: Uuid,
     payment_timeout: Duration,
 ) -> Result<(), Failure> {
-    // The common case in one statement: PENDING → STOCK_RESERVED.
-    // The deadline is a row the saga scans (`expire_deadlines`), not a
-    // message held by the broker: nothing per order crosses the broker
-    // unless the payment really is late (decision 0008).
-    let change = Change {
-        payment_due_in: Some(payment_timeout),
-        ..Change::new(Status::Pending, &[Status::StockReserved])
-    };
+    // The common case in one statement.
+    let change = Change::stock_reserved(payment_timeout);
     if let Some((order, _)) = advance(ctx, id, None, change).await? {
         ctx.emit(charge_payment(&order));
         return Ok(());
@@ -683,14 +690,8 @@ async fn out_of_stock(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
 }
 
 async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Failure> {
-    // PAID and CONFIRMED at once (nothing sits between them), in one
-    // statement: the charge, the status and both history rows.
-    let steps = [Status::Paid, Status::Confirmed];
-    // The lines come along: the confirmation and the stock commit need them.
-    let change = Change {
-        with_lines: true,
-        ..Change::new(Status::StockReserved, &steps)
-    };
+    // In one statement: the charge, the status and both history rows.
+    let change = Change::confirmed();
     let confirmed = advance(ctx, ev.order_id, Some(ev.charge_id.as_str()), change).await?;
     let just_confirmed = confirmed.is_some();
     let (order, lines) = match confirmed {
