@@ -216,9 +216,9 @@ pub trait Handler: Send + Sync + 'static {
     /// with set-based statements (one statement for all the orders of a
     /// chunk that move to the same state, instead of one each: per message,
     /// that is most of the database's work). Takes the messages it can
-    /// apply that way and returns the others, which the runtime then hands
-    /// to [`Handler::handle`] one by one, in the same transaction, after
-    /// these. So it must take only messages whose outcome does not depend
+    /// apply that way and returns the others (in any order), which the
+    /// runtime then hands to [`Handler::handle`] one by one in chunk order
+    /// (`lock_key` order), in the same transaction, after these. So it must take only messages whose outcome does not depend
     /// on the others of the chunk (the only message of its order, say).
     /// It must act only on the database (outside work belongs in
     /// [`Handler::prepare`]): a failure rolls the whole transaction back,

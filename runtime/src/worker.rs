@@ -601,7 +601,7 @@ async fn process_batch<H: Handler>(
 /// Lets the handler apply what it can of `fresh` together
 /// (`Handler::handle_together`): those it took join `done` and what they
 /// emitted joins `outbox`; returns the transaction and the messages left
-/// for `handle`, in their order. On failure the transaction is gone
+/// for `handle`, in chunk order. On failure the transaction is gone
 /// (rolled back) and every fresh delivery is returned, to run again alone.
 #[allow(clippy::type_complexity)]
 async fn apply_together<H: Handler>(
@@ -641,12 +641,17 @@ async fn apply_together<H: Handler>(
         }
     };
     let (tx, emitted) = ctx.into_parts();
-    let mut rest = Vec::with_capacity(left.len());
+    // What was left goes back to `handle` in chunk order (`lock_key`
+    // order), whatever order the handler returned it in.
+    let mut rest: Vec<Option<Decoded<H::Message>>> =
+        std::iter::repeat_with(|| None).take(slots.len()).collect();
     for Fresh { envelope, message } in left {
         // Each id once: a message cannot be left twice.
-        let slot = slot_of.get(&envelope.message_id).copied();
-        if let Some((delivery, _)) = slot.and_then(|i| slots[i].take()) {
-            rest.push(Decoded {
+        let Some(&i) = slot_of.get(&envelope.message_id) else {
+            continue;
+        };
+        if let Some((delivery, _)) = slots[i].take() {
+            rest[i] = Some(Decoded {
                 delivery,
                 envelope,
                 message,
@@ -656,7 +661,7 @@ async fn apply_together<H: Handler>(
     // What is still in its slot was taken together.
     done.extend(slots.into_iter().flatten());
     outbox.extend(emitted);
-    Ok((tx, rest))
+    Ok((tx, rest.into_iter().flatten().collect()))
 }
 
 /// Runs the handler's outside work, turning a panic into a permanent failure.

@@ -17,12 +17,12 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Takes the probes whose id ends in an even digit and records them in one
 /// statement (`how = 'together'`); the rest is left to `handle`
-/// (`how = 'alone'`). A probe with `fail: "together"` in the chunk makes the
+/// (`how = 'alone'`), returned in reverse (the runtime restores chunk order). A probe with `fail: "together"` in the chunk makes the
 /// statement fail. With `OUTSIDE_EFFECTS` chosen by the test.
 struct TakesEven<const OUTSIDE_EFFECTS: bool>;
 
-const TABLE: &str = "CREATE TABLE IF NOT EXISTS together_effects (id text NOT NULL, how text NOT NULL, \
-                     txid bigint NOT NULL DEFAULT txid_current())";
+const TABLE: &str = "CREATE TABLE IF NOT EXISTS together_effects (seq bigserial, id text NOT NULL, \
+                     how text NOT NULL, txid bigint NOT NULL DEFAULT txid_current())";
 
 impl<const OUTSIDE_EFFECTS: bool> Handler for TakesEven<OUTSIDE_EFFECTS> {
     type Message = ProbeMessage;
@@ -71,7 +71,7 @@ impl<const OUTSIDE_EFFECTS: bool> Handler for TakesEven<OUTSIDE_EFFECTS> {
                 }),
             );
         }
-        Ok(left)
+        Ok(left.into_iter().rev().collect())
     }
 }
 
@@ -168,6 +168,16 @@ async fn a_chunk_applies_what_the_handler_takes_together_and_the_rest_alone_in_o
             count(&pool, "SELECT count(DISTINCT txid) FROM together_effects").await,
             1,
             "one transaction for the chunk"
+        );
+        let alone: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM together_effects WHERE how = 'alone' ORDER BY seq")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            alone,
+            ["p1", "p3", "p5", "p7"],
+            "left ones run in chunk order"
         );
         assert_eq!(
             count(&pool, "SELECT count(*) FROM inventory.inbox").await,

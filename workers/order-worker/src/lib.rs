@@ -223,8 +223,6 @@ impl Handler for OrderSaga {
         advance_together(ctx, reserved, reserving, charge, &mut left).await?;
         let confirm = |order: &Order, lines| confirmation(order, lines).into();
         advance_together(ctx, charged, Change::confirmed(), confirm, &mut left).await?;
-        // In lock order, like the chunk; an order's messages keep theirs.
-        left.sort_by_key(|fresh| order_id(&fresh.message));
         Ok(left)
     }
 }

@@ -170,7 +170,6 @@ impl Handler for Payments {
                 });
             }
         }
-        left.sort_by_key(|fresh| order_id(&fresh.message));
         Ok(left)
     }
 
