@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod acks;
+mod chunks;
 pub mod broker;
 pub mod config;
 pub mod db;

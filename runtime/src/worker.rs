@@ -9,6 +9,7 @@
 //!   is left in the outbox, close connections, return.
 
 use crate::acks::Acks;
+use crate::chunks::{InFlight, chunks};
 use crate::broker::{self, PublishError, Publisher};
 use crate::config::WorkerSettings;
 use crate::db;
@@ -252,21 +253,15 @@ async fn consume<H: Handler>(
             () = connection_lost => {}
         }
     };
-    // `ready_chunks` takes only the deliveries already waiting: a quiet queue
-    // hands each message on at once, a busy one fills transactions. With a
-    // linger, a chunk also waits that long after its first delivery for
-    // more, trading that wait for fewer transactions at moderate rates.
-    let deliveries = consumer.take_until(stop);
-    let chunks = if inner.settings.batch_linger.is_zero() {
-        deliveries.ready_chunks(inner.settings.batch_size).boxed()
-    } else {
-        tokio_stream::StreamExt::chunks_timeout(
-            deliveries,
-            inner.settings.batch_size,
-            inner.settings.batch_linger,
-        )
-        .boxed()
-    };
+    // Chunks take the deliveries already waiting, and wait for company
+    // only while the worker is busy anyway (`chunks.rs`).
+    let in_flight = InFlight::default();
+    let chunks = chunks(
+        consumer.take_until(Box::pin(stop)),
+        inner.settings.batch_size,
+        inner.settings.batch_linger,
+        in_flight.clone(),
+    );
     chunks
         .for_each_concurrent(inner.settings.concurrency, |chunk| {
             let inner = inner.clone();
@@ -284,11 +279,13 @@ async fn consume<H: Handler>(
             }
             // In channel order: chunks are taken one after the other.
             inner.acks.received(&deliveries);
+            let in_flight = in_flight.enter();
             async move {
                 // Spawned so handlers use every core; awaited so the
                 // concurrency bound holds.
                 let _ = tokio::spawn(async move { process_all(&inner, deliveries, &token).await })
                     .await;
+                drop(in_flight);
             }
         })
         .await;

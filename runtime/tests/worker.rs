@@ -266,24 +266,61 @@ async fn transactions_for(env: &TestEnv, ids: &[&str], gap: Duration) -> i64 {
         tokio::time::sleep(gap).await;
     }
     let pool = env.pool().await;
+    let ids: Vec<String> = ids.iter().map(|id| (*id).to_owned()).collect();
     let n = i64::try_from(ids.len()).unwrap();
     eventually(WAIT, "every message applied", || async {
-        count(&pool, "SELECT count(*) FROM probe_effects").await == n
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM probe_effects WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == n
     })
     .await;
-    count(&pool, "SELECT count(DISTINCT txid) FROM probe_effects").await
+    sqlx::query_scalar("SELECT count(DISTINCT txid) FROM probe_effects WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn with_a_linger_deliveries_arriving_apart_share_one_transaction() {
+async fn with_a_linger_a_busy_worker_gathers_deliveries_arriving_apart_and_an_idle_one_does_not_wait()
+ {
     let env = TestEnv::new().await;
     let mut lingering = settings(&env, "100ms");
     // Far longer than sending four messages takes, even on a loaded machine.
     lingering.batch_linger = Duration::from_secs(3);
     let worker = start_worker_with(&env, lingering).await;
-    let ids = ["l1", "l2", "l3", "l4"];
+    // The session's first chunk waits for a backlog; then the worker is idle.
     assert_eq!(
-        transactions_for(&env, &ids, Duration::from_millis(50)).await,
+        transactions_for(&env, &["first"], Duration::ZERO).await,
+        1
+    );
+    // Idle: each arrives to a worker with nothing in flight and goes at
+    // once. Had any waited for company, it would have shared its
+    // transaction with the next, sent well within the linger.
+    assert_eq!(
+        transactions_for(&env, &["i1", "i2", "i3"], Duration::from_millis(300)).await,
+        3
+    );
+    // Busy: while a slow one is in flight, the next chunk waits for company.
+    send(
+        &env,
+        &Probe {
+            id: "slow".into(),
+            sleep_ms: 1500,
+            ..Probe::default()
+        },
+    )
+    .await;
+    let pool = env.pool().await;
+    eventually(WAIT, "the slow one in flight", || async {
+        count(&pool, "SELECT count(*) FROM probe_invocations WHERE id = 'slow'").await == 1
+    })
+    .await;
+    assert_eq!(
+        transactions_for(&env, &["b1", "b2", "b3", "b4"], Duration::from_millis(50)).await,
         1
     );
     worker.stop().await;
