@@ -6,16 +6,19 @@
 //! - while another chunk of the same consumer is being handled: the worker
 //!   is busy anyway, and a few milliseconds of gathering save a transaction,
 //!   a relay and a wake-up per message;
+//! - when the chunk's first delivery came less than the linger after the
+//!   one before it: at that rate, more are on their way;
 //! - for the first chunk of a consuming session: a queue with a backlog
 //!   pours it in over a few milliseconds after the subscription.
 //!
-//! An idle worker hands a lone delivery on at once, so a quiet system pays
-//! no linger on any of an order's hops.
+//! An idle worker on a quiet queue hands a delivery on at once, so a quiet
+//! system pays no linger on any of an order's hops.
 
 use futures::{FutureExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How many chunks of one consumer are being handled right now.
 #[derive(Clone, Default)]
@@ -54,33 +57,44 @@ where
     S: Stream + Unpin,
 {
     let size = size.max(1);
+    // The state: the items, and when the previous chunk took its last
+    // (`None` before the session's first chunk).
     futures::stream::unfold(
-        (items.fuse(), true),
-        move |(mut items, first_of_session)| {
+        (items.fuse(), None::<Instant>),
+        move |(mut items, last_taken)| {
             let in_flight = in_flight.clone();
             async move {
                 let first = items.next().await?;
+                let arrived = Instant::now();
                 let mut chunk = Vec::with_capacity(size);
                 chunk.push(first);
                 take_waiting(&mut items, &mut chunk, size);
-                let wait = !linger.is_zero()
-                    && chunk.len() < size
-                    && !items.is_done()
-                    && (first_of_session || in_flight.any());
+                let company_likely = match last_taken {
+                    None => true,
+                    Some(last) => arrived.duration_since(last) < linger || in_flight.any(),
+                };
+                let wait =
+                    !linger.is_zero() && chunk.len() < size && !items.is_done() && company_likely;
+                // Those taken at once were waiting: they count as arrived
+                // with the first.
+                let mut last_taken = arrived;
                 if wait {
                     let deadline = tokio::time::sleep(linger);
                     tokio::pin!(deadline);
                     while chunk.len() < size {
                         tokio::select! {
                             item = items.next() => match item {
-                                Some(item) => chunk.push(item),
+                                Some(item) => {
+                                    chunk.push(item);
+                                    last_taken = Instant::now();
+                                }
                                 None => break,
                             },
                             () = &mut deadline => break,
                         }
                     }
                 }
-                Some((chunk, (items, false)))
+                Some((chunk, (items, Some(last_taken))))
             }
         },
     )
@@ -115,7 +129,9 @@ mod tests {
     }
 
     /// The next chunk and how long (in paused, so exact, time) it took.
-    async fn next(chunks: &mut (impl Stream<Item = Vec<u32>> + Unpin)) -> (Option<Vec<u32>>, Duration) {
+    async fn next(
+        chunks: &mut (impl Stream<Item = Vec<u32>> + Unpin),
+    ) -> (Option<Vec<u32>>, Duration) {
         let started = Instant::now();
         let chunk = chunks.next().await;
         (chunk, started.elapsed())
@@ -137,14 +153,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_consumer_hands_deliveries_on_at_once() {
+    async fn an_idle_consumer_on_a_quiet_queue_hands_deliveries_on_at_once() {
         let (tx, items) = channel();
         let mut chunks = Box::pin(chunks(items, 10, LINGER, InFlight::default()));
         tx.unbounded_send(1).unwrap();
         assert_eq!(next(&mut chunks).await, (Some(vec![1]), LINGER));
-        // The session is under way and nothing is in flight: no waiting.
+        // The session is under way, nothing is in flight and the queue is
+        // quiet: no waiting.
+        tokio::time::sleep(LINGER * 2).await;
         tx.unbounded_send(2).unwrap();
         assert_eq!(next(&mut chunks).await, (Some(vec![2]), Duration::ZERO));
+        tokio::time::sleep(LINGER * 2).await;
         tx.unbounded_send(3).unwrap();
         tx.unbounded_send(4).unwrap();
         assert_eq!(
@@ -152,6 +171,30 @@ mod tests {
             (Some(vec![3, 4]), Duration::ZERO),
             "what is waiting is taken"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deliveries_coming_closer_together_than_the_linger_wait_for_company() {
+        let (tx, items) = channel();
+        let mut chunks = Box::pin(chunks(items, 10, LINGER, InFlight::default()));
+        tx.unbounded_send(1).unwrap();
+        let _ = next(&mut chunks).await;
+        tokio::time::sleep(LINGER * 2).await;
+        tx.unbounded_send(2).unwrap();
+        assert_eq!(next(&mut chunks).await, (Some(vec![2]), Duration::ZERO));
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.unbounded_send(3).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.unbounded_send(4).unwrap();
+            tx
+        });
+        // 3 comes 10 ms after 2: it waits, and 4 joins it.
+        assert_eq!(
+            next(&mut chunks).await,
+            (Some(vec![3, 4]), LINGER + Duration::from_millis(10))
+        );
+        drop(sender.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]
@@ -191,7 +234,10 @@ mod tests {
         for i in 1..=5 {
             tx.unbounded_send(i).unwrap();
         }
-        assert_eq!(next(&mut chunks).await, (Some(vec![1, 2, 3]), Duration::ZERO));
+        assert_eq!(
+            next(&mut chunks).await,
+            (Some(vec![1, 2, 3]), Duration::ZERO)
+        );
         drop(tx);
         assert_eq!(
             next(&mut chunks).await,

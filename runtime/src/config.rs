@@ -96,14 +96,13 @@ pub struct WorkerSettings {
     /// Handler transactions in flight at once (`CONCURRENCY`); at most `prefetch`.
     pub concurrency: usize,
     /// The most deliveries one handler transaction takes (`BATCH_SIZE`).
-    /// A transaction takes the deliveries already waiting, and, while the
-    /// worker is busy, those that arrive within `batch_linger` of its first.
+    /// A transaction takes the deliveries already waiting, and, when more
+    /// are likely, those that arrive within `batch_linger` of its first.
     pub batch_size: usize,
     /// How long a transaction waits for more deliveries after its first,
     /// unless `batch_size` arrive sooner (`BATCH_LINGER_MS`); it waits only
-    /// while another transaction of the worker is in flight, or as the
-    /// first of a consuming session (`chunks.rs`). Zero: it takes only
-    /// those already waiting.
+    /// when more are likely (`chunks.rs`). Zero: it takes only those
+    /// already waiting.
     pub batch_linger: Duration,
     /// Connections in the database pool (`DATABASE_POOL_SIZE`).
     pub database_pool_size: u32,

@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 
 mod acks;
-mod chunks;
 pub mod broker;
+mod chunks;
 pub mod config;
 pub mod db;
 pub mod envelope;

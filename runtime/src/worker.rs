@@ -9,8 +9,8 @@
 //!   is left in the outbox, close connections, return.
 
 use crate::acks::Acks;
-use crate::chunks::{InFlight, chunks};
 use crate::broker::{self, PublishError, Publisher};
+use crate::chunks::{InFlight, chunks};
 use crate::config::WorkerSettings;
 use crate::db;
 use crate::envelope::{Envelope, Inbound, Outgoing, header_int, header_str};
