@@ -318,7 +318,10 @@ fn spawn(
     Ok(())
 }
 
-#[tokio::main]
+// One thread: the load generator shares the machine's cores with what it
+// measures, and threads waking each other cost it a third more CPU
+// (`docs/BENCHMARKS.md`, 2026-12-02).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(".run")?;
