@@ -254,7 +254,7 @@ async fn consume<H: Handler>(
         }
     };
     // Chunks take the deliveries already waiting, and wait for company
-    // only while the worker is busy anyway (`chunks.rs`).
+    // only when more are likely (`chunks.rs`).
     let in_flight = InFlight::default();
     let chunks = chunks(
         consumer.take_until(Box::pin(stop)),
