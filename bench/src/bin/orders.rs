@@ -1,8 +1,9 @@
 //! `orders`: the end-to-end benchmark. Starts the whole system from the
 //! release binaries (publisher, every worker, the gateway simulator) with an
 //! SMTP sink in this process that records when each email arrives, drives N
-//! orders at concurrency C, and reports accepted/s at the HTTP edge,
-//! end-to-end orders/s (first POST to last email), POST-to-email latency,
+//! orders at concurrency C (after a warm-up it leaves out), and reports
+//! accepted/s at the HTTP edge, end-to-end orders/s (first POST to last
+//! email), POST-to-email latency,
 //! peak RSS per process, final states, per-stage timings, and the machine's
 //! ceiling (raw broker hop rate, raw PostgreSQL transaction rate).
 //!
@@ -47,6 +48,11 @@ struct Args {
     /// Skip the ceiling measurements.
     #[arg(long)]
     no_ceiling: bool,
+    /// Orders placed (8 at a time) and finished before the measured run
+    /// and left out of its figures: the first orders after a start pay
+    /// for cold connections, statements and caches. 0: none.
+    #[arg(long, default_value_t = 200)]
+    warm_up: usize,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -113,6 +119,24 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
             }
         });
     }
+}
+
+/// POSTs order `i` (one unit of one of the SKUs); its id and when the 202
+/// came, or `None` if it was not accepted.
+async fn place_order(http: &reqwest::Client, api: &str, i: usize) -> Option<(String, Instant)> {
+    let body = json!({"customer_email": "bench@example.com", "currency": "EUR",
+        "items": [{"sku": format!("B-{}", i % SKUS), "quantity": 1, "unit_price_cents": 1000}]});
+    let r = http
+        .post(format!("{api}/orders"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 202 {
+        return None;
+    }
+    let v: Value = r.json().await.ok()?;
+    Some((v["order_id"].as_str()?.to_owned(), Instant::now()))
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -452,6 +476,30 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Warm up, then forget the warm-up's emails.
+    if args.warm_up > 0 {
+        let warm: Vec<String> = futures::stream::iter(0..args.warm_up)
+            .map(|i| place_order(&http, api, i))
+            .buffer_unordered(8)
+            .filter_map(|placed| async move { placed.map(|(id, _)| id) })
+            .collect()
+            .await;
+        if warm.len() != args.warm_up {
+            anyhow::bail!("{} of {} warm-up orders accepted", warm.len(), args.warm_up);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while arrivals.lock().map(|a| a.len()).unwrap_or(0) < warm.len() {
+            if Instant::now() > deadline {
+                anyhow::bail!("the warm-up orders' emails did not all arrive within 2 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        arrivals
+            .lock()
+            .map_err(|_| anyhow::anyhow!("lock"))?
+            .clear();
+    }
+
     // Drive.
     let cpu_before: Vec<f64> = procs
         .iter()
@@ -477,19 +525,15 @@ async fn main() -> anyhow::Result<()> {
             let posted = posted.clone();
             async move {
                 if let Some(rate) = rate {
-                    tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
+                    tokio::time::sleep_until(
+                        (started + Duration::from_secs_f64(i as f64 / rate)).into(),
+                    )
+                    .await;
                 }
                 let t = Instant::now();
-                let body = json!({"customer_email": "bench@example.com", "currency": "EUR",
-                    "items": [{"sku": format!("B-{}", i % SKUS), "quantity": 1, "unit_price_cents": 1000}]});
-                let r = http.post(format!("{api}/orders")).json(&body).send().await.ok()?;
-                if r.status() != 202 {
-                    return None;
-                }
-                let v: Value = r.json().await.ok()?;
-                let id = v["order_id"].as_str()?.to_owned();
+                let (id, accepted_at) = place_order(&http, api, i).await?;
                 posted.lock().ok()?.insert(id, t);
-                Some(Instant::now())
+                Some(accepted_at)
             }
         })
         .buffer_unordered(in_flight)
@@ -521,15 +565,25 @@ async fn main() -> anyhow::Result<()> {
     let e2e_secs = last_email
         .map(|t| (t - started).as_secs_f64())
         .unwrap_or(f64::NAN);
+    // The measured orders only, not the warm-up's.
+    let measured: Vec<String> = posted
+        .lock()
+        .map_err(|_| anyhow::anyhow!("lock"))?
+        .keys()
+        .cloned()
+        .collect();
     let states: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, count(*) FROM orders.orders GROUP BY status ORDER BY status",
+        "SELECT status, count(*) FROM orders.orders WHERE id::text = ANY($1) GROUP BY status ORDER BY status",
     )
+    .bind(&measured)
     .fetch_all(&pool)
     .await?;
     let stages: Vec<(String, f64)> = sqlx::query_as(
-        "WITH s AS (SELECT order_id, status, at, lag(at) OVER (PARTITION BY order_id ORDER BY id) AS prev FROM orders.order_events) \
+        "WITH s AS (SELECT order_id, status, at, lag(at) OVER (PARTITION BY order_id ORDER BY id) AS prev FROM orders.order_events \
+         WHERE order_id::text = ANY($1)) \
          SELECT status, avg(extract(epoch FROM at - prev) * 1000)::float8 FROM s WHERE prev IS NOT NULL GROUP BY status ORDER BY 2 DESC",
     )
+    .bind(&measured)
     .fetch_all(&pool)
     .await?;
     let cpu: Vec<(String, f64)> = procs
@@ -581,8 +635,8 @@ async fn main() -> anyhow::Result<()> {
         None => format!("concurrency {}", args.concurrency),
     };
     println!(
-        "## {} orders, {offered}, {} replica(s) of each worker\n",
-        args.orders, args.replicas
+        "## {} orders, {offered}, {} replica(s) of each worker, after {} warm-up orders\n",
+        args.orders, args.replicas, args.warm_up
     );
     println!(
         "Worker database pool: {}\n",
