@@ -397,3 +397,76 @@ async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() 
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }
+
+/// An order whose cancellation fails for good (here a trigger refuses it)
+/// must not hold back the payment deadlines of the orders after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_that_cannot_be_timed_out_does_not_hold_back_the_other_deadlines() {
+    let system = System::start(Options {
+        trouble: Trouble {
+            error_rate: 0.0,
+            latency_ms: 3000,
+        },
+        payment_timeout: Duration::from_millis(500),
+        ..Options::default()
+    })
+    .await;
+    system.stock("SKU-D", 2).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION orders.refuse_cancelling_poison() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF NEW.status = 'CANCELLED' AND NEW.customer_email = 'poison@example.com' THEN \
+             RAISE EXCEPTION 'order % refuses to be cancelled', NEW.id; \
+           END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER refuse_cancelling_poison BEFORE UPDATE ON orders.orders \
+           FOR EACH ROW EXECUTE FUNCTION orders.refuse_cancelling_poison();",
+    )
+    .execute(&system.pool)
+    .await
+    .unwrap();
+
+    // The poisoned order's deadline comes first.
+    let (status, body) = system
+        .post(
+            "/orders",
+            &json!({
+                "customer_email": "poison@example.com",
+                "currency": "EUR",
+                "items": [{ "sku": "SKU-D", "quantity": 1, "unit_price_cents": 1999 }],
+            }),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let poisoned = body["order_id"].as_str().unwrap().to_owned();
+    system.wait_status(&poisoned, "STOCK_RESERVED").await;
+    let id = system.place("SKU-D", 1, "pm_card_visa").await;
+
+    // Cancelled at its deadline, long before its slow charge lands.
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(order["reason"], "payment_timeout");
+    let (_, poisoned_now) = system.get(&format!("/orders/{poisoned}")).await;
+    assert_eq!(poisoned_now["status"], "STOCK_RESERVED", "{poisoned_now}");
+
+    // The poisoned order's charge lands later and confirms it; the other's
+    // is refunded.
+    let poisoned_order = system.wait_final(&poisoned).await;
+    assert_eq!(poisoned_order["status"], "CONFIRMED", "{poisoned_order}");
+    testkit::eventually(
+        Duration::from_secs(30),
+        "the late charge refunded",
+        || async {
+            system.standing_charges(&id).await == 0 && !system.charges(&id).await.is_empty()
+        },
+    )
+    .await;
+    assert_eq!(system.standing_charges(&poisoned).await, 1);
+    system.wait_mails(&id, 1).await;
+    system.wait_mails(&poisoned, 1).await;
+    system.wait_stock_exactly("SKU-D", 1, 0, 1).await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}

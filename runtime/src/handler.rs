@@ -100,6 +100,36 @@ impl Context {
         self.outbox.push(message);
     }
 
+    /// Runs `step` under a savepoint of the transaction. If it fails, what
+    /// it wrote and emitted is taken back and its failure returned, and
+    /// the transaction goes on: one failing item of a deadline scan need
+    /// not take back the others.
+    pub async fn isolated<T>(
+        &mut self,
+        step: impl AsyncFnOnce(&mut Context) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        sqlx::raw_sql("SAVEPOINT isolated")
+            .execute(&mut *self.tx)
+            .await?;
+        let emitted = self.outbox.len();
+        let result = step(self).await;
+        let end = if result.is_ok() {
+            "RELEASE SAVEPOINT isolated"
+        } else {
+            self.outbox.truncate(emitted);
+            "ROLLBACK TO SAVEPOINT isolated; RELEASE SAVEPOINT isolated"
+        };
+        let ended = sqlx::raw_sql(end).execute(&mut *self.tx).await;
+        match (result, ended) {
+            (Ok(value), Ok(_)) => Ok(value),
+            (Ok(_), Err(e)) => Err(e.into()),
+            // Had the rollback failed too, the transaction is broken and
+            // the caller's next statement fails: the step's failure is the
+            // one to tell.
+            (Err(failure), _) => Err(failure),
+        }
+    }
+
     pub(crate) fn into_parts(self) -> (Transaction<'static, Postgres>, Vec<Outgoing>) {
         (self.tx, self.outbox)
     }
@@ -255,7 +285,9 @@ pub trait Handler: Send + Sync + 'static {
     /// how many deadlines it acted on; while that is more than zero the
     /// runtime calls again at once, so a backlog is worked off in chunks.
     /// Replicas scan side by side: take the rows with `FOR UPDATE SKIP
-    /// LOCKED`, so each deadline is acted on by one of them.
+    /// LOCKED`, so each deadline is acted on by one of them. Act on each
+    /// deadline under [`Context::isolated`], so that one that fails for
+    /// good does not take back the others, scan after scan.
     fn expire_deadlines(
         &self,
         ctx: &mut Context,
@@ -294,5 +326,58 @@ mod tests {
     fn an_empty_chunk_splits_into_nothing() {
         let (unique, rest) = Fresh::partition_unique(chunk(&[]), |m| *m);
         assert!(unique.is_empty() && rest.is_empty());
+    }
+
+    #[derive(serde::Serialize)]
+    struct Step {
+        id: &'static str,
+    }
+    impl crate::envelope::Message for Step {
+        const KIND: &'static str = "test.step";
+        const EXCHANGE: &'static str = "events";
+    }
+
+    /// A step that writes, emits and then fails leaves neither behind; the
+    /// transaction goes on and keeps what the next step does.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn an_isolated_step_that_fails_takes_back_its_writes_and_emits_only() {
+        let env = testkit::TestEnv::new().await;
+        let pool = env.pool().await;
+        sqlx::raw_sql("CREATE TABLE steps (id text PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let tx = pool.begin().await.unwrap();
+        let mut ctx = Context::new(Envelope::started_here("test"), tx);
+        let write = |id: &'static str| {
+            async move |ctx: &mut Context| {
+                sqlx::query("INSERT INTO steps (id) VALUES ($1)")
+                    .bind(id)
+                    .execute(ctx.db())
+                    .await?;
+                ctx.emit(Outgoing::of(&Step { id }));
+                Ok::<_, Failure>(())
+            }
+        };
+        ctx.isolated(write("kept")).await.unwrap();
+        let failed = ctx
+            .isolated(async |ctx| {
+                write("taken back")(ctx).await?;
+                Err::<(), _>(Failure::permanent("refused"))
+            })
+            .await;
+        assert!(matches!(failed, Err(Failure::Permanent(_))));
+        ctx.isolated(write("after")).await.unwrap();
+        let (tx, outbox) = ctx.into_parts();
+        tx.commit().await.unwrap();
+        assert_eq!(outbox.len(), 2);
+        let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM steps ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(ids, ["after", "kept"]);
+        pool.close().await;
+        env.cleanup().await;
     }
 }

@@ -20,7 +20,7 @@ use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use topology::{Domain, keys};
-use tracing::info;
+use tracing::{error, info};
 use uuid::Uuid;
 
 pub const SPEC: WorkerSpec = WorkerSpec {
@@ -165,7 +165,20 @@ impl Handler for OrderSaga {
         .fetch_all(ctx.db())
         .await?;
         for &id in &due {
-            payment_timed_out(ctx, id).await?;
+            match ctx
+                .isolated(async |ctx| payment_timed_out(ctx, id).await)
+                .await
+            {
+                Ok(()) => {}
+                Err(failure @ Failure::Transient(_)) => return Err(failure),
+                Err(failure) => {
+                    // One order that cannot be cancelled must not hold
+                    // back every deadline after it, scan after scan: it is
+                    // logged and tried again a payment timeout later.
+                    error!(order_id = %id, error = %failure, "Payment deadline failed; trying again later");
+                    postpone_payment_deadline(ctx, id, self.payment_timeout).await?;
+                }
+            }
         }
         Ok(due.len())
     }
@@ -718,6 +731,21 @@ async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Fa
 
 async fn payment_declined(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
     give_up_on_payment(ctx, id, reason::PAYMENT_DECLINED).await
+}
+
+async fn postpone_payment_deadline(
+    ctx: &mut Context,
+    id: Uuid,
+    by: Duration,
+) -> Result<(), Failure> {
+    sqlx::query(
+        "UPDATE orders.orders SET payment_due_at = now() + $2 * interval '1 millisecond' WHERE id = $1",
+    )
+    .bind(id)
+    .bind(i64::try_from(by.as_millis()).unwrap_or(i64::MAX))
+    .execute(ctx.db())
+    .await?;
+    Ok(())
 }
 
 async fn payment_timed_out(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
