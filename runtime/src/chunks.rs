@@ -120,7 +120,6 @@ fn take_waiting<S: Stream + Unpin>(
 mod tests {
     use super::*;
     use futures::channel::mpsc;
-    use tokio::time::Instant;
 
     const LINGER: Duration = Duration::from_millis(50);
 

@@ -139,6 +139,21 @@ async fn place_order(http: &reqwest::Client, api: &str, i: usize) -> Option<(Str
     Some((v["order_id"].as_str()?.to_owned(), Instant::now()))
 }
 
+/// Waits until the sink has `n` emails or `within` has passed; whether
+/// they all came.
+async fn emails_arrived(arrivals: &Arrivals, n: usize, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if arrivals.lock().map(|a| a.len()).unwrap_or(0) >= n {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -478,21 +493,17 @@ async fn main() -> anyhow::Result<()> {
 
     // Warm up, then forget the warm-up's emails.
     if args.warm_up > 0 {
-        let warm: Vec<String> = futures::stream::iter(0..args.warm_up)
+        let warm = futures::stream::iter(0..args.warm_up)
             .map(|i| place_order(&http, api, i))
             .buffer_unordered(8)
-            .filter_map(|placed| async move { placed.map(|(id, _)| id) })
-            .collect()
+            .filter(|placed| std::future::ready(placed.is_some()))
+            .count()
             .await;
-        if warm.len() != args.warm_up {
-            anyhow::bail!("{} of {} warm-up orders accepted", warm.len(), args.warm_up);
+        if warm != args.warm_up {
+            anyhow::bail!("{warm} of {} warm-up orders accepted", args.warm_up);
         }
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while arrivals.lock().map(|a| a.len()).unwrap_or(0) < warm.len() {
-            if Instant::now() > deadline {
-                anyhow::bail!("the warm-up orders' emails did not all arrive within 2 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if !emails_arrived(&arrivals, warm, Duration::from_secs(120)).await {
+            anyhow::bail!("the warm-up orders' emails did not all arrive within 2 minutes");
         }
         arrivals
             .lock()
@@ -547,11 +558,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|t| (*t - started).as_secs_f64())
         .unwrap_or(f64::NAN);
 
-    // Wait for every email (10 minutes at most).
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while arrivals.lock().map(|a| a.len()).unwrap_or(0) < accepted && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Wait for every email (10 minutes at most); what is missing then is
+    // reported below.
+    emails_arrived(&arrivals, accepted, Duration::from_secs(600)).await;
     let (latencies, last_email) = {
         let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
         let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
