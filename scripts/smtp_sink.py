@@ -4,7 +4,9 @@
 Each accepted message becomes one JSON line in --record (arrival time,
 envelope, subject, Message-ID, plain-text body), which tests, the benchmark
 and `scripts/run.sh` read. With --http PORT it also serves the received
-mail as a small web page, for people.
+mail as a small web page, for people. With --refuse TEXT it refuses for
+good (550) every recipient whose address contains TEXT, as a server
+refuses an unknown user.
 """
 import argparse
 import email
@@ -20,9 +22,16 @@ from aiosmtpd.controller import Controller
 
 
 class Recorder:
-    def __init__(self, path):
+    def __init__(self, path, refuse=None):
         self.path = path
+        self.refuse = refuse
         self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.refuse and self.refuse in address:
+            return "550 5.1.1 No such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.content, policy=policy.default)
@@ -82,8 +91,9 @@ def main():
     parser.add_argument("--port", type=int, default=1025)
     parser.add_argument("--record", required=True, help="JSON-lines file to append to")
     parser.add_argument("--http", type=int, help="serve the mail as a web page on this port")
+    parser.add_argument("--refuse", help="refuse (550) recipients whose address contains this")
     args = parser.parse_args()
-    controller = Controller(Recorder(args.record), hostname="127.0.0.1", port=args.port)
+    controller = Controller(Recorder(args.record, args.refuse), hostname="127.0.0.1", port=args.port)
     controller.start()
     if args.http:
         serve_web(args.http, args.record)

@@ -6,11 +6,8 @@
 use payment_gateway_sim::{Gateway, Trouble};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
-use testkit::{TestEnv, eventually};
-use tokio::process::{Child, Command};
+use testkit::{SmtpSink, TestEnv, eventually};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -43,19 +40,9 @@ pub struct System {
     pub gateway: String,
     pub http: reqwest::Client,
     pub pool: sqlx::PgPool,
-    smtp_port: u16,
-    mail_record: PathBuf,
-    smtp: Option<Child>,
+    smtp: SmtpSink,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl System {
@@ -94,9 +81,7 @@ impl System {
         }));
 
         // SMTP server process.
-        let smtp_port = free_port();
-        let mail_record = std::env::temp_dir().join(format!("{}-mail.jsonl", env.database));
-        let _ = std::fs::remove_file(&mail_record);
+        let smtp = SmtpSink::start(&env.database).await;
 
         // Publisher.
         let settings = publisher::PublisherSettings {
@@ -135,7 +120,7 @@ impl System {
             max_in_flight: 8,
         };
         let mail = notification_worker::MailSettings {
-            smtp_url: runtime::SecretUrl::new(format!("smtp://127.0.0.1:{smtp_port}")),
+            smtp_url: runtime::SecretUrl::new(smtp.url()),
             from: "orderflow <orders@orderflow.local>".parse().unwrap(),
         };
         for _ in 0..options.replicas {
@@ -155,53 +140,26 @@ impl System {
             spawn(until_stopped(&mut stops, notification));
         }
 
-        let mut system = Self {
+        Self {
             env,
             api,
             gateway,
             http: reqwest::Client::new(),
             pool,
-            smtp_port,
-            mail_record,
-            smtp: None,
+            smtp,
             stops,
             tasks,
-        };
-        system.start_smtp().await;
-        system
+        }
     }
 
     /// Starts the SMTP server process (again), on the same port.
     pub async fn start_smtp(&mut self) {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/smtp_sink.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args(["--port", &self.smtp_port.to_string()])
-            .arg("--record")
-            .arg(&self.mail_record)
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        self.smtp = Some(child);
-        let port = self.smtp_port;
-        eventually(
-            Duration::from_secs(20),
-            "the SMTP server listens",
-            || async move {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
-        .await;
+        self.smtp.restart().await;
     }
 
     /// Stops the SMTP server process, as an outage would.
     pub async fn stop_smtp(&mut self) {
-        if let Some(mut child) = self.smtp.take() {
-            let _ = child.kill().await;
-        }
+        self.smtp.stop().await;
     }
 
     /// Waits (a minute at most) until `count` mails about the order arrived; returns them.
@@ -215,11 +173,7 @@ impl System {
 
     /// Every mail the SMTP server accepted.
     pub fn mails(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.mail_record)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.smtp.mails()
     }
 
     pub fn mails_about(&self, order_id: &str) -> Vec<Value> {
@@ -403,8 +357,7 @@ impl System {
         for task in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
-        self.stop_smtp().await;
-        let _ = std::fs::remove_file(&self.mail_record);
+        self.smtp.remove().await;
         self.pool.close().await;
         self.env.cleanup().await;
     }

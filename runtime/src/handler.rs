@@ -250,9 +250,14 @@ pub trait Handler: Send + Sync + 'static {
     /// runtime then hands to [`Handler::handle`] one by one in chunk order
     /// (`lock_key` order), in the same transaction, after these. So it must take only messages whose outcome does not depend
     /// on the others of the chunk (the only message of its order, say).
-    /// It must act only on the database (outside work belongs in
-    /// [`Handler::prepare`]): a failure rolls the whole transaction back,
-    /// and every message of it runs again alone. The default takes none.
+    /// A failure rolls the whole transaction back, and every message of it
+    /// runs again alone, so outside work belongs in [`Handler::prepare`].
+    /// Work that must happen inside the transaction (an email, whose
+    /// `sent` row is its only dedupe) may happen here in one shape only:
+    /// claim the rows of all in one statement, act, then give back the
+    /// claims of those whose act failed and return them, for `handle` to
+    /// try alone and classify; nothing that can fail but that last
+    /// statement comes after an act. The default takes none.
     fn handle_together(
         &self,
         ctx: &mut Together,

@@ -477,8 +477,11 @@ async fn process_batch<H: Handler>(
         }
     }
     // What the handler applies together, set-based, comes first, before
-    // any savepoint: it acts only on the database, so when it fails the
-    // whole transaction is rolled back and nothing is repeated outside.
+    // any savepoint: when it fails the whole transaction is rolled back
+    // and its messages run again alone. It acts only on the database, or
+    // outside with its claims given back for what failed
+    // (`Handler::handle_together`), so nothing it did outside is repeated
+    // unless the transaction is lost after it, as with `handle`.
     if fresh.len() > 1 {
         match apply_together(inner, tx, fresh, &mut done, &mut outbox).await {
             Ok((kept_tx, left)) => (tx, fresh) = (kept_tx, left),

@@ -244,3 +244,99 @@ pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
         "{name}={value}: {stderr}"
     );
 }
+
+/// The real SMTP server process of the tests (`scripts/smtp_sink.py`) on a
+/// port of its own, recording each accepted mail as a JSON line.
+pub struct SmtpSink {
+    pub port: u16,
+    record: std::path::PathBuf,
+    refuse: Option<String>,
+    child: Option<tokio::process::Child>,
+}
+
+impl SmtpSink {
+    /// Starts a sink that accepts every mail; `name` (a test's database,
+    /// say) names its record file.
+    pub async fn start(name: &str) -> Self {
+        Self::start_refusing(name, None).await
+    }
+
+    /// Starts a sink that refuses for good (550) every recipient whose
+    /// address contains `refuse`, as a mail server refuses an unknown user.
+    pub async fn start_refusing(name: &str, refuse: Option<&str>) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let record = std::env::temp_dir().join(format!("{name}-mail.jsonl"));
+        let _ = std::fs::remove_file(&record);
+        let mut sink = Self {
+            port,
+            record,
+            refuse: refuse.map(str::to_owned),
+            child: None,
+        };
+        sink.restart().await;
+        sink
+    }
+
+    /// `smtp://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("smtp://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the process (again), on the same port and record.
+    pub async fn restart(&mut self) {
+        let script =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/smtp_sink.py");
+        let mut command = tokio::process::Command::new("python3");
+        command
+            .arg(script)
+            .args(["--port", &self.port.to_string()])
+            .arg("--record")
+            .arg(&self.record);
+        if let Some(refuse) = &self.refuse {
+            command.args(["--refuse", refuse]);
+        }
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.port;
+        eventually(
+            Duration::from_secs(20),
+            "the SMTP server listens",
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+    }
+
+    /// Stops the process, as an outage would.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Every mail it accepted.
+    pub fn mails(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Stops the process and removes its record.
+    pub async fn remove(mut self) {
+        self.stop().await;
+        let _ = std::fs::remove_file(&self.record);
+    }
+}

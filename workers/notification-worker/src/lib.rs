@@ -2,24 +2,33 @@
 //!
 //! The `(order_id, outcome)` row in `notifications.sent` is written in the
 //! same transaction that sends the email, so a redelivered or replayed
-//! event finds it and sends nothing; if sending fails the row is rolled
-//! back and the event retried. Each email carries a Message-ID derived from
+//! event finds it and sends nothing; if sending fails the row is taken back
+//! and the event retried. Each email carries a Message-ID derived from
 //! the order and outcome, so that even the one window left (SMTP accepted,
 //! commit lost) yields a duplicate that mail systems recognise.
+//!
+//! The outcomes that wait together are claimed in one statement and their
+//! emails sent side by side (`handle_together`); an email that fails there
+//! gives its claim back and goes to `handle`, which tries it once more
+//! under its own savepoint and classifies the failure.
 
 use lettre::message::{Mailbox, MultiPart, header};
 mod smtp;
 
+use futures::StreamExt;
 use lettre::Message as Email;
 use messages::{OrderCancelled, OrderConfirmed};
 use runtime::config::env_or;
 use runtime::{
-    Context, Failure, Handler, Inbound, Malformed, Worker, WorkerSettings, WorkerSpec, decode_json,
+    Context, Failure, Fresh, Handler, Inbound, Malformed, Together, Worker, WorkerSettings,
+    WorkerSpec, decode_json,
 };
 use smtp::{Mailer, SendError};
+use sqlx::PgConnection;
+use std::collections::HashSet;
 use std::time::Duration;
 use topology::{Domain, keys};
-use tracing::info;
+use tracing::{debug, info};
 use uuid::Uuid;
 
 pub const SPEC: WorkerSpec = WorkerSpec {
@@ -59,16 +68,28 @@ pub async fn build(
     settings: WorkerSettings,
     mail: MailSettings,
 ) -> anyhow::Result<Worker<Notifications>> {
-    let handler = Notifications {
-        mailer: mailer(mail.smtp_url.expose()).map_err(|e| anyhow::anyhow!(e))?,
-        from: mail.from,
-    };
-    Worker::build(SPEC, settings, handler).await
+    Worker::build(SPEC, settings, Notifications::new(&mail)?).await
 }
 
 pub enum NotificationMessage {
     Confirmed(OrderConfirmed),
     Cancelled(OrderCancelled),
+}
+
+impl NotificationMessage {
+    fn order_id(&self) -> Uuid {
+        match self {
+            Self::Confirmed(ev) => ev.order_id,
+            Self::Cancelled(ev) => ev.order_id,
+        }
+    }
+
+    fn mail(&self) -> Mail {
+        match self {
+            Self::Confirmed(ev) => confirmed_mail(ev),
+            Self::Cancelled(ev) => cancelled_mail(ev),
+        }
+    }
 }
 
 impl Inbound for NotificationMessage {
@@ -84,6 +105,15 @@ impl Inbound for NotificationMessage {
 pub struct Notifications {
     mailer: Mailer,
     from: Mailbox,
+}
+
+impl Notifications {
+    pub fn new(mail: &MailSettings) -> anyhow::Result<Self> {
+        Ok(Self {
+            mailer: mailer(mail.smtp_url.expose()).map_err(|e| anyhow::anyhow!(e))?,
+            from: mail.from.clone(),
+        })
+    }
 }
 
 /// What one email says.
@@ -183,54 +213,150 @@ fn cancelled_mail(ev: &OrderCancelled) -> Mail {
     }
 }
 
+/// Emails of one chunk in flight at once. Two chunks in flight (the
+/// default concurrency) keep at most twice this many SMTP connections
+/// busy, which the mailer's idle pool (16) then keeps for the next chunk.
+const SENDS_AT_ONCE: usize = 8;
+
 impl Handler for Notifications {
     type Message = NotificationMessage;
 
-    /// Each email is sent inside its transaction (it must be: SMTP has no
-    /// idempotency key, the `sent` row is the dedupe), one after the other,
-    /// so more transactions in flight keep a slow mail server busy.
-    const DEFAULT_CONCURRENCY: usize = 6;
-
     async fn handle(&self, ctx: &mut Context, message: NotificationMessage) -> Result<(), Failure> {
-        let mail = match &message {
-            NotificationMessage::Confirmed(ev) => confirmed_mail(ev),
-            NotificationMessage::Cancelled(ev) => cancelled_mail(ev),
-        };
-        self.send_once(ctx, mail).await
+        let mail = message.mail();
+        let to = recipient(&mail)?;
+        if claim(ctx.db(), std::slice::from_ref(&mail))
+            .await?
+            .is_empty()
+        {
+            info!(order_id = %mail.order_id, outcome = mail.outcome, "Email already sent");
+            return Ok(());
+        }
+        self.send(mail, to).await
+    }
+
+    /// Claims the outcomes that are the only message of their order in the
+    /// chunk in one statement, sends their emails side by side, and gives
+    /// the claims of those that failed back: they go on to `handle`, which
+    /// tries each once more alone and routes its failure. An email sent
+    /// here is at least once, as in `handle`: should the transaction be
+    /// lost after it, the event runs again and the customer gets the same
+    /// Message-ID twice.
+    async fn handle_together(
+        &self,
+        ctx: &mut Together,
+        messages: Vec<Fresh<NotificationMessage>>,
+    ) -> Result<Vec<Fresh<NotificationMessage>>, Failure> {
+        let (alone, mut left) = Fresh::partition_unique(messages, |m| Some(m.order_id()));
+        let mut ready = Vec::with_capacity(alone.len());
+        let mut mails = Vec::with_capacity(alone.len());
+        for fresh in alone {
+            let mail = fresh.message.mail();
+            // An address that is not one fails in `handle`, with its reason.
+            match recipient(&mail) {
+                Ok(to) => {
+                    ready.push((fresh, to));
+                    mails.push(mail);
+                }
+                Err(_) => left.push(fresh),
+            }
+        }
+        // Each order once here, so its id names its claim.
+        let claimed: HashSet<Uuid> = claim(ctx.db(), &mails).await?.into_iter().collect();
+        let mut sending = Vec::with_capacity(ready.len());
+        for ((fresh, to), mail) in ready.into_iter().zip(mails) {
+            if claimed.contains(&mail.order_id) {
+                sending.push((fresh, mail, to));
+            } else {
+                info!(order_id = %mail.order_id, outcome = mail.outcome, "Email already sent");
+            }
+        }
+        let sent: Vec<_> = futures::stream::iter(sending)
+            .map(|(fresh, mail, to)| async move {
+                let claim = (mail.order_id, mail.outcome);
+                (fresh, claim, self.send(mail, to).await)
+            })
+            .buffer_unordered(SENDS_AT_ONCE)
+            .collect()
+            .await;
+        let mut unsent = Vec::new();
+        for (fresh, (order_id, outcome), result) in sent {
+            if let Err(failure) = result {
+                debug!(%order_id, outcome, error = %failure, "Email not sent with its chunk; trying it alone");
+                unsent.push((order_id, outcome));
+                left.push(fresh);
+            }
+        }
+        unclaim(ctx.db(), &unsent).await?;
+        Ok(left)
     }
 
     /// Every message writes its order's `sent` row.
     fn lock_key(&self, message: &NotificationMessage) -> Option<String> {
-        let id = match message {
-            NotificationMessage::Confirmed(ev) => ev.order_id,
-            NotificationMessage::Cancelled(ev) => ev.order_id,
-        };
-        Some(id.to_string())
+        Some(message.order_id().to_string())
     }
 }
 
+fn recipient(mail: &Mail) -> Result<Mailbox, Failure> {
+    mail.to.parse().map_err(|e| {
+        Failure::permanent(format!(
+            "customer email {:?} is not an address: {e}",
+            mail.to
+        ))
+    })
+}
+
+/// Writes the `sent` rows of `mails` that do not exist yet, in one
+/// statement; returns the orders of those written, whose emails are to be
+/// sent. A row another transaction is writing is waited for, so two
+/// replicas never both send one email.
+async fn claim(db: &mut PgConnection, mails: &[Mail]) -> Result<Vec<Uuid>, Failure> {
+    if mails.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut order_ids = Vec::with_capacity(mails.len());
+    let mut outcomes = Vec::with_capacity(mails.len());
+    let mut emails = Vec::with_capacity(mails.len());
+    let mut subjects = Vec::with_capacity(mails.len());
+    for mail in mails {
+        order_ids.push(mail.order_id);
+        outcomes.push(mail.outcome);
+        emails.push(mail.to.as_str());
+        subjects.push(mail.subject.as_str());
+    }
+    Ok(sqlx::query_scalar(
+        "INSERT INTO notifications.sent (order_id, outcome, email, subject) \
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[]) \
+         ON CONFLICT DO NOTHING RETURNING order_id",
+    )
+    .bind(&order_ids)
+    .bind(&outcomes)
+    .bind(&emails)
+    .bind(&subjects)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Gives back the claims of emails that were not sent.
+async fn unclaim(db: &mut PgConnection, claims: &[(Uuid, &str)]) -> Result<(), Failure> {
+    if claims.is_empty() {
+        return Ok(());
+    }
+    let (order_ids, outcomes): (Vec<Uuid>, Vec<&str>) = claims.iter().copied().unzip();
+    sqlx::query(
+        "DELETE FROM notifications.sent s \
+         USING UNNEST($1::uuid[], $2::text[]) AS u (order_id, outcome) \
+         WHERE s.order_id = u.order_id AND s.outcome = u.outcome",
+    )
+    .bind(&order_ids)
+    .bind(&outcomes)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
 impl Notifications {
-    async fn send_once(&self, ctx: &mut Context, mail: Mail) -> Result<(), Failure> {
-        let to: Mailbox = mail.to.parse().map_err(|e| {
-            Failure::permanent(format!(
-                "customer email {:?} is not an address: {e}",
-                mail.to
-            ))
-        })?;
-        let first = sqlx::query(
-            "INSERT INTO notifications.sent (order_id, outcome, email, subject) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(mail.order_id)
-        .bind(mail.outcome)
-        .bind(&mail.to)
-        .bind(&mail.subject)
-        .execute(ctx.db())
-        .await?;
-        if first.rows_affected() == 0 {
-            info!(order_id = %mail.order_id, outcome = mail.outcome, "Email already sent");
-            return Ok(());
-        }
+    /// Hands one claimed email to the SMTP server.
+    async fn send(&self, mail: Mail, to: Mailbox) -> Result<(), Failure> {
         let email = Email::builder()
             .from(self.from.clone())
             .to(to)
