@@ -301,13 +301,6 @@ async fn consume<H: Handler>(
     anyhow::bail!(reason)
 }
 
-/// How many deliveries of one chunk prepare at once. Each waiting prepare
-/// is a future of some kilobytes (a database read and an HTTP call inside);
-/// a whole chunk of them at once took the payment worker's peak memory
-/// from 28.4 to 30.7 MiB at `BATCH_SIZE` 64 (`docs/BENCHMARKS.md`), while
-/// its gateway calls are bounded anyway (`PAYMENT_GATEWAY_MAX_IN_FLIGHT`).
-const PREPARES_AT_ONCE: usize = 16;
-
 /// A fresh delivery ready for its handler.
 struct Decoded<M> {
     delivery: Delivery,
@@ -354,23 +347,43 @@ async fn process_all<H: Handler>(
         alone.extend(fresh.into_iter().map(|d| d.delivery));
         fresh = Vec::new();
     }
-    // Their outside work, side by side, before the shared transaction.
-    let prepared: Vec<_> = futures::stream::iter(fresh.into_iter().map(|d| async move {
-        let prepared = run_prepare(inner, d.message).await;
-        (d.delivery, d.envelope, prepared)
-    }))
-    .buffered(PREPARES_AT_ONCE)
-    .collect()
-    .await;
-    let mut ready = Vec::with_capacity(prepared.len());
-    for (delivery, envelope, prepared) in prepared {
-        match prepared {
-            Ok(message) => ready.push(Decoded {
-                delivery,
-                envelope,
-                message,
-            }),
-            Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,
+    // Their outside work, before the shared transaction.
+    let (held, messages): (Vec<_>, Vec<_>) = fresh
+        .into_iter()
+        .map(|d| ((d.delivery, d.envelope), d.message))
+        .unzip();
+    let prepared = AssertUnwindSafe(inner.handler.prepare_many(&inner.pool, messages))
+        .catch_unwind()
+        .await;
+    let mut ready = Vec::with_capacity(held.len());
+    match prepared {
+        Ok(prepared) => {
+            let mut prepared = prepared.into_iter();
+            for (delivery, envelope) in held {
+                let prepared = prepared.next().unwrap_or_else(|| {
+                    Err(Failure::Permanent(
+                        "handler prepared fewer messages than it was given".to_owned(),
+                    ))
+                });
+                match prepared {
+                    Ok(message) => ready.push(Decoded {
+                        delivery,
+                        envelope,
+                        message,
+                    }),
+                    Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,
+                }
+            }
+        }
+        Err(panic) => {
+            // Alone, each is prepared under its own guard, and only the
+            // one that panics is condemned.
+            warn!(
+                queue = inner.spec.domain.queue(),
+                panic = panic_text(&panic),
+                "Handler panicked preparing a chunk; preparing its messages alone"
+            );
+            alone.extend(held.into_iter().map(|(delivery, _)| delivery));
         }
     }
     // Stable: messages with equal keys keep their arrival order.

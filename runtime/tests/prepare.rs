@@ -1,7 +1,10 @@
 //! A handler's outside work (`Handler::prepare`) against the real broker
 //! and database: the deliveries that wait together are prepared at once,
 //! each is then handled in the shared transaction, and a failure while
-//! preparing routes the message like a handler's failure would.
+//! preparing routes the message like a handler's failure would. A chunk is
+//! prepared in one call (`Handler::prepare_many`); when that call panics,
+//! its messages are prepared alone and only the one that panics again is
+//! condemned.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -53,14 +56,7 @@ impl Handler for SlowOutside {
     }
 
     async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
-        let ProbeMessage::Probe(probe) = message;
-        let message_id = ctx.envelope().message_id;
-        sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
-            .bind(&probe.id)
-            .bind(message_id)
-            .execute(ctx.db())
-            .await?;
-        Ok(())
+        Self::record(ctx, message).await
     }
 }
 
@@ -124,6 +120,112 @@ async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lette
     let dead = env.drain("inventory.dead").await;
     assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
     assert!(header_text(&dead[0].0, headers::ERROR).contains("refused while preparing"));
+    assert_eq!(env.depth("inventory").await, 0);
+    env.cleanup().await;
+}
+
+/// Prepares a chunk with one call (`prepare_many`), recording its size,
+/// and panics there if any message of it says `fail: "panic"`; `prepare`
+/// alone panics only for that message.
+struct ChunkPrepared {
+    chunks: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+fn panics(message: &ProbeMessage) -> bool {
+    let ProbeMessage::Probe(probe) = message;
+    probe.fail.as_deref() == Some("panic")
+}
+
+impl Handler for ChunkPrepared {
+    type Message = ProbeMessage;
+
+    async fn prepare(
+        &self,
+        _db: &sqlx::PgPool,
+        message: ProbeMessage,
+    ) -> Result<ProbeMessage, Failure> {
+        assert!(!panics(&message), "this probe cannot be prepared");
+        Ok(message)
+    }
+
+    async fn prepare_many(
+        &self,
+        _db: &sqlx::PgPool,
+        messages: Vec<ProbeMessage>,
+    ) -> Vec<Result<ProbeMessage, Failure>> {
+        self.chunks.lock().unwrap().push(messages.len());
+        assert!(
+            !messages.iter().any(panics),
+            "this chunk cannot be prepared"
+        );
+        messages.into_iter().map(Ok).collect()
+    }
+
+    async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
+        SlowOutside::record(ctx, message).await
+    }
+}
+
+impl SlowOutside {
+    async fn record(ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
+        let ProbeMessage::Probe(probe) = message;
+        let message_id = ctx.envelope().message_id;
+        sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
+            .bind(&probe.id)
+            .bind(message_id)
+            .execute(ctx.db())
+            .await?;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_is_prepared_in_one_call_and_if_that_panics_each_message_is_prepared_alone() {
+    runtime::telemetry::init();
+    let env = TestEnv::new().await;
+    apply_topology(&env, "100ms").await;
+    let pool = prepare(&env).await;
+    for i in 0..7 {
+        let fail = (i == 3).then(|| "panic".to_owned());
+        send(
+            &env,
+            &Probe {
+                id: format!("p{i}"),
+                fail,
+                ..Probe::default()
+            },
+        )
+        .await;
+    }
+
+    let mut settings = settings(&env, "100ms");
+    settings.batch_size = 8;
+    settings.batch_linger = Duration::from_millis(500);
+    let chunks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = run(Worker::with_pool(
+        probe_spec(),
+        settings,
+        env.pool().await,
+        ChunkPrepared {
+            chunks: chunks.clone(),
+        },
+    ));
+
+    eventually(WAIT, "six effects and one dead message", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 6
+            && env.depth("inventory.dead").await == 1
+    })
+    .await;
+    worker.stop().await;
+
+    assert_eq!(*chunks.lock().unwrap(), [7], "one call for the chunk");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 'p3'").await,
+        0
+    );
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert!(header_text(&dead[0].0, headers::ERROR).contains("panicked preparing"));
     assert_eq!(env.depth("inventory").await, 0);
     env.cleanup().await;
 }

@@ -11,9 +11,11 @@
 
 pub mod gateway;
 
+use futures::StreamExt;
 use gateway::{ChargeOutcome, GatewayClient};
 use messages::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
 use runtime::config::env_or;
+use runtime::handler::PREPARES_AT_ONCE;
 use runtime::{
     Context, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
     WorkerSettings, WorkerSpec, decode_json,
@@ -104,27 +106,27 @@ impl Handler for Payments {
         db: &PgPool,
         message: PaymentMessage,
     ) -> Result<PaymentMessage, Failure> {
-        let PaymentMessage::Charge(cmd, _) = message else {
-            return Ok(message);
+        let settled = settled_payments(db, &[&message]).await?;
+        self.charge_unless_settled(message, &settled).await
+    }
+
+    /// `prepare` for a chunk: one look for all its charges, then the
+    /// gateway calls side by side.
+    async fn prepare_many(
+        &self,
+        db: &PgPool,
+        messages: Vec<PaymentMessage>,
+    ) -> Vec<Result<PaymentMessage, Failure>> {
+        let settled = match settled_payments(db, &messages.iter().collect::<Vec<_>>()).await {
+            Ok(settled) => settled,
+            Err(failure) => return messages.iter().map(|_| Err(failure.clone())).collect(),
         };
-        let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM payments.payments WHERE order_id = $1")
-                .bind(cmd.order_id)
-                .fetch_optional(db)
-                .await?;
-        if status.as_deref().is_some_and(|s| s != "pending") {
-            return Ok(PaymentMessage::Charge(cmd, None));
-        }
-        let outcome = self
-            .gateway
-            .charge(
-                cmd.order_id,
-                cmd.amount_cents,
-                &cmd.currency,
-                &cmd.payment_method,
-            )
-            .await?;
-        Ok(PaymentMessage::Charge(cmd, Some(outcome)))
+        let settled = &settled;
+        futures::stream::iter(messages)
+            .map(|message| self.charge_unless_settled(message, settled))
+            .buffered(PREPARES_AT_ONCE)
+            .collect()
+            .await
     }
 
     async fn handle(&self, ctx: &mut Context, message: PaymentMessage) -> Result<(), Failure> {
@@ -177,6 +179,31 @@ impl Handler for Payments {
     fn lock_key(&self, message: &PaymentMessage) -> Option<String> {
         Some(order_id(message).to_string())
     }
+}
+
+/// Of the charges among `messages`, the orders whose payment is settled
+/// (charged, declined, refunded or voided), in one unlocked look.
+async fn settled_payments(
+    db: &PgPool,
+    messages: &[&PaymentMessage],
+) -> Result<HashSet<Uuid>, Failure> {
+    let charges: Vec<Uuid> = messages
+        .iter()
+        .filter_map(|message| match message {
+            PaymentMessage::Charge(cmd, _) => Some(cmd.order_id),
+            PaymentMessage::Refund(_) => None,
+        })
+        .collect();
+    if charges.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let settled: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT order_id FROM payments.payments WHERE order_id = ANY($1) AND status <> 'pending'",
+    )
+    .bind(&charges)
+    .fetch_all(db)
+    .await?;
+    Ok(settled.into_iter().collect())
 }
 
 /// The order a message is about.
@@ -315,6 +342,31 @@ async fn set_status(
 }
 
 impl Payments {
+    /// A charge with the gateway's answer, or with none if its payment is
+    /// among `settled`; anything else unchanged.
+    async fn charge_unless_settled(
+        &self,
+        message: PaymentMessage,
+        settled: &HashSet<Uuid>,
+    ) -> Result<PaymentMessage, Failure> {
+        let PaymentMessage::Charge(cmd, _) = message else {
+            return Ok(message);
+        };
+        if settled.contains(&cmd.order_id) {
+            return Ok(PaymentMessage::Charge(cmd, None));
+        }
+        let outcome = self
+            .gateway
+            .charge(
+                cmd.order_id,
+                cmd.amount_cents,
+                &cmd.currency,
+                &cmd.payment_method,
+            )
+            .await?;
+        Ok(PaymentMessage::Charge(cmd, Some(outcome)))
+    }
+
     async fn charge_payment(
         &self,
         ctx: &mut Context,
