@@ -195,6 +195,64 @@ fn cpu_of_all(needle: &str) -> f64 {
         .sum()
 }
 
+/// The stages of an order between its POST and its email, each named with
+/// the hops and handlers it spans, and the status that ends it.
+const STAGES: [(&str, &str); 4] = [
+    ("POST → PENDING (publisher, order.place, saga)", "PENDING"),
+    (
+        "PENDING → STOCK_RESERVED (inventory.reserve, inventory, inventory.reserved, saga)",
+        "STOCK_RESERVED",
+    ),
+    (
+        "STOCK_RESERVED → PAID (payment.charge, gateway, payment, payment.charged, saga)",
+        "PAID",
+    ),
+    ("PAID → CONFIRMED (the same transaction)", "CONFIRMED"),
+];
+
+/// Milliseconds each order spent in each stage, from the wall-clock times
+/// (seconds) of its events and of its POST and email (`ends`), for the
+/// orders that went the whole way; the last stage is CONFIRMED → email.
+fn stage_times(
+    events: &[(String, String, f64)],
+    ends: &HashMap<String, (f64, f64)>,
+) -> Vec<(String, Vec<f64>)> {
+    let mut at: HashMap<&str, HashMap<&str, f64>> = HashMap::new();
+    for (order, status, t) in events {
+        at.entry(order.as_str())
+            .or_default()
+            .insert(status.as_str(), *t);
+    }
+    let mut times: Vec<(String, Vec<f64>)> = STAGES
+        .iter()
+        .map(|(name, _)| ((*name).to_owned(), Vec::new()))
+        .chain([(
+            "CONFIRMED → email (order.confirmed, notification, SMTP)".to_owned(),
+            Vec::new(),
+        )])
+        .collect();
+    for (order, (posted, emailed)) in ends {
+        let Some(statuses) = at.get(order.as_str()) else {
+            continue;
+        };
+        let mut path = vec![*posted];
+        for (_, status) in STAGES {
+            match statuses.get(status) {
+                Some(t) => path.push(*t),
+                None => break,
+            }
+        }
+        if path.len() != STAGES.len() + 1 {
+            continue;
+        }
+        path.push(*emailed);
+        for (i, pair) in path.windows(2).enumerate() {
+            times[i].1.push((pair[1] - pair[0]) * 1e3);
+        }
+    }
+    times
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -530,6 +588,8 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency
     };
     let started = Instant::now();
+    // The same moment on the wall clock, which `order_events` uses.
+    let started_wall = std::time::SystemTime::now();
     let results = futures::stream::iter(0..args.orders)
         .map(|i| {
             let http = http.clone();
@@ -587,14 +647,28 @@ async fn main() -> anyhow::Result<()> {
     .bind(&measured)
     .fetch_all(&pool)
     .await?;
-    let stages: Vec<(String, f64)> = sqlx::query_as(
-        "WITH s AS (SELECT order_id, status, at, lag(at) OVER (PARTITION BY order_id ORDER BY id) AS prev FROM orders.order_events \
-         WHERE order_id::text = ANY($1)) \
-         SELECT status, avg(extract(epoch FROM at - prev) * 1000)::float8 FROM s WHERE prev IS NOT NULL GROUP BY status ORDER BY 2 DESC",
+    let events: Vec<(String, String, f64)> = sqlx::query_as(
+        "SELECT order_id::text, status, extract(epoch FROM at)::float8 FROM orders.order_events \
+         WHERE order_id::text = ANY($1)",
     )
     .bind(&measured)
     .fetch_all(&pool)
     .await?;
+    let stages = {
+        let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
+        let wall = |t: Instant| {
+            started_wall
+                .checked_add(t.saturating_duration_since(started))
+                .and_then(|w| w.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(f64::NAN, |d| d.as_secs_f64())
+        };
+        let ends = p.iter().filter_map(|(id, posted)| {
+            a.get(id)
+                .map(|email| (id.clone(), (wall(*posted), wall(*email))))
+        });
+        stage_times(&events, &ends.collect())
+    };
     let cpu: Vec<(String, f64)> = procs
         .iter()
         .zip(&cpu_before)
@@ -713,9 +787,17 @@ async fn main() -> anyhow::Result<()> {
             100.0 * c / total_cpu.max(f64::EPSILON)
         );
     }
-    println!("\nMean time per saga stage (from order_events):\n");
-    for (stage, ms) in stages {
-        println!("- to {stage}: {ms:.1} ms");
+    println!(
+        "\nTime per stage, p50 / p99 / mean (POST and email on this process's clock, the rest from `order_events`):\n"
+    );
+    for (stage, mut ms) in stages {
+        if ms.is_empty() {
+            continue;
+        }
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
+        let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+        println!("- {stage}: {:.1} / {:.1} / {mean:.1} ms", at(0.5), at(0.99));
     }
     let lost = accepted as i64
         - states
@@ -732,4 +814,39 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(order: &str, status: &str, at: f64) -> (String, String, f64) {
+        (order.to_owned(), status.to_owned(), at)
+    }
+
+    /// An order that went the whole way gives one time per stage; one
+    /// without all its events (cancelled, or not yet final) gives none.
+    #[test]
+    fn stage_times_span_post_to_email_and_skip_orders_that_did_not_go_the_whole_way() {
+        let events = [
+            event("a", "PENDING", 10.010),
+            event("a", "STOCK_RESERVED", 10.030),
+            event("a", "PAID", 10.060),
+            event("a", "CONFIRMED", 10.060),
+            event("b", "PENDING", 10.020),
+            event("b", "CANCELLED", 10.040),
+        ];
+        let ends = HashMap::from([
+            ("a".to_owned(), (10.0, 10.070)),
+            ("b".to_owned(), (10.0, 10.050)),
+            ("c".to_owned(), (10.0, 10.050)),
+        ]);
+        let times = stage_times(&events, &ends);
+        assert_eq!(times.len(), STAGES.len() + 1);
+        let each: Vec<Vec<i64>> = times
+            .iter()
+            .map(|(_, ms)| ms.iter().map(|m| m.round() as i64).collect())
+            .collect();
+        assert_eq!(each, [vec![10], vec![20], vec![30], vec![0], vec![10]]);
+    }
 }
