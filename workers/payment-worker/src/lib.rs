@@ -106,7 +106,7 @@ impl Handler for Payments {
         db: &PgPool,
         message: PaymentMessage,
     ) -> Result<PaymentMessage, Failure> {
-        let settled = settled_payments(db, &[&message]).await?;
+        let settled = settled_payments(db, [&message]).await?;
         self.charge_unless_settled(message, &settled).await
     }
 
@@ -117,7 +117,7 @@ impl Handler for Payments {
         db: &PgPool,
         messages: Vec<PaymentMessage>,
     ) -> Vec<Result<PaymentMessage, Failure>> {
-        let settled = match settled_payments(db, &messages.iter().collect::<Vec<_>>()).await {
+        let settled = match settled_payments(db, &messages).await {
             Ok(settled) => settled,
             Err(failure) => return messages.iter().map(|_| Err(failure.clone())).collect(),
         };
@@ -183,12 +183,12 @@ impl Handler for Payments {
 
 /// Of the charges among `messages`, the orders whose payment is settled
 /// (charged, declined, refunded or voided), in one unlocked look.
-async fn settled_payments(
+async fn settled_payments<'a>(
     db: &PgPool,
-    messages: &[&PaymentMessage],
+    messages: impl IntoIterator<Item = &'a PaymentMessage>,
 ) -> Result<HashSet<Uuid>, Failure> {
     let charges: Vec<Uuid> = messages
-        .iter()
+        .into_iter()
         .filter_map(|message| match message {
             PaymentMessage::Charge(cmd, _) => Some(cmd.order_id),
             PaymentMessage::Refund(_) => None,
