@@ -6,7 +6,8 @@ envelope, subject, Message-ID, plain-text body), which tests, the benchmark
 and `scripts/run.sh` read. With --http PORT it also serves the received
 mail as a small web page, for people. With --refuse TEXT it refuses for
 good (550) every recipient whose address contains TEXT, as a server
-refuses an unknown user.
+refuses an unknown user, and records each refusal as a line of its own
+({"at", "refused": address}).
 """
 import argparse
 import email
@@ -29,9 +30,14 @@ class Recorder:
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.refuse and self.refuse in address:
+            self.write({"at": time.time(), "refused": address})
             return "550 5.1.1 No such user here"
         envelope.rcpt_tos.append(address)
         return "250 OK"
+
+    def write(self, record):
+        with self.lock, open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
 
     async def handle_DATA(self, server, session, envelope):
         message = email.message_from_bytes(envelope.content, policy=policy.default)
@@ -45,8 +51,7 @@ class Recorder:
             "text": body.get_content() if body is not None else "",
             "multipart": message.is_multipart(),
         }
-        with self.lock, open(self.path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        self.write(record)
         return "250 Message accepted"
 
 
@@ -56,6 +61,7 @@ def serve_web(port, path):
             try:
                 with open(path, encoding="utf-8") as f:
                     records = [json.loads(line) for line in f if line.strip()]
+                records = [r for r in records if "refused" not in r]
             except FileNotFoundError:
                 records = []
             rows = "".join(

@@ -283,9 +283,9 @@ pub trait Handler: Send + Sync + 'static {
     /// Work that must happen inside the transaction (an email, whose
     /// `sent` row is its only dedupe) may happen here in one shape only:
     /// claim the rows of all in one statement, act, then give back the
-    /// claims of those whose act failed and return them, for `handle` to
-    /// try alone and classify; nothing that can fail but that last
-    /// statement comes after an act. The default takes none.
+    /// claims of those whose act failed and return them (carrying their
+    /// failure for `handle` to report, say); nothing that can fail but
+    /// that last statement comes after an act. The default takes none.
     fn handle_together(
         &self,
         ctx: &mut Together,

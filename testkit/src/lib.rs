@@ -327,6 +327,21 @@ impl SmtpSink {
 
     /// Every mail it accepted.
     pub fn mails(&self) -> Vec<serde_json::Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.get("refused").is_none())
+            .collect()
+    }
+
+    /// The address of every recipient it refused, once per refusal.
+    pub fn refusals(&self) -> Vec<String> {
+        self.records()
+            .into_iter()
+            .filter_map(|r| r.get("refused")?.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.record)
             .unwrap_or_default()
             .lines()

@@ -9,8 +9,8 @@
 //!
 //! The outcomes that wait together are claimed in one statement and their
 //! emails sent side by side (`handle_together`); an email that fails there
-//! gives its claim back and goes to `handle`, which tries it once more
-//! under its own savepoint and classifies the failure.
+//! gives its claim back, and its failure is routed like `handle`'s (a
+//! refusal to the dead queue, an unavailable server to a retry).
 
 use lettre::message::{Mailbox, MultiPart, header};
 mod smtp;
@@ -71,33 +71,44 @@ pub async fn build(
     Worker::build(SPEC, settings, Notifications::new(&mail)?).await
 }
 
-pub enum NotificationMessage {
+pub struct NotificationMessage {
+    outcome: Outcome,
+    /// Why its email failed when it was sent with its chunk: `handle`
+    /// reports that instead of offering the email to the server again.
+    unsent: Option<Failure>,
+}
+
+enum Outcome {
     Confirmed(OrderConfirmed),
     Cancelled(OrderCancelled),
 }
 
 impl NotificationMessage {
     fn order_id(&self) -> Uuid {
-        match self {
-            Self::Confirmed(ev) => ev.order_id,
-            Self::Cancelled(ev) => ev.order_id,
+        match &self.outcome {
+            Outcome::Confirmed(ev) => ev.order_id,
+            Outcome::Cancelled(ev) => ev.order_id,
         }
     }
 
     fn mail(&self) -> Mail {
-        match self {
-            Self::Confirmed(ev) => confirmed_mail(ev),
-            Self::Cancelled(ev) => cancelled_mail(ev),
+        match &self.outcome {
+            Outcome::Confirmed(ev) => confirmed_mail(ev),
+            Outcome::Cancelled(ev) => cancelled_mail(ev),
         }
     }
 }
 
 impl Inbound for NotificationMessage {
     fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
-        Ok(match kind {
-            keys::ORDER_CONFIRMED => Self::Confirmed(decode_json(kind, body)?),
-            keys::ORDER_CANCELLED => Self::Cancelled(decode_json(kind, body)?),
+        let outcome = match kind {
+            keys::ORDER_CONFIRMED => Outcome::Confirmed(decode_json(kind, body)?),
+            keys::ORDER_CANCELLED => Outcome::Cancelled(decode_json(kind, body)?),
             other => return Err(Malformed::UnknownType(other.to_owned())),
+        };
+        Ok(Self {
+            outcome,
+            unsent: None,
         })
     }
 }
@@ -222,6 +233,9 @@ impl Handler for Notifications {
     type Message = NotificationMessage;
 
     async fn handle(&self, ctx: &mut Context, message: NotificationMessage) -> Result<(), Failure> {
+        if let Some(failure) = message.unsent {
+            return Err(failure);
+        }
         let mail = message.mail();
         let to = recipient(&mail)?;
         if claim(ctx.db(), std::slice::from_ref(&mail))
@@ -237,7 +251,7 @@ impl Handler for Notifications {
     /// Claims the outcomes that are the only message of their order in the
     /// chunk in one statement, sends their emails side by side, and gives
     /// the claims of those that failed back: they go on to `handle`, which
-    /// tries each once more alone and routes its failure. An email sent
+    /// hands their failure to the runtime to route. An email sent
     /// here is at least once, as in `handle`: should the transaction be
     /// lost after it, the event runs again and the customer gets the same
     /// Message-ID twice.
@@ -279,10 +293,11 @@ impl Handler for Notifications {
             .collect()
             .await;
         let mut unsent = Vec::new();
-        for (fresh, (order_id, outcome), result) in sent {
+        for (mut fresh, (order_id, outcome), result) in sent {
             if let Err(failure) = result {
-                debug!(%order_id, outcome, error = %failure, "Email not sent with its chunk; trying it alone");
+                debug!(%order_id, outcome, error = %failure, "Email not sent with its chunk");
                 unsent.push((order_id, outcome));
+                fresh.message.unsent = Some(failure);
                 left.push(fresh);
             }
         }

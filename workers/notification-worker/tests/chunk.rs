@@ -2,8 +2,8 @@
 //! together, against the real broker, database and an SMTP server process:
 //! each outcome is emailed once, an outcome already emailed is not emailed
 //! again, one published twice is emailed once, and a recipient the server
-//! refuses or an address that is not one is dead-lettered without a `sent`
-//! row, while the others of the chunk go out.
+//! refuses (offered to it once) or an address that is not one is
+//! dead-lettered without a `sent` row, while the others of the chunk go out.
 #![allow(clippy::unwrap_used)]
 
 use messages::{Line, OrderCancelled, OrderConfirmed};
@@ -130,6 +130,11 @@ async fn a_chunk_of_outcomes_is_emailed_once_each_and_refusals_are_dead_lettered
     .map(|subject| (subject, 1))
     .collect();
     assert_eq!(emailed, expected);
+    assert_eq!(
+        sink.refusals(),
+        ["refused@example.com"],
+        "a refused email is offered to the server once"
+    );
 
     let mut sent: Vec<Uuid> = sqlx::query_scalar("SELECT order_id FROM notifications.sent")
         .fetch_all(&pool)
