@@ -221,8 +221,10 @@ pub trait Handler: Send + Sync + 'static {
     /// rate into smaller transactions contending for the same cores
     /// (`docs/BENCHMARKS.md`: at 400 orders/s, p99 and PostgreSQL CPU both
     /// lower). A handler that waits on something slow inside its
-    /// transaction, message by message (an email), wants more; slow work
-    /// that can run before the transaction belongs in [`Handler::prepare`].
+    /// transaction, message by message, wants more, or to do that work
+    /// side by side in [`Handler::handle_together`] (the notification
+    /// worker's emails); slow work that can run before the transaction
+    /// belongs in [`Handler::prepare`].
     const DEFAULT_CONCURRENCY: usize = 2;
 
     /// Work a message needs outside the database before its transaction:
