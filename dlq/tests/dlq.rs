@@ -78,9 +78,7 @@ async fn bury_since(
 }
 
 async fn apply(env: &TestEnv) {
-    let t = topology::Topology::contract(&"100ms".parse().unwrap());
-    let conn = env.connection().await;
-    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
+    env.declare_topology("100ms").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

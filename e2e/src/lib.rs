@@ -50,14 +50,7 @@ impl System {
         runtime::telemetry::init();
         let env = TestEnv::new().await;
         let retry: topology::RetryDelays = options.retry_delays.parse().unwrap();
-        let conn = env.connection().await;
-        assert!(
-            topology::declare(&conn, &topology::Topology::contract(&retry))
-                .await
-                .unwrap()
-                .is_empty()
-        );
-        let _ = conn.close(200, "done".into()).await;
+        env.declare_topology(options.retry_delays).await;
         let pool = env.pool().await;
         runtime::db::migrate(&pool).await.unwrap();
 

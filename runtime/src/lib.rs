@@ -19,6 +19,8 @@ pub mod routing;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod worker;
 
 pub use broker::{PublishError, Publisher};

@@ -56,7 +56,7 @@ impl Handler for SlowOutside {
     }
 
     async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
-        Self::record(ctx, message).await
+        record_effect(ctx, message).await
     }
 }
 
@@ -66,46 +66,22 @@ async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lette
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms").await;
     let pool = prepare(&env).await;
-    for i in 0..7 {
-        send(
-            &env,
-            &Probe {
-                id: format!("p{i}"),
-                ..Probe::default()
-            },
-        )
-        .await;
-    }
-    send(
-        &env,
-        &Probe {
-            id: "refused".into(),
-            fail: Some("prepare".into()),
+    let mut probes: Vec<Probe> = (0..7)
+        .map(|i| Probe {
+            id: format!("p{i}"),
             ..Probe::default()
-        },
-    )
-    .await;
-
-    // One transaction's worth, gathered before it starts.
-    let mut settings = settings(&env, "100ms");
-    settings.batch_size = 8;
-    settings.batch_linger = Duration::from_millis(500);
+        })
+        .collect();
+    probes.push(Probe {
+        id: "refused".into(),
+        fail: Some("prepare".into()),
+        ..Probe::default()
+    });
     let preparing = Arc::new(Gauge::default());
-    let worker = run(Worker::with_pool(
-        probe_spec(),
-        settings,
-        env.pool().await,
-        SlowOutside {
-            preparing: preparing.clone(),
-        },
-    ));
-
-    eventually(WAIT, "seven effects and one dead message", || async {
-        count(&pool, "SELECT count(*) FROM probe_effects").await == 7
-            && env.depth("inventory.dead").await == 1
-    })
-    .await;
-    worker.stop().await;
+    let handler = SlowOutside {
+        preparing: preparing.clone(),
+    };
+    run_one_chunk(&env, &pool, &probes, handler, 7, "refused while preparing").await;
 
     let most = preparing.most.load(Ordering::SeqCst);
     assert!(most > 1, "prepared one at a time ({most} at most)");
@@ -117,10 +93,6 @@ async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lette
         .await,
         0
     );
-    let dead = env.drain("inventory.dead").await;
-    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
-    assert!(header_text(&dead[0].0, headers::ERROR).contains("refused while preparing"));
-    assert_eq!(env.depth("inventory").await, 0);
     env.cleanup().await;
 }
 
@@ -162,21 +134,56 @@ impl Handler for ChunkPrepared {
     }
 
     async fn handle(&self, ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
-        SlowOutside::record(ctx, message).await
+        record_effect(ctx, message).await
     }
 }
 
-impl SlowOutside {
-    async fn record(ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
-        let ProbeMessage::Probe(probe) = message;
-        let message_id = ctx.envelope().message_id;
-        sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
-            .bind(&probe.id)
-            .bind(message_id)
-            .execute(ctx.db())
-            .await?;
-        Ok(())
+/// Handling: the effect recorded in the transaction.
+async fn record_effect(ctx: &mut Context, message: ProbeMessage) -> Result<(), Failure> {
+    let ProbeMessage::Probe(probe) = message;
+    let message_id = ctx.envelope().message_id;
+    sqlx::query("INSERT INTO probe_effects (id, message_id) VALUES ($1, $2)")
+        .bind(&probe.id)
+        .bind(message_id)
+        .execute(ctx.db())
+        .await?;
+    Ok(())
+}
+
+/// Sends `probes`, then runs `handler` over them as one chunk (gathered
+/// before its transaction starts) until `effects` are recorded and one
+/// message is dead, and checks that that one died `permanent` with an
+/// error containing `why`.
+async fn run_one_chunk<H: Handler<Message = ProbeMessage>>(
+    env: &TestEnv,
+    pool: &sqlx::PgPool,
+    probes: &[Probe],
+    handler: H,
+    effects: i64,
+    why: &str,
+) {
+    for probe in probes {
+        send(env, probe).await;
     }
+    let mut settings = settings(env, "100ms");
+    settings.batch_size = 8;
+    settings.batch_linger = Duration::from_millis(500);
+    let worker = run(Worker::with_pool(
+        probe_spec(),
+        settings,
+        env.pool().await,
+        handler,
+    ));
+    eventually(WAIT, "the effects and one dead message", || async {
+        count(pool, "SELECT count(*) FROM probe_effects").await == effects
+            && env.depth("inventory.dead").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert!(header_text(&dead[0].0, headers::ERROR).contains(why));
+    assert_eq!(env.depth("inventory").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -185,47 +192,23 @@ async fn a_chunk_is_prepared_in_one_call_and_if_that_panics_each_message_is_prep
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms").await;
     let pool = prepare(&env).await;
-    for i in 0..7 {
-        let fail = (i == 3).then(|| "panic".to_owned());
-        send(
-            &env,
-            &Probe {
-                id: format!("p{i}"),
-                fail,
-                ..Probe::default()
-            },
-        )
-        .await;
-    }
-
-    let mut settings = settings(&env, "100ms");
-    settings.batch_size = 8;
-    settings.batch_linger = Duration::from_millis(500);
+    let probes: Vec<Probe> = (0..7)
+        .map(|i| Probe {
+            id: format!("p{i}"),
+            fail: (i == 3).then(|| "panic".to_owned()),
+            ..Probe::default()
+        })
+        .collect();
     let chunks = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let worker = run(Worker::with_pool(
-        probe_spec(),
-        settings,
-        env.pool().await,
-        ChunkPrepared {
-            chunks: chunks.clone(),
-        },
-    ));
-
-    eventually(WAIT, "six effects and one dead message", || async {
-        count(&pool, "SELECT count(*) FROM probe_effects").await == 6
-            && env.depth("inventory.dead").await == 1
-    })
-    .await;
-    worker.stop().await;
+    let handler = ChunkPrepared {
+        chunks: chunks.clone(),
+    };
+    run_one_chunk(&env, &pool, &probes, handler, 6, "panicked preparing").await;
 
     assert_eq!(*chunks.lock().unwrap(), [7], "one call for the chunk");
     assert_eq!(
         count(&pool, "SELECT count(*) FROM probe_effects WHERE id = 'p3'").await,
         0
     );
-    let dead = env.drain("inventory.dead").await;
-    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
-    assert!(header_text(&dead[0].0, headers::ERROR).contains("panicked preparing"));
-    assert_eq!(env.depth("inventory").await, 0);
     env.cleanup().await;
 }

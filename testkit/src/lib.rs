@@ -85,6 +85,20 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// Declares the contract topology with `retry_delays` as its retry
+    /// tiers, as `topology apply` does before a deployment.
+    pub async fn declare_topology(&self, retry_delays: &str) {
+        let topology = topology::Topology::contract(&retry_delays.parse().unwrap());
+        let conn = self.connection().await;
+        assert!(
+            topology::declare(&conn, &topology)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     pub async fn connection(&self) -> Connection {
         Connection::connect(&self.amqp_url, ConnectionProperties::default())
             .await

@@ -48,10 +48,7 @@ impl Running {
 
 /// Declares the whole topology, as `topology apply` does before a deployment.
 pub async fn apply_topology(env: &TestEnv, retry_delays: &str) {
-    let t = topology::Topology::contract(&retry_delays.parse().unwrap());
-    let conn = env.connection().await;
-    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
-    let _ = conn.close(200, "done".into()).await;
+    env.declare_topology(retry_delays).await;
 }
 
 pub async fn start_worker(env: &TestEnv, retry_delays: &str) -> Running {

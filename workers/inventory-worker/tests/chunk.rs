@@ -9,7 +9,8 @@
 
 use inventory_worker::{Inventory, SPEC};
 use messages::{CommitStock, Item, OutOfStock, ReserveStock, StockReserved};
-use runtime::{Message, Outgoing, Worker, WorkerSettings};
+use runtime::testing::{one_chunk_settings, run_until};
+use runtime::{Message, Outgoing, Worker};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testkit::{TestEnv, eventually};
@@ -38,10 +39,7 @@ async fn send(env: &TestEnv, out: &Outgoing) {
 async fn setup() -> (TestEnv, sqlx::PgPool) {
     runtime::telemetry::init();
     let env = TestEnv::new().await;
-    let t = topology::Topology::contract(&"100ms".parse().unwrap());
-    let conn = env.connection().await;
-    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
-    let _ = conn.close(200, "done".into()).await;
+    env.declare_topology("100ms").await;
     let pool = env.pool().await;
     runtime::db::migrate(&pool).await.unwrap();
     (env, pool)
@@ -54,30 +52,16 @@ async fn run_chunk(env: &TestEnv, chunk: &[Outgoing], answers: u32, dead: u32) {
     for out in chunk {
         send(env, out).await;
     }
-    let settings = WorkerSettings {
-        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
-        database_url: runtime::SecretUrl::new(env.database_url.clone()),
-        retry_delays: "100ms".parse().unwrap(),
-        prefetch: 16,
-        concurrency: 1,
-        batch_size: 16,
-        batch_linger: Duration::from_millis(500),
-        database_pool_size: 4,
-        outbox_sweep_after: Duration::from_secs(5),
-        inbox_retention: Duration::from_secs(86_400),
-    };
+    let settings = one_chunk_settings(&env.amqp_url, &env.database_url);
     // A pool of its own: the worker closes it when it stops.
     let worker = Worker::with_pool(SPEC, settings, env.pool().await, Inventory);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    eventually(WAIT, "every answer and dead message", || async {
-        env.depth("order").await == answers && env.depth("inventory.dead").await == dead
-    })
+    run_until(
+        worker,
+        eventually(WAIT, "every answer and dead message", || async {
+            env.depth("order").await == answers && env.depth("inventory.dead").await == dead
+        }),
+    )
     .await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,7 +8,8 @@
 
 use messages::{Line, OrderCancelled, OrderConfirmed};
 use notification_worker::{MailSettings, Notifications, SPEC};
-use runtime::{Outgoing, Worker, WorkerSettings};
+use runtime::testing::{one_chunk_settings, run_until};
+use runtime::{Outgoing, Worker};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testkit::{SmtpSink, TestEnv, eventually};
@@ -47,10 +48,7 @@ fn cancelled(order_id: Uuid, customer_email: &str) -> Outgoing {
 async fn a_chunk_of_outcomes_is_emailed_once_each_and_refusals_are_dead_lettered_alone() {
     runtime::telemetry::init();
     let env = TestEnv::new().await;
-    let t = topology::Topology::contract(&"100ms".parse().unwrap());
-    let conn = env.connection().await;
-    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
-    let _ = conn.close(200, "done".into()).await;
+    env.declare_topology("100ms").await;
     let pool = env.pool().await;
     runtime::db::migrate(&pool).await.unwrap();
     let sink = SmtpSink::start_refusing(&env.database, Some("refused")).await;
@@ -82,19 +80,7 @@ async fn a_chunk_of_outcomes_is_emailed_once_each_and_refusals_are_dead_lettered
             .await;
     }
 
-    let settings = WorkerSettings {
-        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
-        database_url: runtime::SecretUrl::new(env.database_url.clone()),
-        retry_delays: "100ms".parse().unwrap(),
-        prefetch: 16,
-        concurrency: 1,
-        batch_size: 16,
-        // Long enough that the whole chunk is gathered before it starts.
-        batch_linger: Duration::from_millis(500),
-        database_pool_size: 4,
-        outbox_sweep_after: Duration::from_secs(5),
-        inbox_retention: Duration::from_secs(86_400),
-    };
+    let settings = one_chunk_settings(&env.amqp_url, &env.database_url);
     let mail = MailSettings {
         smtp_url: runtime::SecretUrl::new(sink.url()),
         from: "orderflow <orders@orderflow.local>".parse().unwrap(),
@@ -102,18 +88,15 @@ async fn a_chunk_of_outcomes_is_emailed_once_each_and_refusals_are_dead_lettered
     let handler = Notifications::new(&mail).unwrap();
     // A pool of its own: the worker closes it when it stops.
     let worker = Worker::with_pool(SPEC, settings, env.pool().await, handler);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
-    eventually(WAIT, "four emails and two dead messages", || async {
-        sink.mails().len() >= 4 && env.depth("notification.dead").await == 2
+    run_until(worker, async {
+        eventually(WAIT, "four emails and two dead messages", || async {
+            sink.mails().len() >= 4 && env.depth("notification.dead").await == 2
+        })
+        .await;
+        // Time for a second email that should not come.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     })
     .await;
-    // Time for a second email that should not come.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
 
     let mut emailed: BTreeMap<String, usize> = BTreeMap::new();
     for mail in sink.mails() {

@@ -7,7 +7,8 @@
 use messages::{ChargePayment, PaymentCharged, PaymentDeclined};
 use payment_worker::gateway::GatewayClient;
 use payment_worker::{Payments, SPEC};
-use runtime::{Message, Outgoing, Worker, WorkerSettings};
+use runtime::testing::{one_chunk_settings, run_until};
+use runtime::{Message, Outgoing, Worker};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testkit::{TestEnv, eventually};
@@ -29,10 +30,7 @@ fn charge(order_id: Uuid) -> Outgoing {
 async fn a_chunk_of_charges_asks_the_gateway_only_for_payments_not_yet_settled() {
     runtime::telemetry::init();
     let env = TestEnv::new().await;
-    let t = topology::Topology::contract(&"100ms".parse().unwrap());
-    let conn = env.connection().await;
-    assert!(topology::declare(&conn, &t).await.unwrap().is_empty());
-    let _ = conn.close(200, "done".into()).await;
+    env.declare_topology("100ms").await;
     let pool = env.pool().await;
     runtime::db::migrate(&pool).await.unwrap();
 
@@ -62,34 +60,19 @@ async fn a_chunk_of_charges_asks_the_gateway_only_for_payments_not_yet_settled()
             .await;
     }
 
-    let settings = WorkerSettings {
-        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
-        database_url: runtime::SecretUrl::new(env.database_url.clone()),
-        retry_delays: "100ms".parse().unwrap(),
-        prefetch: 16,
-        concurrency: 1,
-        batch_size: 16,
-        // Long enough that the whole chunk is gathered before it starts.
-        batch_linger: Duration::from_millis(500),
-        database_pool_size: 4,
-        outbox_sweep_after: Duration::from_secs(5),
-        inbox_retention: Duration::from_secs(86_400),
-    };
+    let settings = one_chunk_settings(&env.amqp_url, &env.database_url);
     let client = || GatewayClient::new(&gateway_url, Duration::from_secs(5), 8).unwrap();
     let handler = Payments { gateway: client() };
     // A pool of its own: the worker closes it when it stops.
     let worker = Worker::with_pool(SPEC, settings, env.pool().await, handler);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(worker.run(async move {
-        let _ = stopped.await;
-    }));
     // Four answers: the voided payment has none to give.
-    eventually(WAIT, "four answers", || async {
-        env.depth("order").await == 4 && env.depth("payment").await == 0
-    })
+    run_until(
+        worker,
+        eventually(WAIT, "four answers", || async {
+            env.depth("order").await == 4 && env.depth("payment").await == 0
+        }),
+    )
     .await;
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
 
     let mut answers = BTreeMap::new();
     for (props, body) in env.drain("order").await {
