@@ -238,10 +238,7 @@ impl Handler for Notifications {
         }
         let mail = message.mail();
         let to = recipient(&mail)?;
-        if claim(ctx.db(), std::slice::from_ref(&mail))
-            .await?
-            .is_empty()
-        {
+        if claim(ctx.db(), [&mail]).await?.is_empty() {
             info!(order_id = %mail.order_id, outcome = mail.outcome, "Email already sent");
             return Ok(());
         }
@@ -262,22 +259,21 @@ impl Handler for Notifications {
     ) -> Result<Vec<Fresh<NotificationMessage>>, Failure> {
         let (alone, mut left) = Fresh::partition_unique(messages, |m| Some(m.order_id()));
         let mut ready = Vec::with_capacity(alone.len());
-        let mut mails = Vec::with_capacity(alone.len());
         for fresh in alone {
             let mail = fresh.message.mail();
             // An address that is not one fails in `handle`, with its reason.
             match recipient(&mail) {
-                Ok(to) => {
-                    ready.push((fresh, to));
-                    mails.push(mail);
-                }
+                Ok(to) => ready.push((fresh, mail, to)),
                 Err(_) => left.push(fresh),
             }
         }
         // Each order once here, so its id names its claim.
-        let claimed: HashSet<Uuid> = claim(ctx.db(), &mails).await?.into_iter().collect();
+        let claimed: HashSet<Uuid> = claim(ctx.db(), ready.iter().map(|(_, mail, _)| mail))
+            .await?
+            .into_iter()
+            .collect();
         let mut sending = Vec::with_capacity(ready.len());
-        for ((fresh, to), mail) in ready.into_iter().zip(mails) {
+        for (fresh, mail, to) in ready {
             if claimed.contains(&mail.order_id) {
                 sending.push((fresh, mail, to));
             } else {
@@ -324,19 +320,22 @@ fn recipient(mail: &Mail) -> Result<Mailbox, Failure> {
 /// statement; returns the orders of those written, whose emails are to be
 /// sent. A row another transaction is writing is waited for, so two
 /// replicas never both send one email.
-async fn claim(db: &mut PgConnection, mails: &[Mail]) -> Result<Vec<Uuid>, Failure> {
-    if mails.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut order_ids = Vec::with_capacity(mails.len());
-    let mut outcomes = Vec::with_capacity(mails.len());
-    let mut emails = Vec::with_capacity(mails.len());
-    let mut subjects = Vec::with_capacity(mails.len());
+async fn claim<'a>(
+    db: &mut PgConnection,
+    mails: impl IntoIterator<Item = &'a Mail>,
+) -> Result<Vec<Uuid>, Failure> {
+    let mut order_ids = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut emails = Vec::new();
+    let mut subjects = Vec::new();
     for mail in mails {
         order_ids.push(mail.order_id);
         outcomes.push(mail.outcome);
         emails.push(mail.to.as_str());
         subjects.push(mail.subject.as_str());
+    }
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
     }
     Ok(sqlx::query_scalar(
         "INSERT INTO notifications.sent (order_id, outcome, email, subject) \
