@@ -621,16 +621,18 @@ async fn main() -> anyhow::Result<()> {
     // Wait for every email (10 minutes at most); what is missing then is
     // reported below.
     emails_arrived(&arrivals, accepted, Duration::from_secs(600)).await;
-    let (latencies, last_email) = {
+    // Each measured order's POST and email, for those whose email came.
+    let (ends, last_email) = {
         let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
         let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-        let mut l: Vec<Duration> = p
+        let ends: HashMap<String, (Instant, Instant)> = p
             .iter()
-            .filter_map(|(id, t)| a.get(id).map(|e| *e - *t))
+            .filter_map(|(id, t)| a.get(id).map(|e| (id.clone(), (*t, *e))))
             .collect();
-        l.sort();
-        (l, a.values().max().copied())
+        (ends, a.values().max().copied())
     };
+    let mut latencies: Vec<Duration> = ends.values().map(|(p, e)| *e - *p).collect();
+    latencies.sort();
     let e2e_secs = last_email
         .map(|t| (t - started).as_secs_f64())
         .unwrap_or(f64::NAN);
@@ -655,18 +657,15 @@ async fn main() -> anyhow::Result<()> {
     .fetch_all(&pool)
     .await?;
     let stages = {
-        let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
-        let p = posted.lock().map_err(|_| anyhow::anyhow!("lock"))?;
         let wall = |t: Instant| {
             started_wall
                 .checked_add(t.saturating_duration_since(started))
                 .and_then(|w| w.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(f64::NAN, |d| d.as_secs_f64())
         };
-        let ends = p.iter().filter_map(|(id, posted)| {
-            a.get(id)
-                .map(|email| (id.clone(), (wall(*posted), wall(*email))))
-        });
+        let ends = ends
+            .iter()
+            .map(|(id, (posted, emailed))| (id.clone(), (wall(*posted), wall(*emailed))));
         stage_times(&events, &ends.collect())
     };
     let cpu: Vec<(String, f64)> = procs
