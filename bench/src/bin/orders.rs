@@ -355,6 +355,36 @@ async fn broker_hop_rate(amqp: &str, n: usize, ack_every: usize) -> anyhow::Resu
 
 /// Small write transactions (one insert, commit), 8 at a time, connected
 /// as the workers connect.
+/// Work PostgreSQL has done so far, cluster-wide (the benchmark runs
+/// alone): transaction ids assigned (one per transaction that writes, and
+/// per savepoint that writes inside one) and WAL written. Both are exact at
+/// once, unlike the statistics views, which backends update lazily.
+#[derive(Clone, Copy)]
+struct DbWork {
+    xids: i64,
+    wal_bytes: i64,
+}
+
+impl std::ops::Sub for DbWork {
+    type Output = DbWork;
+    fn sub(self, before: DbWork) -> DbWork {
+        DbWork {
+            xids: self.xids - before.xids,
+            wal_bytes: self.wal_bytes - before.wal_bytes,
+        }
+    }
+}
+
+async fn db_work(pool: &sqlx::PgPool) -> anyhow::Result<DbWork> {
+    let (xids, wal_bytes): (i64, i64) = sqlx::query_as(
+        "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8, \
+         pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(DbWork { xids, wal_bytes })
+}
+
 async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
@@ -579,6 +609,7 @@ async fn main() -> anyhow::Result<()> {
         cpu_of_all("postgres"),
         cpu_seconds(std::process::id()),
     );
+    let db_work_before = db_work(&pool).await?;
     let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let rate = args.rate.filter(|r| *r > 0.0);
     // At a fixed rate every order is in flight from its start time on.
@@ -621,6 +652,7 @@ async fn main() -> anyhow::Result<()> {
     // Wait for every email (10 minutes at most); what is missing then is
     // reported below.
     emails_arrived(&arrivals, accepted, Duration::from_secs(600)).await;
+    let db_work = db_work(&pool).await? - db_work_before;
     // Each measured order's POST and email, for those whose email came.
     let (ends, last_email) = {
         let a = arrivals.lock().map_err(|_| anyhow::anyhow!("lock"))?;
@@ -739,6 +771,12 @@ async fn main() -> anyhow::Result<()> {
         percentile(&latencies, 0.5).as_secs_f64() * 1e3,
         percentile(&latencies, 0.95).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    let per_order = |n: i64| n as f64 / accepted.max(1) as f64;
+    println!(
+        "| PostgreSQL per order | {:.2} transaction ids, {:.1} KiB of WAL |",
+        per_order(db_work.xids),
+        per_order(db_work.wal_bytes) / 1024.0
     );
     println!(
         "| final states | {} |",
