@@ -353,8 +353,6 @@ async fn broker_hop_rate(amqp: &str, n: usize, ack_every: usize) -> anyhow::Resu
     Ok((rate, broker_us))
 }
 
-/// Small write transactions (one insert, commit), 8 at a time, connected
-/// as the workers connect.
 /// Work PostgreSQL has done so far, cluster-wide (the benchmark runs
 /// alone): transaction ids assigned (one per transaction that writes, and
 /// per savepoint that writes inside one) and WAL written. Both are exact at
@@ -385,6 +383,8 @@ async fn db_work(pool: &sqlx::PgPool) -> anyhow::Result<DbWork> {
     Ok(DbWork { xids, wal_bytes })
 }
 
+/// Small write transactions (one insert, commit), 8 at a time, connected
+/// as the workers connect.
 async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
