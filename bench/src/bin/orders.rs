@@ -9,13 +9,9 @@
 //!
 //! ./scripts/bench.sh --orders 1000 --concurrency 32 --replicas 1
 
+use bench::{cpu_of_all, cpu_seconds, hop};
 use clap::Parser;
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -165,36 +161,6 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
-        .sum();
-    ticks / 100.0
-}
-
-/// CPU seconds of every process whose command line contains `needle`.
-fn cpu_of_all(needle: &str) -> f64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .map(cpu_seconds)
-        .sum()
-}
-
 /// The stages of an order between its POST and its email, each named with
 /// the hops and handlers it spans, and the status that ends it.
 const STAGES: [(&str, &str); 4] = [
@@ -259,98 +225,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
-}
-
-/// Persistent messages through a quorum queue, publisher confirms (a window
-/// of 256 outstanding), one consumer with manual acks, each covering
-/// `ack_every` deliveries (`multiple`). Returns messages/s and the broker's
-/// CPU microseconds per message.
-async fn broker_hop_rate(amqp: &str, n: usize, ack_every: usize) -> anyhow::Result<(f64, f64)> {
-    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
-    let publish = conn.create_channel().await?;
-    let consume = conn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    publish
-        .queue_declare(
-            "bench.hop".into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    consume.basic_qos(256, BasicQosOptions::default()).await?;
-    let mut consumer = consume
-        .basic_consume(
-            "bench.hop".into(),
-            "bench".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let started = Instant::now();
-    let broker_cpu = cpu_of_all("beam.smp");
-    let consumer_task = tokio::spawn(async move {
-        let mut got = 0;
-        while got < n {
-            match consumer.next().await {
-                Some(Ok(d)) => {
-                    got += 1;
-                    if got % ack_every == 0 || got == n {
-                        d.acker
-                            .ack(BasicAckOptions {
-                                multiple: ack_every > 1,
-                            })
-                            .await?;
-                    }
-                }
-                _ => break,
-            }
-        }
-        Ok::<_, lapin::Error>(())
-    });
-    let body = vec![b'x'; 300];
-    let props = lapin::BasicProperties::default().with_delivery_mode(2);
-    let mut window = Vec::with_capacity(256);
-    for _ in 0..n {
-        window.push(
-            publish
-                .basic_publish(
-                    "".into(),
-                    "bench.hop".into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props.clone(),
-                )
-                .await?,
-        );
-        if window.len() == 256 {
-            for c in window.drain(..) {
-                c.await?;
-            }
-        }
-    }
-    for c in window.drain(..) {
-        c.await?;
-    }
-    consumer_task.await??;
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    let broker_us = (cpu_of_all("beam.smp") - broker_cpu) * 1e6 / n as f64;
-    // The consuming channel goes first: deleting the queue under a live
-    // consumer races its cancellation.
-    let _ = consume.close(200, "done".into()).await;
-    publish
-        .queue_delete("bench.hop".into(), Default::default())
-        .await?;
-    Ok((rate, broker_us))
 }
 
 /// Work PostgreSQL has done so far, cluster-wide (the benchmark runs
@@ -484,15 +358,20 @@ async fn main() -> anyhow::Result<()> {
     // Acks one by one (the model's hop), and one ack per 32 deliveries, to
     // show what batched acks would save the broker.
     let (hop, hop_batched_acks, db_rate) = if args.no_ceiling {
-        ((f64::NAN, f64::NAN), (f64::NAN, f64::NAN), f64::NAN)
+        let nothing = hop::Hop {
+            rate: f64::NAN,
+            broker_us: f64::NAN,
+            client_us: f64::NAN,
+        };
+        (nothing, nothing, f64::NAN)
     } else {
         (
-            broker_hop_rate(&amqp, 20_000, 1).await?,
-            broker_hop_rate(&amqp, 20_000, 32).await?,
+            hop::with_lapin(&amqp, 20_000, 1, hop::LapinPublishes::Together, None).await?,
+            hop::with_lapin(&amqp, 20_000, 32, hop::LapinPublishes::Together, None).await?,
             db_tx_rate(&db_url, 20_000).await?,
         )
     };
-    let hop_rate = hop.0;
+    let hop_rate = hop.rate;
 
     let arrivals: Arrivals = Arc::default();
     let smtp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -790,11 +669,11 @@ async fn main() -> anyhow::Result<()> {
     if !args.no_ceiling {
         println!(
             "| raw broker hop rate (quorum, confirms, acks) | {hop_rate:.0} msg/s, broker {:.0} µs CPU/msg |",
-            hop.1
+            hop.broker_us
         );
         println!(
             "| same, one ack per 32 deliveries (`multiple`) | {:.0} msg/s, broker {:.0} µs CPU/msg |",
-            hop_batched_acks.0, hop_batched_acks.1
+            hop_batched_acks.rate, hop_batched_acks.broker_us
         );
         println!("| raw PostgreSQL small-write tx rate (8 conns) | {db_rate:.0} tx/s |");
         println!("| modelled ceiling 1/({hops}/hop + {txs}/tx) | {ceiling:.0} orders/s |");
