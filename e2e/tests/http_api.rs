@@ -53,6 +53,15 @@ async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
     assert_eq!(rows, 2);
     assert_eq!(system.charges(id).await.len(), 1);
     system.wait_mails(id, 1).await;
+
+    // Without a key each request is an order of its own, whose id is
+    // time-ordered (decision 0015).
+    let (status, unkeyed) = system.post("/orders", &order_body(), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let unkeyed_id = unkeyed["order_id"].as_str().unwrap();
+    let parsed: uuid::Uuid = unkeyed_id.parse().unwrap();
+    assert_eq!(parsed.get_version(), Some(uuid::Version::SortRand));
+    assert_eq!(system.wait_final(unkeyed_id).await["status"], "CONFIRMED");
     system.stop().await;
 }
 

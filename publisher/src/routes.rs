@@ -135,7 +135,10 @@ pub async fn place_order(
     let order = NewOrder::parse(request).map_err(ApiError::Invalid)?;
     let order_id = match &key {
         Some(k) => derived_id(&format!("order:{}", k.as_str())),
-        None => Uuid::new_v4(),
+        // Time-ordered, so the order's rows in every schema (keyed by
+        // order id) are inserted at the right edge of their indexes
+        // (decision 0015).
+        None => Uuid::now_v7(),
     };
     let command = PlaceOrder {
         order_id,
@@ -144,9 +147,14 @@ pub async fn place_order(
         items: order.items,
         payment_method: order.payment_method,
     };
-    let message = Outgoing::of(&command)
-        .with_message_id(derived_id(&format!("order.place:{order_id}")))
-        .correlated(order_id);
+    let message = Outgoing::of(&command).correlated(order_id);
+    // A request retried with its key sends the same command message, which
+    // the order queue's inbox then drops; without a key each request is an
+    // order of its own and keeps the message's time-ordered id.
+    let message = match &key {
+        Some(_) => message.with_message_id(derived_id(&format!("order.place:{order_id}"))),
+        None => message,
+    };
     publish(&state, "order.place", &message).await?;
     tracing::info!(order_id = %order_id, "Order accepted");
     Ok(accepted(
@@ -212,7 +220,7 @@ pub async fn restock(
             sku.as_str(),
             k.as_str()
         )),
-        None => Uuid::new_v4(),
+        None => Uuid::now_v7(),
     };
     let message = Outgoing::of(&Restock {
         sku: sku.as_str().to_owned(),
