@@ -52,6 +52,15 @@ pub enum LapinPublishes {
     Together,
 }
 
+/// With a pace, waits until the time of message `i` (counted from
+/// `started`); flat out, returns at once.
+async fn wait_turn(started: tokio::time::Instant, i: usize, pace: Option<f64>) {
+    if let Some(rate) = pace {
+        tokio::time::sleep_until(started + std::time::Duration::from_secs_f64(i as f64 / rate))
+            .await;
+    }
+}
+
 /// The hop with lapin.
 pub async fn with_lapin(
     amqp: &str,
@@ -130,38 +139,36 @@ pub async fn with_lapin(
                 props.clone(),
             )
         };
-        if let Some(rate) = pace {
+        if pace.is_some() {
             let started = tokio::time::Instant::now();
             let mut confirms = Vec::with_capacity(n);
             for i in 0..n {
-                tokio::time::sleep_until(
-                    started + std::time::Duration::from_secs_f64(i as f64 / rate),
-                )
-                .await;
+                wait_turn(started, i, pace).await;
                 confirms.push(publish_one().await?);
             }
             for confirm in confirms {
                 confirm.await?;
             }
-        }
-        let mut left = if pace.is_some() { 0 } else { n };
-        while left > 0 {
-            let size = left.min(WINDOW);
-            left -= size;
-            let window = match publishes {
-                LapinPublishes::OneByOne => {
-                    let mut window = Vec::with_capacity(size);
-                    for _ in 0..size {
-                        window.push(publish_one().await?);
+        } else {
+            let mut left = n;
+            while left > 0 {
+                let size = left.min(WINDOW);
+                left -= size;
+                let window = match publishes {
+                    LapinPublishes::OneByOne => {
+                        let mut window = Vec::with_capacity(size);
+                        for _ in 0..size {
+                            window.push(publish_one().await?);
+                        }
+                        window
                     }
-                    window
+                    LapinPublishes::Together => {
+                        futures::future::try_join_all((0..size).map(|_| publish_one())).await?
+                    }
+                };
+                for confirm in window {
+                    confirm.await?;
                 }
-                LapinPublishes::Together => {
-                    futures::future::try_join_all((0..size).map(|_| publish_one())).await?
-                }
-            };
-            for confirm in window {
-                confirm.await?;
             }
         }
         consuming.await??;
@@ -250,24 +257,18 @@ pub async fn with_amqprs(
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .finish();
         let args = BasicPublishArguments::new("", QUEUE);
-        let mut published = 0u64;
         let started = tokio::time::Instant::now();
         for i in 0..n {
-            if let Some(rate) = pace {
-                tokio::time::sleep_until(
-                    started + std::time::Duration::from_secs_f64(i as f64 / rate),
-                )
-                .await;
-            }
+            wait_turn(started, i, pace).await;
             publish
                 .basic_publish(props.clone(), vec![b'x'; BODY], args.clone())
                 .await?;
-            published += 1;
+            let published = i as u64 + 1;
             if pace.is_none() && published.is_multiple_of(WINDOW as u64) {
                 confirms.wait_for(published).await?;
             }
         }
-        confirms.wait_for(published).await?;
+        confirms.wait_for(n as u64).await?;
         consuming.await??;
         Ok(())
     })
