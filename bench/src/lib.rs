@@ -4,6 +4,27 @@
 
 pub mod hop;
 
+/// The local broker's management API, as the guest user.
+pub fn management() -> topology::Management {
+    topology::Management::new("http://127.0.0.1:15672", "guest", "guest")
+}
+
+/// Creates `vhost` afresh (deleting what an earlier run left in it), lets
+/// guest do everything in it, and returns its AMQP URL.
+pub async fn fresh_vhost(management: &topology::Management, vhost: &str) -> anyhow::Result<String> {
+    let _ = management.delete(&format!("vhosts/{vhost}")).await;
+    management
+        .put(&format!("vhosts/{vhost}"), &serde_json::json!({}))
+        .await?;
+    management
+        .put(
+            &format!("permissions/{vhost}/guest"),
+            &serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
+        .await?;
+    Ok(format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"))
+}
+
 /// CPU seconds (user + system) a process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

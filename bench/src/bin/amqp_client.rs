@@ -8,7 +8,6 @@
 //! cargo run --release -p bench --bin amqp_client -- 20000 3
 
 use bench::hop::{self, Hop, LapinPublishes};
-use serde_json::json;
 
 const VHOST: &str = "orderflow_amqp_client_bench";
 /// Seconds each paced run lasts.
@@ -23,18 +22,8 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(20_000);
     let pairs: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3);
-    let management = topology::Management::new("http://127.0.0.1:15672", "guest", "guest");
-    let _ = management.delete(&format!("vhosts/{VHOST}")).await;
-    management
-        .put(&format!("vhosts/{VHOST}"), &json!({}))
-        .await?;
-    management
-        .put(
-            &format!("permissions/{VHOST}/guest"),
-            &json!({"configure": ".*", "write": ".*", "read": ".*"}),
-        )
-        .await?;
-    let amqp = format!("amqp://guest:guest@127.0.0.1:5672/{VHOST}");
+    let management = bench::management();
+    let amqp = bench::fresh_vhost(&management, VHOST).await?;
     let result = compare(&amqp, n, pairs).await;
     let _ = management.delete(&format!("vhosts/{VHOST}")).await;
     result

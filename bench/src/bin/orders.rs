@@ -326,15 +326,8 @@ fn spawn(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(".run")?;
-    let api_mgmt = topology::Management::new("http://127.0.0.1:15672", "guest", "guest");
-    let _ = api_mgmt.delete(&format!("vhosts/{VHOST}")).await;
-    api_mgmt.put(&format!("vhosts/{VHOST}"), &json!({})).await?;
-    api_mgmt
-        .put(
-            &format!("permissions/{VHOST}/guest"),
-            &json!({"configure": ".*", "write": ".*", "read": ".*"}),
-        )
-        .await?;
+    let api_mgmt = bench::management();
+    let amqp = bench::fresh_vhost(&api_mgmt, VHOST).await?;
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&format!("{PG}/postgres"))
@@ -347,7 +340,6 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DB}")))
         .execute(&admin)
         .await?;
-    let amqp = format!("amqp://guest:guest@127.0.0.1:5672/{VHOST}");
     let db_url = format!("{PG}/{DB}");
     let retry = "1s,5s,30s,2m,10m";
     let conn = lapin::Connection::connect(&amqp, Default::default()).await?;
