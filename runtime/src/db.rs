@@ -115,18 +115,23 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 /// invalidates them: without autovacuum, a worker that ran at 1,200
 /// orders/s fell to 76 within 100,000 orders (`docs/BENCHMARKS.md`).
 pub async fn warn_if_autovacuum_off(pool: &PgPool) {
-    match sqlx::query_scalar::<_, String>("SHOW autovacuum")
-        .fetch_one(pool)
-        .await
-    {
-        Ok(setting) if autovacuum_is_off(&setting) => tracing::warn!(
+    match autovacuum_off(pool).await {
+        Ok(true) => tracing::warn!(
             "PostgreSQL runs with autovacuum off: the inbox, outbox and domain tables bloat \
              and statements keep plans made while they were empty; turn it on or vacuum and \
              analyze by hand"
         ),
-        Ok(_) => {}
+        Ok(false) => {}
         Err(e) => tracing::debug!(error = %e, "autovacuum setting not read"),
     }
+}
+
+/// Whether the server runs without autovacuum.
+pub async fn autovacuum_off(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let setting: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(pool)
+        .await?;
+    Ok(autovacuum_is_off(&setting))
 }
 
 /// `SHOW` prints a boolean setting as `on` or `off`.

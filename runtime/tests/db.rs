@@ -33,3 +33,17 @@ async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_s
     }
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_autovacuum_setting_is_read_from_the_server_and_a_closed_pool_is_an_error() {
+    let env = TestEnv::new().await;
+    let pool = db::connect(&env.database_url, 1).await.unwrap();
+    let server_off: bool = sqlx::query_scalar("SELECT current_setting('autovacuum') = 'off'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(db::autovacuum_off(&pool).await.unwrap(), server_off);
+    pool.close().await;
+    assert!(db::autovacuum_off(&pool).await.is_err());
+    env.cleanup().await;
+}
