@@ -46,8 +46,10 @@ struct Args {
     no_ceiling: bool,
     /// Orders placed (8 at a time) and finished before the measured run
     /// and left out of its figures: the first orders after a start pay
-    /// for cold connections, statements and caches. 0: none.
-    #[arg(long, default_value_t = 200)]
+    /// for cold connections, statements and caches, and the tables need
+    /// some history for their statistics to describe them (the benchmark
+    /// runs `VACUUM ANALYZE` after these). 0: none.
+    #[arg(long, default_value_t = 3000)]
     warm_up: usize,
 }
 
@@ -255,6 +257,17 @@ async fn db_work(pool: &sqlx::PgPool) -> anyhow::Result<DbWork> {
     .fetch_one(pool)
     .await?;
     Ok(DbWork { xids, wal_bytes })
+}
+
+/// Rows read by sequential scans of the benchmark database's tables so
+/// far, as the statistics views have them: a plan that scans a growing
+/// table shows here as rows per order that grow with the run.
+async fn seq_rows_read(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT coalesce(sum(seq_tup_read), 0)::int8 FROM pg_stat_user_tables")
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// Small write transactions (one insert, commit), 8 at a time, connected
@@ -469,6 +482,14 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|_| anyhow::anyhow!("lock"))?
             .clear();
     }
+    // Statistics and visibility as autovacuum keeps them on a database
+    // that has run for a while: a fresh one has none, each worker
+    // connection's prepared statements keep plans made on its first few
+    // rows (sequential scans), and on a server without autovacuum nothing
+    // replans them while the tables grow (`docs/BENCHMARKS.md`, 2026-12-02,
+    // fourth session). Plans are made again after it, on the warm-up's rows.
+    sqlx::raw_sql("VACUUM ANALYZE").execute(&pool).await?;
+    let seq_rows_before = seq_rows_read(&pool).await?;
 
     // Drive.
     let cpu_before: Vec<f64> = procs
@@ -609,6 +630,9 @@ async fn main() -> anyhow::Result<()> {
     for p in &mut procs {
         let _ = tokio::time::timeout(Duration::from_secs(30), p.child.wait()).await;
     }
+    // Read once the workers' backends have exited: a backend reports its
+    // table statistics lazily, at the latest when it ends.
+    let seq_rows = seq_rows_read(&pool).await? - seq_rows_before;
 
     // The model: per order, 7 broker hops and 7 transactions before its email
     // (place, reserve, reserved, charge, charged, confirmed, commit).
@@ -620,7 +644,7 @@ async fn main() -> anyhow::Result<()> {
         None => format!("concurrency {}", args.concurrency),
     };
     println!(
-        "## {} orders, {offered}, {} replica(s) of each worker, after {} warm-up orders\n",
+        "## {} orders, {offered}, {} replica(s) of each worker, after {} warm-up orders and VACUUM ANALYZE\n",
         args.orders, args.replicas, args.warm_up
     );
     println!(
@@ -645,9 +669,10 @@ async fn main() -> anyhow::Result<()> {
     );
     let per_order = |n: i64| n as f64 / accepted.max(1) as f64;
     println!(
-        "| PostgreSQL per order | {:.2} transaction ids, {:.1} KiB of WAL |",
+        "| PostgreSQL per order | {:.2} transaction ids, {:.1} KiB of WAL, {:.0} rows read by sequential scans |",
         per_order(db_work.xids),
-        per_order(db_work.wal_bytes) / 1024.0
+        per_order(db_work.wal_bytes) / 1024.0,
+        per_order(seq_rows)
     );
     println!(
         "| final states | {} |",
