@@ -441,3 +441,61 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_http_publisher_agrees_a_small_frame_and_the_workers_the_brokers() {
+    let system = System::start(Options::default()).await;
+    // Every worker has published by the time an order is final.
+    let order = system.place("SKU-F", 1, "pm_card_visa").await;
+    system.wait_final(&order).await;
+    let vhost = topology::management::encode_vhost(&system.env.vhost);
+    let frames = |conns: &Value| -> Vec<(String, u64)> {
+        conns
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter_map(|c| {
+                        Some((
+                            c["client_properties"]["connection_name"]
+                                .as_str()?
+                                .to_owned(),
+                            c["frame_max"].as_u64()?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let seen = loop {
+        let conns = system
+            .env
+            .management
+            .get(&format!("vhosts/{vhost}/connections"))
+            .await
+            .unwrap_or(Value::Null);
+        let seen = frames(&conns);
+        // The HTTP publisher and the four workers' consumers (a worker's
+        // publisher connects when it first has something to send).
+        let consumers = seen
+            .iter()
+            .filter(|(n, _)| n.ends_with(" consumer"))
+            .count();
+        if consumers == 4 && seen.iter().any(|(n, _)| n == "publisher") {
+            break seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    for (name, frame_max) in &seen {
+        // The HTTP publisher builds every header it sends; the workers
+        // receive and republish what other clients may have sent.
+        let expected = if name == "publisher" {
+            u64::from(runtime::broker::FRAME_MAX)
+        } else {
+            131_072
+        };
+        assert_eq!(*frame_max, expected, "{name}: {seen:?}");
+    }
+    system.stop().await;
+}

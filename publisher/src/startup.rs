@@ -31,7 +31,8 @@ impl Application {
         let listener = TcpListener::bind(&settings.http_addr).await.map_err(|e| {
             anyhow::anyhow!("cannot listen on HTTP_ADDR={}: {e}", settings.http_addr)
         })?;
-        let publisher = Arc::new(Publisher::lazy(settings.amqp_url.expose(), "publisher"));
+        let publisher =
+            Arc::new(Publisher::lazy(settings.amqp_url.expose(), "publisher").own_messages_only());
         if let Err(e) = publisher.ensure_connected().await {
             tracing::warn!(error = %e, "Broker not reachable yet; requests will get 503 until it is");
         }

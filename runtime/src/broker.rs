@@ -8,6 +8,7 @@
 use crate::envelope::Outgoing;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -17,6 +18,19 @@ use tracing::{info, warn};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest frame a publisher of its own messages proposes
+/// ([`Publisher::own_messages_only`]), unless `AMQP_URL` names one
+/// (`?frame_max=`). lapin keeps two ring buffers of 32 frames per
+/// connection; with the broker's default of 128 KiB those are 8 MiB, all of
+/// it resident once traffic has gone round them (`docs/BENCHMARKS.md`,
+/// 2026-12-02, fourth session). A body larger than a frame is split over
+/// several, but the properties of one message must fit in one frame: 32
+/// KiB, far more than any header this system writes.
+///
+/// Connections that receive or republish messages from elsewhere keep the
+/// broker's frame: lapin drops a connection that receives a frame larger
+/// than it agreed, and the broker redelivers the message to it, for ever.
+pub const FRAME_MAX: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -36,16 +50,42 @@ pub enum PublishError {
     },
 }
 
-/// Opens a connection, named for the management UI, within [`CONNECT_TIMEOUT`].
+/// Opens a connection, named for the management UI, within
+/// [`CONNECT_TIMEOUT`], with the frame the broker offers unless `url` names
+/// a `frame_max`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    connect_with_frame_max(url, name, None).await
+}
+
+/// [`connect`], proposing `frame_max` unless `url` names one.
+async fn connect_with_frame_max(
+    url: &str,
+    name: &str,
+    frame_max: Option<u32>,
+) -> Result<Connection, lapin::Error> {
+    let uri = parse_uri(url, frame_max).map_err(|e| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("AMQP_URL is not an AMQP URI: {e}"),
+        ))
+    })?;
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
         Ok(result) => result,
         Err(_) => Err(lapin::Error::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "connecting to the broker timed out",
         ))),
     }
+}
+
+/// `url` parsed, with `frame_max` unless it names one.
+fn parse_uri(url: &str, frame_max: Option<u32>) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.parse()?;
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = frame_max;
+    }
+    Ok(uri)
 }
 
 /// Connects, retrying with exponential backoff (capped at 5 s) until it
@@ -75,6 +115,8 @@ pub async fn connect_with_backoff(url: &str, name: &str) -> Connection {
 pub struct Publisher {
     url: String,
     name: String,
+    /// The frame its connection proposes; `None`: the broker's.
+    frame_max: Option<u32>,
     channel: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -92,7 +134,18 @@ impl Publisher {
         Self {
             url: url.to_owned(),
             name: name.to_owned(),
+            frame_max: None,
             channel: Mutex::new(None),
+        }
+    }
+
+    /// For a publisher whose every message, headers included, is built in
+    /// this process: its connection proposes [`FRAME_MAX`], which saves
+    /// 7 MiB of buffers. Not for one that republishes what it received.
+    pub fn own_messages_only(self) -> Self {
+        Self {
+            frame_max: Some(FRAME_MAX),
+            ..self
         }
     }
 
@@ -126,7 +179,9 @@ impl Publisher {
         }
         *guard = None;
         let unavailable = |e: lapin::Error| PublishError::Unavailable(e.to_string());
-        let connection = connect(&self.url, &self.name).await.map_err(unavailable)?;
+        let connection = connect_with_frame_max(&self.url, &self.name, self.frame_max)
+            .await
+            .map_err(unavailable)?;
         let open = async {
             let channel = connection.create_channel().await?;
             channel

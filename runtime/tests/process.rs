@@ -222,6 +222,57 @@ async fn a_message_that_crashes_its_worker_every_time_ends_dead_and_the_rest_flo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_with_large_headers_from_another_client_are_handled_and_dead_lettered_whole() {
+    let env = TestEnv::new().await;
+    apply_topology(&env, "100ms,200ms").await;
+    let pool = prepare(&env).await;
+    // Published by a client that agreed the broker's default frame (128
+    // KiB), with properties larger than a publisher of its own messages
+    // proposes (`broker::FRAME_MAX`): a worker's connections must carry
+    // them, or lapin drops the consumer's connection and the broker
+    // redelivers the message to it for ever.
+    let big = "h".repeat(2 * runtime::broker::FRAME_MAX as usize);
+    for probe in [
+        probe("large-ok"),
+        Probe {
+            fail: Some("permanent".into()),
+            ..probe("large-permanent")
+        },
+    ] {
+        let out = runtime::Outgoing::of(&probe).correlated(&probe.id);
+        let mut headers = out.properties().headers().clone().unwrap_or_default();
+        headers.insert(
+            "x-big".into(),
+            lapin::types::AMQPValue::LongString(big.as_str().into()),
+        );
+        env.publish(
+            &out.exchange,
+            &out.routing_key,
+            out.properties().with_headers(headers),
+            &out.body,
+        )
+        .await;
+    }
+    send(&env, &probe("small")).await;
+
+    let mut worker = spawn_worker(&env);
+    eventually(WAIT, "the probes applied and dead-lettered", || async {
+        env.depth("inventory.dead").await == 1
+            && count(&pool, "SELECT count(*) FROM probe_effects").await == 2
+    })
+    .await;
+    signal(&worker, "-TERM");
+    assert!(worker.wait().await.unwrap().success());
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(dead.len(), 1);
+    assert!(String::from_utf8_lossy(&dead[0].1).contains("large-permanent"));
+    assert_eq!(header_text(&dead[0].0, "x-big"), big);
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert_eq!(env.depth("inventory").await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_finishes_in_flight_messages_and_exits_zero() {
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms,200ms").await;

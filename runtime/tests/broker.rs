@@ -1,0 +1,145 @@
+//! How the runtime connects to the real RabbitMQ.
+#![allow(clippy::unwrap_used)]
+
+use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use runtime::broker::{self, FRAME_MAX, Publisher};
+use std::time::Duration;
+use testkit::{TestEnv, eventually};
+use topology::management::encode_vhost;
+
+/// The `frame_max` the broker agreed with the connection named `name`.
+async fn negotiated_frame_max(env: &TestEnv, name: &str) -> Option<u64> {
+    let v = encode_vhost(&env.vhost);
+    let conns = env
+        .management
+        .get(&format!("vhosts/{v}/connections"))
+        .await
+        .ok()?;
+    conns.as_array()?.iter().find_map(|c| {
+        (c["client_properties"]["connection_name"].as_str() == Some(name))
+            .then(|| c["frame_max"].as_u64())
+            .flatten()
+    })
+}
+
+#[tokio::test]
+async fn a_publisher_of_its_own_messages_proposes_a_32_kib_frame_and_others_take_the_brokers() {
+    let env = TestEnv::new().await;
+    let own = Publisher::lazy(&env.amqp_url, "frame-own").own_messages_only();
+    own.ensure_connected().await.unwrap();
+    let named = Publisher::lazy(&format!("{}?frame_max=65536", env.amqp_url), "frame-named")
+        .own_messages_only();
+    named.ensure_connected().await.unwrap();
+    let republishing = Publisher::lazy(&env.amqp_url, "frame-republishing");
+    republishing.ensure_connected().await.unwrap();
+    let consuming = broker::connect(&env.amqp_url, "frame-consuming")
+        .await
+        .unwrap();
+    // The broker's own default: a consumer must take whatever another
+    // client could publish.
+    let brokers = 131_072;
+    for (name, expected) in [
+        ("frame-own", u64::from(FRAME_MAX)),
+        ("frame-named", 65_536),
+        ("frame-republishing", brokers),
+        ("frame-consuming", brokers),
+    ] {
+        eventually(
+            Duration::from_secs(10),
+            &format!("{name} agreed frame_max {expected}"),
+            || async { negotiated_frame_max(&env, name).await == Some(expected) },
+        )
+        .await;
+    }
+    for publisher in [own, named, republishing] {
+        publisher.close().await;
+    }
+    let _ = consuming.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_url_that_is_not_an_amqp_uri_is_a_clear_error() {
+    for url in [
+        "",
+        "not a url",
+        "http://127.0.0.1:5672/",
+        "amqp://127.0.0.1:5672/?frame_max=x",
+    ] {
+        let err = broker::connect(url, "garbage").await.err().unwrap();
+        assert!(
+            err.to_string().contains("AMQP_URL is not an AMQP URI"),
+            "{url:?}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_message_larger_than_a_frame_goes_out_and_comes_back_whole() {
+    let env = TestEnv::new().await;
+    let queue = "frames";
+    let admin = env.connection().await;
+    admin
+        .create_channel()
+        .await
+        .unwrap()
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // A body of ten frames, and headers of half a frame.
+    let body: Vec<u8> = (0..10 * FRAME_MAX).map(|i| (i % 251) as u8).collect();
+    let header = "h".repeat(FRAME_MAX as usize / 2);
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-big"),
+        AMQPValue::LongString(LongString::from(header.clone())),
+    );
+    let publisher = Publisher::lazy(&env.amqp_url, "frames-out").own_messages_only();
+    publisher
+        .publish_raw(
+            "",
+            queue,
+            &body,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap();
+    publisher.close().await;
+
+    // Read back over a connection proposing the small frame too: the
+    // broker splits the body to the frame each connection agreed.
+    let reader = broker::connect(
+        &format!("{}?frame_max={FRAME_MAX}", env.amqp_url),
+        "frames-in",
+    )
+    .await
+    .unwrap();
+    let message = reader
+        .create_channel()
+        .await
+        .unwrap()
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.delivery.data, body);
+    let got = message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-big").cloned());
+    assert_eq!(got, Some(AMQPValue::LongString(LongString::from(header))));
+    let _ = reader.close(200, "done".into()).await;
+    let _ = admin.close(200, "done".into()).await;
+    env.cleanup().await;
+}
