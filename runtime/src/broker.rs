@@ -18,18 +18,28 @@ use tracing::{info, warn};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest frame a publisher of its own messages proposes
-/// ([`Publisher::own_messages_only`]), unless `AMQP_URL` names one
-/// (`?frame_max=`). lapin keeps two ring buffers of 32 frames per
-/// connection; with the broker's default of 128 KiB those are 8 MiB, all of
-/// it resident once traffic has gone round them (`docs/BENCHMARKS.md`,
-/// 2026-12-02, fourth session). A body larger than a frame is split over
-/// several, but the properties of one message must fit in one frame: 32
-/// KiB, far more than any header this system writes.
+/// The frame every connection proposes unless `AMQP_URL` names one
+/// (`?frame_max=`): RabbitMQ's default. Connections that receive or
+/// republish messages from elsewhere (a worker's consumer, its republisher
+/// to retry tiers and dead queues, the `dlq` tool) need it whole: the
+/// properties of a message travel in one frame, and lapin drops a
+/// connection that receives a frame larger than it agreed, after which the
+/// broker redelivers the message to it, for ever.
 ///
-/// Connections that receive or republish messages from elsewhere keep the
-/// broker's frame: lapin drops a connection that receives a frame larger
-/// than it agreed, and the broker redelivers the message to it, for ever.
+/// Proposed rather than left to the broker because of how lapin sizes its
+/// two ring buffers of 32 frames per connection: for the frame it proposes,
+/// allocated zeroed and resident only as traffic reaches each page; for a
+/// larger frame agreed later, grown by writing zeros over all of it at once
+/// (8 MiB resident per connection from the start; `docs/BENCHMARKS.md`,
+/// 2026-12-02, fourth session). A broker configured with a larger
+/// `frame_max` needs the same in `AMQP_URL`.
+pub const BROKER_FRAME_MAX: u32 = 128 * 1024;
+
+/// The frame a publisher of its own messages proposes
+/// ([`Publisher::own_messages_only`]) unless `AMQP_URL` names one: a body
+/// larger than a frame is split over several, and 32 KiB of properties is
+/// far more than any header this system writes; the buffers are a quarter
+/// of [`BROKER_FRAME_MAX`]'s.
 pub const FRAME_MAX: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,17 +61,17 @@ pub enum PublishError {
 }
 
 /// Opens a connection, named for the management UI, within
-/// [`CONNECT_TIMEOUT`], with the frame the broker offers unless `url` names
-/// a `frame_max`.
+/// [`CONNECT_TIMEOUT`], proposing [`BROKER_FRAME_MAX`] unless `url` names a
+/// `frame_max`.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    connect_with_frame_max(url, name, None).await
+    connect_with_frame_max(url, name, BROKER_FRAME_MAX).await
 }
 
 /// [`connect`], proposing `frame_max` unless `url` names one.
 async fn connect_with_frame_max(
     url: &str,
     name: &str,
-    frame_max: Option<u32>,
+    frame_max: u32,
 ) -> Result<Connection, lapin::Error> {
     let uri = parse_uri(url, frame_max).map_err(|e| {
         lapin::Error::from(std::io::Error::new(
@@ -80,11 +90,9 @@ async fn connect_with_frame_max(
 }
 
 /// `url` parsed, with `frame_max` unless it names one.
-fn parse_uri(url: &str, frame_max: Option<u32>) -> Result<AMQPUri, String> {
+fn parse_uri(url: &str, frame_max: u32) -> Result<AMQPUri, String> {
     let mut uri: AMQPUri = url.parse()?;
-    if uri.query.frame_max.is_none() {
-        uri.query.frame_max = frame_max;
-    }
+    uri.query.frame_max.get_or_insert(frame_max);
     Ok(uri)
 }
 
@@ -115,8 +123,8 @@ pub async fn connect_with_backoff(url: &str, name: &str) -> Connection {
 pub struct Publisher {
     url: String,
     name: String,
-    /// The frame its connection proposes; `None`: the broker's.
-    frame_max: Option<u32>,
+    /// The frame its connection proposes unless the URL names one.
+    frame_max: u32,
     channel: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -134,17 +142,17 @@ impl Publisher {
         Self {
             url: url.to_owned(),
             name: name.to_owned(),
-            frame_max: None,
+            frame_max: BROKER_FRAME_MAX,
             channel: Mutex::new(None),
         }
     }
 
     /// For a publisher whose every message, headers included, is built in
-    /// this process: its connection proposes [`FRAME_MAX`], which saves
-    /// 7 MiB of buffers. Not for one that republishes what it received.
+    /// this process: its connection proposes [`FRAME_MAX`], a quarter of
+    /// the buffers. Not for one that republishes what it received.
     pub fn own_messages_only(self) -> Self {
         Self {
-            frame_max: Some(FRAME_MAX),
+            frame_max: FRAME_MAX,
             ..self
         }
     }

@@ -67,7 +67,14 @@ struct Inner<H> {
     settings: WorkerSettings,
     topology: Topology,
     pool: PgPool,
+    /// Relays what handlers emit: messages built here, so its connection
+    /// proposes the small frame (`broker::FRAME_MAX`).
     publisher: Publisher,
+    /// Moves received messages, with whatever headers another client gave
+    /// them, to a retry tier or the dead queue: the broker's frame. It
+    /// connects on its first failure, and its buffers take memory only as
+    /// traffic passes through them.
+    republisher: Publisher,
     store: Store,
     handler: H,
     /// Redelivered messages run one at a time, so that when one of them
@@ -104,10 +111,10 @@ impl<H: Handler> Worker<H> {
     /// A worker on an existing pool whose migrations have run.
     pub fn with_pool(spec: WorkerSpec, settings: WorkerSettings, pool: PgPool, handler: H) -> Self {
         let topology = Topology::contract(&settings.retry_delays).for_domain(spec.domain);
-        let publisher = Publisher::lazy(
-            settings.amqp_url.expose(),
-            &format!("{} publisher", spec.name),
-        );
+        let url = settings.amqp_url.expose();
+        let publisher =
+            Publisher::lazy(url, &format!("{} publisher", spec.name)).own_messages_only();
+        let republisher = Publisher::lazy(url, &format!("{} republisher", spec.name));
         let store = Store::new(spec.schema, spec.name);
         Self {
             inner: Arc::new(Inner {
@@ -116,6 +123,7 @@ impl<H: Handler> Worker<H> {
                 topology,
                 pool,
                 publisher,
+                republisher,
                 store,
                 handler,
                 suspects: tokio::sync::Mutex::new(()),
@@ -179,6 +187,7 @@ impl<H: Handler> Worker<H> {
             warn!(worker = inner.spec.name, error = %e, "Outbox not flushed at shutdown; the next start relays it");
         }
         inner.publisher.close().await;
+        inner.republisher.close().await;
         inner.pool.close().await;
         info!(worker = inner.spec.name, "Stopped");
         Ok(())
@@ -1093,7 +1102,7 @@ async fn publish_with_retries<H>(
         .with_max_times(3);
     (|| {
         inner
-            .publisher
+            .republisher
             .publish_raw("", queue, body, properties.clone())
     })
     .retry(backoff)
