@@ -445,36 +445,12 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn publishers_agree_a_small_frame_and_consumers_the_brokers() {
     let system = System::start(Options::default()).await;
-    // Every worker has published by the time an order is final.
+    // A final order has been through every worker.
     let order = system.place("SKU-F", 1, "pm_card_visa").await;
     system.wait_final(&order).await;
-    let vhost = topology::management::encode_vhost(&system.env.vhost);
-    let frames = |conns: &Value| -> Vec<(String, u64)> {
-        conns
-            .as_array()
-            .map(|all| {
-                all.iter()
-                    .filter_map(|c| {
-                        Some((
-                            c["client_properties"]["connection_name"]
-                                .as_str()?
-                                .to_owned(),
-                            c["frame_max"].as_u64()?,
-                        ))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let seen = loop {
-        let conns = system
-            .env
-            .management
-            .get(&format!("vhosts/{vhost}/connections"))
-            .await
-            .unwrap_or(Value::Null);
-        let seen = frames(&conns);
+        let seen = system.env.frame_max_by_connection().await;
         // The HTTP publisher and the four workers' consumers (a worker's
         // publisher connects when it first has something to send).
         let consumers = seen

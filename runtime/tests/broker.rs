@@ -7,21 +7,13 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use runtime::broker::{self, FRAME_MAX, Publisher};
 use std::time::Duration;
 use testkit::{TestEnv, eventually};
-use topology::management::encode_vhost;
 
 /// The `frame_max` the broker agreed with the connection named `name`.
 async fn negotiated_frame_max(env: &TestEnv, name: &str) -> Option<u64> {
-    let v = encode_vhost(&env.vhost);
-    let conns = env
-        .management
-        .get(&format!("vhosts/{v}/connections"))
+    env.frame_max_by_connection()
         .await
-        .ok()?;
-    conns.as_array()?.iter().find_map(|c| {
-        (c["client_properties"]["connection_name"].as_str() == Some(name))
-            .then(|| c["frame_max"].as_u64())
-            .flatten()
-    })
+        .into_iter()
+        .find_map(|(n, frame_max)| (n == name).then_some(frame_max))
 }
 
 #[tokio::test]

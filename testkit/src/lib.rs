@@ -177,6 +177,32 @@ impl TestEnv {
         out
     }
 
+    /// Each client connection of this vhost the management API lists, by
+    /// name, with the `frame_max` it agreed with the broker.
+    pub async fn frame_max_by_connection(&self) -> Vec<(String, u64)> {
+        let v = encode_vhost(&self.vhost);
+        let conns = self
+            .management
+            .get(&format!("vhosts/{v}/connections"))
+            .await
+            .unwrap_or_default();
+        conns
+            .as_array()
+            .map(|all| {
+                all.iter()
+                    .filter_map(|c| {
+                        Some((
+                            c["client_properties"]["connection_name"]
+                                .as_str()?
+                                .to_owned(),
+                            c["frame_max"].as_u64()?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Force-closes every client connection of this vhost whose name starts
     /// with `name_prefix`, as a network cut would.
     pub async fn close_connections(&self, name_prefix: &str) -> usize {
