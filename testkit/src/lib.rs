@@ -177,47 +177,40 @@ impl TestEnv {
         out
     }
 
-    /// Each client connection of this vhost the management API lists, by
-    /// name, with the `frame_max` it agreed with the broker.
-    pub async fn frame_max_by_connection(&self) -> Vec<(String, u64)> {
+    /// The client connections of this vhost, as the management API lists
+    /// them.
+    async fn connections(
+        &self,
+    ) -> Result<Vec<serde_json::Value>, topology::management::ManagementError> {
         let v = encode_vhost(&self.vhost);
         let conns = self
             .management
             .get(&format!("vhosts/{v}/connections"))
+            .await?;
+        Ok(conns.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Each client connection of this vhost the management API lists, by
+    /// name, with the `frame_max` it agreed with the broker (none while the
+    /// API does not answer: callers poll).
+    pub async fn frame_max_by_connection(&self) -> Vec<(String, u64)> {
+        self.connections()
             .await
-            .unwrap_or_default();
-        conns
-            .as_array()
-            .map(|all| {
-                all.iter()
-                    .filter_map(|c| {
-                        Some((
-                            c["client_properties"]["connection_name"]
-                                .as_str()?
-                                .to_owned(),
-                            c["frame_max"].as_u64()?,
-                        ))
-                    })
-                    .collect()
-            })
             .unwrap_or_default()
+            .iter()
+            .filter_map(|c| Some((connection_name(c)?.to_owned(), c["frame_max"].as_u64()?)))
+            .collect()
     }
 
     /// Force-closes every client connection of this vhost whose name starts
     /// with `name_prefix`, as a network cut would.
     pub async fn close_connections(&self, name_prefix: &str) -> usize {
-        let v = encode_vhost(&self.vhost);
-        let conns = self
-            .management
-            .get(&format!("vhosts/{v}/connections"))
-            .await
-            .unwrap();
         let mut closed = 0;
-        for c in conns.as_array().cloned().unwrap_or_default() {
-            let client_name = c["client_properties"]["connection_name"]
-                .as_str()
-                .unwrap_or_default();
-            if client_name.starts_with(name_prefix) {
+        for c in self.connections().await.unwrap() {
+            if connection_name(&c)
+                .unwrap_or_default()
+                .starts_with(name_prefix)
+            {
                 let name = c["name"].as_str().unwrap_or_default();
                 if self
                     .management
@@ -231,6 +224,12 @@ impl TestEnv {
         }
         closed
     }
+}
+
+/// The name a client gave its connection (`connection_name`), as the
+/// management UI shows it.
+fn connection_name(connection: &serde_json::Value) -> Option<&str> {
+    connection["client_properties"]["connection_name"].as_str()
 }
 
 async fn admin_pool() -> sqlx::PgPool {
