@@ -229,6 +229,33 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The measured orders grouped by the second of the run they were POSTed
+/// in: how many, and their POST→email p50, p99 and maximum. Slow orders
+/// spread over every second are a busy machine; slow orders bunched in a
+/// few seconds are a stall (a checkpoint, a periodic job, a pause).
+fn latency_by_second(
+    ends: &[(Duration, Duration)],
+) -> Vec<(u64, usize, Duration, Duration, Duration)> {
+    let mut seconds: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
+    for (posted, latency) in ends {
+        seconds.entry(posted.as_secs()).or_default().push(*latency);
+    }
+    seconds
+        .into_iter()
+        .map(|(second, mut latencies)| {
+            latencies.sort();
+            let max = latencies.last().copied().unwrap_or_default();
+            (
+                second,
+                latencies.len(),
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+                max,
+            )
+        })
+        .collect()
+}
+
 /// Work PostgreSQL has done so far, cluster-wide (the benchmark runs
 /// alone): transaction ids assigned (one per transaction that writes, and
 /// per savepoint that writes inside one) and WAL written. Both are exact at
@@ -732,6 +759,25 @@ async fn main() -> anyhow::Result<()> {
         let mean = ms.iter().sum::<f64>() / ms.len() as f64;
         println!("- {stage}: {:.1} / {:.1} / {mean:.1} ms", at(0.5), at(0.99));
     }
+    // At a fixed rate every second carries the same load, so a second
+    // slower than the rest points at something other than the load.
+    if rate.is_some() {
+        let ends: Vec<(Duration, Duration)> = ends
+            .values()
+            .map(|(posted, emailed)| (*posted - started, *emailed - *posted))
+            .collect();
+        println!("\nPOST→email by the second of the run the order was POSTed in:\n");
+        println!("| second | orders | p50 | p99 | max |\n| --- | --- | --- | --- | --- |");
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        for (second, n, p50, p99, max) in latency_by_second(&ends) {
+            println!(
+                "| {second} | {n} | {:.0} | {:.0} | {:.0} |",
+                ms(p50),
+                ms(p99),
+                ms(max)
+            );
+        }
+    }
     let lost = accepted as i64
         - states
             .iter()
@@ -781,5 +827,24 @@ mod tests {
             .map(|(_, ms)| ms.iter().map(|m| m.round() as i64).collect())
             .collect();
         assert_eq!(each, [vec![10], vec![20], vec![30], vec![0], vec![10]]);
+    }
+
+    #[test]
+    fn latencies_are_grouped_by_the_second_of_their_post() {
+        let ms = Duration::from_millis;
+        let ends = [
+            (ms(100), ms(30)),
+            (ms(900), ms(10)),
+            (ms(2_500), ms(200)),
+            (ms(999), ms(20)),
+        ];
+        let seconds = latency_by_second(&ends);
+        assert_eq!(
+            seconds,
+            [
+                (0, 3, ms(20), ms(30), ms(30)),
+                (2, 1, ms(200), ms(200), ms(200)),
+            ]
+        );
     }
 }
