@@ -229,13 +229,23 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The orders POSTed in one second of the measured run, and their
+/// POST→email latency.
+#[derive(Debug, PartialEq, Eq)]
+struct SecondOfRun {
+    /// Seconds since the first measured POST.
+    second: u64,
+    orders: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
 /// The measured orders grouped by the second of the run they were POSTed
 /// in: how many, and their POST→email p50, p99 and maximum. Slow orders
 /// spread over every second are a busy machine; slow orders bunched in a
 /// few seconds are a stall (a checkpoint, a periodic job, a pause).
-fn latency_by_second(
-    ends: &[(Duration, Duration)],
-) -> Vec<(u64, usize, Duration, Duration, Duration)> {
+fn latency_by_second(ends: &[(Duration, Duration)]) -> Vec<SecondOfRun> {
     let mut seconds: std::collections::BTreeMap<u64, Vec<Duration>> = Default::default();
     for (posted, latency) in ends {
         seconds.entry(posted.as_secs()).or_default().push(*latency);
@@ -245,13 +255,13 @@ fn latency_by_second(
         .map(|(second, mut latencies)| {
             latencies.sort();
             let max = latencies.last().copied().unwrap_or_default();
-            (
+            SecondOfRun {
                 second,
-                latencies.len(),
-                percentile(&latencies, 0.5),
-                percentile(&latencies, 0.99),
+                orders: latencies.len(),
+                p50: percentile(&latencies, 0.5),
+                p99: percentile(&latencies, 0.99),
                 max,
-            )
+            }
         })
         .collect()
 }
@@ -769,12 +779,14 @@ async fn main() -> anyhow::Result<()> {
         println!("\nPOST→email by the second of the run the order was POSTed in:\n");
         println!("| second | orders | p50 | p99 | max |\n| --- | --- | --- | --- | --- |");
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        for (second, n, p50, p99, max) in latency_by_second(&ends) {
+        for s in latency_by_second(&ends) {
             println!(
-                "| {second} | {n} | {:.0} | {:.0} | {:.0} |",
-                ms(p50),
-                ms(p99),
-                ms(max)
+                "| {} | {} | {:.0} | {:.0} | {:.0} |",
+                s.second,
+                s.orders,
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.max)
             );
         }
     }
@@ -842,8 +854,20 @@ mod tests {
         assert_eq!(
             seconds,
             [
-                (0, 3, ms(20), ms(30), ms(30)),
-                (2, 1, ms(200), ms(200), ms(200)),
+                SecondOfRun {
+                    second: 0,
+                    orders: 3,
+                    p50: ms(20),
+                    p99: ms(30),
+                    max: ms(30),
+                },
+                SecondOfRun {
+                    second: 2,
+                    orders: 1,
+                    p50: ms(200),
+                    p99: ms(200),
+                    max: ms(200),
+                },
             ]
         );
     }
