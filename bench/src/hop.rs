@@ -2,8 +2,9 @@
 //! queue, publisher confirms (a window of 256 outstanding), one consumer
 //! (prefetch 256) with manual acks, each covering `ack_every` deliveries
 //! (`multiple`); publisher and consumer on one connection of this process.
-//! The same hop with lapin (the runtime's client) and with amqprs (a client
-//! whose I/O runs on tokio tasks, not a thread of its own), so that the
+//! The same hop with lapin (the runtime's client), with amqprs (a client
+//! whose I/O runs on tokio tasks, not a thread of its own), and with lapin
+//! publishing and amqprs consuming on two connections, so that the
 //! clients' own CPU per message can be compared, flat out or with the
 //! messages offered at a fixed rate (`pace`), one at a time, as a worker
 //! sees them at a moderate load.
@@ -71,29 +72,14 @@ pub async fn with_lapin(
 ) -> anyhow::Result<Hop> {
     use futures::StreamExt;
     use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ConfirmSelectOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
     };
-    use lapin::types::{AMQPValue, FieldTable, LongString};
+    use lapin::types::FieldTable;
 
     let conn = lapin::Connection::connect(amqp, Default::default()).await?;
     let publish = conn.create_channel().await?;
     let consume = conn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    publish
-        .queue_declare(
-            QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
+    declare_with_lapin(&publish).await?;
     publish
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
@@ -128,49 +114,7 @@ pub async fn with_lapin(
             }
             Ok::<_, lapin::Error>(())
         });
-        let body = vec![b'x'; BODY];
-        let props = lapin::BasicProperties::default().with_delivery_mode(2);
-        let publish_one = || {
-            publish.basic_publish(
-                "".into(),
-                QUEUE.into(),
-                BasicPublishOptions::default(),
-                &body,
-                props.clone(),
-            )
-        };
-        if pace.is_some() {
-            let started = tokio::time::Instant::now();
-            let mut confirms = Vec::with_capacity(n);
-            for i in 0..n {
-                wait_turn(started, i, pace).await;
-                confirms.push(publish_one().await?);
-            }
-            for confirm in confirms {
-                confirm.await?;
-            }
-        } else {
-            let mut left = n;
-            while left > 0 {
-                let size = left.min(WINDOW);
-                left -= size;
-                let window = match publishes {
-                    LapinPublishes::OneByOne => {
-                        let mut window = Vec::with_capacity(size);
-                        for _ in 0..size {
-                            window.push(publish_one().await?);
-                        }
-                        window
-                    }
-                    LapinPublishes::Together => {
-                        futures::future::try_join_all((0..size).map(|_| publish_one())).await?
-                    }
-                };
-                for confirm in window {
-                    confirm.await?;
-                }
-            }
-        }
+        publish_with_lapin(&publish, n, publishes, pace).await?;
         consuming.await??;
         Ok(())
     })
@@ -185,6 +129,83 @@ pub async fn with_lapin(
     Ok(hop)
 }
 
+/// Declares the hop's durable quorum queue.
+async fn declare_with_lapin(channel: &lapin::Channel) -> Result<(), lapin::Error> {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map(drop)
+}
+
+/// Publishes `n` messages on a lapin channel in confirm mode and waits for
+/// every confirm: paced one at a time, or flat out a window at a time.
+async fn publish_with_lapin(
+    publish: &lapin::Channel,
+    n: usize,
+    publishes: LapinPublishes,
+    pace: Option<f64>,
+) -> anyhow::Result<()> {
+    use lapin::options::BasicPublishOptions;
+    let body = vec![b'x'; BODY];
+    let props = lapin::BasicProperties::default().with_delivery_mode(2);
+    let publish_one = || {
+        publish.basic_publish(
+            "".into(),
+            QUEUE.into(),
+            BasicPublishOptions::default(),
+            &body,
+            props.clone(),
+        )
+    };
+    if pace.is_some() {
+        let started = tokio::time::Instant::now();
+        let mut confirms = Vec::with_capacity(n);
+        for i in 0..n {
+            wait_turn(started, i, pace).await;
+            confirms.push(publish_one().await?);
+        }
+        for confirm in confirms {
+            confirm.await?;
+        }
+    } else {
+        let mut left = n;
+        while left > 0 {
+            let size = left.min(WINDOW);
+            left -= size;
+            let window = match publishes {
+                LapinPublishes::OneByOne => {
+                    let mut window = Vec::with_capacity(size);
+                    for _ in 0..size {
+                        window.push(publish_one().await?);
+                    }
+                    window
+                }
+                LapinPublishes::Together => {
+                    futures::future::try_join_all((0..size).map(|_| publish_one())).await?
+                }
+            };
+            for confirm in window {
+                confirm.await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The hop with amqprs. Its confirms arrive through a channel callback;
 /// the publisher waits for each window to be confirmed, as lapin's does.
 pub async fn with_amqprs(
@@ -194,8 +215,7 @@ pub async fn with_amqprs(
     pace: Option<f64>,
 ) -> anyhow::Result<Hop> {
     use amqprs::channel::{
-        BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
-        ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+        BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
     };
     use amqprs::connection::{Connection, OpenConnectionArguments};
     use amqprs::{BasicProperties, DELIVERY_MODE_PERSISTENT, FieldTable, FieldValue};
@@ -220,39 +240,9 @@ pub async fn with_amqprs(
     publish
         .confirm_select(ConfirmSelectArguments::default())
         .await?;
-    consume
-        .basic_qos(BasicQosArguments::new(0, WINDOW as u16, false))
-        .await?;
-    let (_, mut deliveries) = consume
-        .basic_consume_rx(
-            BasicConsumeArguments::new(QUEUE, "bench")
-                .manual_ack(true)
-                .finish(),
-        )
-        .await?;
+    let deliveries = subscribe_with_amqprs(&consume).await?;
     let hop = measure(n, async {
-        let acking = consume.clone();
-        let consuming = tokio::spawn(async move {
-            let mut got = 0;
-            while got < n {
-                let Some(message) = deliveries.recv().await else {
-                    break;
-                };
-                let Some(deliver) = message.deliver else {
-                    continue;
-                };
-                got += 1;
-                if got % ack_every == 0 || got == n {
-                    acking
-                        .basic_ack(BasicAckArguments::new(
-                            deliver.delivery_tag(),
-                            ack_every > 1,
-                        ))
-                        .await?;
-                }
-            }
-            Ok::<_, amqprs::error::Error>(())
-        });
+        let consuming = consume_with_amqprs(consume.clone(), deliveries, n, ack_every);
         let props = BasicProperties::default()
             .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
             .finish();
@@ -280,6 +270,98 @@ pub async fn with_amqprs(
     let _ = publish.close().await;
     let _ = conn.close().await;
     Ok(hop)
+}
+
+/// The hop with lapin publishing, as the runtime's relay does (a window's
+/// publishes started together), and amqprs consuming, each on a
+/// connection of its own: what moving only the consumers to amqprs would
+/// change (decision 0014).
+pub async fn lapin_publishing_amqprs_consuming(
+    amqp: &str,
+    n: usize,
+    ack_every: usize,
+    pace: Option<f64>,
+) -> anyhow::Result<Hop> {
+    use lapin::options::ConfirmSelectOptions;
+
+    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
+    let publish = conn.create_channel().await?;
+    declare_with_lapin(&publish).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consuming_conn = amqprs::connection::Connection::open(
+        &amqprs::connection::OpenConnectionArguments::try_from(amqp)?,
+    )
+    .await?;
+    let consume = consuming_conn.open_channel(None).await?;
+    let deliveries = subscribe_with_amqprs(&consume).await?;
+    let hop = measure(n, async {
+        let consuming = consume_with_amqprs(consume.clone(), deliveries, n, ack_every);
+        publish_with_lapin(&publish, n, LapinPublishes::Together, pace).await?;
+        consuming.await??;
+        Ok(())
+    })
+    .await?;
+    let _ = consume.close().await;
+    let _ = consuming_conn.close().await;
+    publish
+        .queue_delete(QUEUE.into(), Default::default())
+        .await?;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(hop)
+}
+
+/// Subscribes an amqprs channel to the hop's queue, prefetch one window.
+async fn subscribe_with_amqprs(
+    channel: &amqprs::channel::Channel,
+) -> Result<
+    tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+    amqprs::error::Error,
+> {
+    use amqprs::channel::{BasicConsumeArguments, BasicQosArguments};
+    channel
+        .basic_qos(BasicQosArguments::new(0, WINDOW as u16, false))
+        .await?;
+    let (_, deliveries) = channel
+        .basic_consume_rx(
+            BasicConsumeArguments::new(QUEUE, "bench")
+                .manual_ack(true)
+                .finish(),
+        )
+        .await?;
+    Ok(deliveries)
+}
+
+/// Takes `n` deliveries on an amqprs channel, acking every `ack_every`th.
+fn consume_with_amqprs(
+    channel: amqprs::channel::Channel,
+    mut deliveries: tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+    n: usize,
+    ack_every: usize,
+) -> tokio::task::JoinHandle<Result<(), amqprs::error::Error>> {
+    use amqprs::channel::BasicAckArguments;
+    tokio::spawn(async move {
+        let mut got = 0;
+        while got < n {
+            let Some(message) = deliveries.recv().await else {
+                break;
+            };
+            let Some(deliver) = message.deliver else {
+                continue;
+            };
+            got += 1;
+            if got % ack_every == 0 || got == n {
+                channel
+                    .basic_ack(BasicAckArguments::new(
+                        deliver.delivery_tag(),
+                        ack_every > 1,
+                    ))
+                    .await?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Publisher confirms as amqprs reports them: the highest tag below which

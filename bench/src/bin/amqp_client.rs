@@ -1,5 +1,6 @@
 //! `amqp_client`: the raw broker hop (`bench::hop`) with lapin, the
-//! runtime's AMQP client, and with amqprs, alternating, to compare the
+//! runtime's AMQP client, with amqprs, and with lapin publishing and
+//! amqprs consuming, alternating, to compare the
 //! clients' own CPU per message and what each costs the broker: flat out
 //! (acks one by one and one per 32 deliveries), then offered at fixed rates
 //! with each delivery acked alone, the regime of a worker at a moderate
@@ -68,6 +69,10 @@ async fn compare(amqp: &str, n: usize, pairs: usize) -> anyhow::Result<()> {
                 hop::with_lapin(amqp, n, ack_every, LapinPublishes::Together, pace).await?,
             );
             row("amqprs", hop::with_amqprs(amqp, n, ack_every, pace).await?);
+            row(
+                "lapin publishing, amqprs consuming",
+                hop::lapin_publishing_amqprs_consuming(amqp, n, ack_every, pace).await?,
+            );
         }
     }
     Ok(())
