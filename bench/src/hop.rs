@@ -71,18 +71,11 @@ pub async fn with_lapin(
     pace: Option<f64>,
 ) -> anyhow::Result<Hop> {
     use futures::StreamExt;
-    use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-    };
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
     use lapin::types::FieldTable;
 
-    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
-    let publish = conn.create_channel().await?;
+    let (conn, publish) = lapin_publisher(amqp).await?;
     let consume = conn.create_channel().await?;
-    declare_with_lapin(&publish).await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
     consume
         .basic_qos(WINDOW as u16, BasicQosOptions::default())
         .await?;
@@ -129,10 +122,13 @@ pub async fn with_lapin(
     Ok(hop)
 }
 
-/// Declares the hop's durable quorum queue.
-async fn declare_with_lapin(channel: &lapin::Channel) -> Result<(), lapin::Error> {
-    use lapin::options::QueueDeclareOptions;
+/// A lapin connection and a channel on it in confirm mode, the hop's
+/// durable quorum queue declared.
+async fn lapin_publisher(amqp: &str) -> Result<(lapin::Connection, lapin::Channel), lapin::Error> {
+    use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable, LongString};
+    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
+    let channel = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -147,8 +143,11 @@ async fn declare_with_lapin(channel: &lapin::Channel) -> Result<(), lapin::Error
             },
             args,
         )
-        .await
-        .map(drop)
+        .await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok((conn, channel))
 }
 
 /// Publishes `n` messages on a lapin channel in confirm mode and waits for
@@ -282,14 +281,7 @@ pub async fn lapin_publishing_amqprs_consuming(
     ack_every: usize,
     pace: Option<f64>,
 ) -> anyhow::Result<Hop> {
-    use lapin::options::ConfirmSelectOptions;
-
-    let conn = lapin::Connection::connect(amqp, Default::default()).await?;
-    let publish = conn.create_channel().await?;
-    declare_with_lapin(&publish).await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let (conn, publish) = lapin_publisher(amqp).await?;
     let consuming_conn = amqprs::connection::Connection::open(
         &amqprs::connection::OpenConnectionArguments::try_from(amqp)?,
     )
