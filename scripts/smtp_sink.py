@@ -7,7 +7,9 @@ and `scripts/run.sh` read. With --http PORT it also serves the received
 mail as a small web page, for people. With --refuse TEXT it refuses for
 good (550) every recipient whose address contains TEXT, as a server
 refuses an unknown user, and records each refusal as a line of its own
-({"at", "refused": address}).
+({"at", "refused": address}). With --pipelining it offers PIPELINING
+(RFC 2920) in its EHLO reply, as Postfix does, and takes commands sent
+together.
 """
 import argparse
 import email
@@ -23,10 +25,19 @@ from aiosmtpd.controller import Controller
 
 
 class Recorder:
-    def __init__(self, path, refuse=None):
+    def __init__(self, path, refuse=None, pipelining=False):
         self.path = path
         self.refuse = refuse
+        self.pipelining = pipelining
         self.lock = threading.Lock()
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # aiosmtpd reads each command as it comes, so pipelined ones work;
+        # it only leaves PIPELINING out of its reply.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.refuse and self.refuse in address:
@@ -98,8 +109,9 @@ def main():
     parser.add_argument("--record", required=True, help="JSON-lines file to append to")
     parser.add_argument("--http", type=int, help="serve the mail as a web page on this port")
     parser.add_argument("--refuse", help="refuse (550) recipients whose address contains this")
+    parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING (RFC 2920)")
     args = parser.parse_args()
-    controller = Controller(Recorder(args.record, args.refuse), hostname="127.0.0.1", port=args.port)
+    controller = Controller(Recorder(args.record, args.refuse, args.pipelining), hostname="127.0.0.1", port=args.port)
     controller.start()
     if args.http:
         serve_web(args.http, args.record)

@@ -289,20 +289,33 @@ pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
 pub struct SmtpSink {
     pub port: u16,
     record: std::path::PathBuf,
-    refuse: Option<String>,
+    options: SmtpOptions,
     child: Option<tokio::process::Child>,
 }
 
+/// How the test SMTP server answers.
+#[derive(Debug, Clone, Default)]
+pub struct SmtpOptions {
+    /// Refuse for good (550) every recipient whose address contains this,
+    /// as a mail server refuses an unknown user.
+    pub refuse: Option<String>,
+    /// Offer PIPELINING (RFC 2920), as Postfix and the big relays do.
+    pub pipelining: bool,
+}
+
 impl SmtpSink {
-    /// Starts a sink that accepts every mail; `name` (a test's database,
-    /// say) names its record file.
+    /// Starts a sink that accepts every mail and offers PIPELINING; `name`
+    /// (a test's database, say) names its record file.
     pub async fn start(name: &str) -> Self {
-        Self::start_refusing(name, None).await
+        let options = SmtpOptions {
+            pipelining: true,
+            ..SmtpOptions::default()
+        };
+        Self::start_with(name, options).await
     }
 
-    /// Starts a sink that refuses for good (550) every recipient whose
-    /// address contains `refuse`, as a mail server refuses an unknown user.
-    pub async fn start_refusing(name: &str, refuse: Option<&str>) -> Self {
+    /// Starts a sink that answers as `options` say.
+    pub async fn start_with(name: &str, options: SmtpOptions) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -313,7 +326,7 @@ impl SmtpSink {
         let mut sink = Self {
             port,
             record,
-            refuse: refuse.map(str::to_owned),
+            options,
             child: None,
         };
         sink.restart().await;
@@ -335,8 +348,11 @@ impl SmtpSink {
             .args(["--port", &self.port.to_string()])
             .arg("--record")
             .arg(&self.record);
-        if let Some(refuse) = &self.refuse {
+        if let Some(refuse) = &self.options.refuse {
             command.args(["--refuse", refuse]);
+        }
+        if self.options.pipelining {
+            command.arg("--pipelining");
         }
         let child = command
             .stdout(std::process::Stdio::null())

@@ -76,11 +76,21 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
         let arrivals = arrivals.clone();
         tokio::spawn(async move {
             let (read, mut write) = socket.into_split();
-            let mut lines = BufReader::new(read).lines();
+            let mut reader = BufReader::new(read);
             let _ = write.write_all(b"220 bench ESMTP\r\n").await;
             let mut in_data = false;
             let mut subject = String::new();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Replies to a pipelined group go out in one write, once the
+            // group has been read.
+            let mut replies: Vec<u8> = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = line.trim_end_matches(['\r', '\n']);
                 if in_data {
                     if line == "." {
                         in_data = false;
@@ -90,30 +100,36 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
                             a.entry(id.to_owned()).or_insert_with(Instant::now);
                         }
                         subject.clear();
-                        let _ = write.write_all(b"250 OK\r\n").await;
+                        replies.extend_from_slice(b"250 OK\r\n");
                     } else if let Some(s) = line.strip_prefix("Subject: ") {
                         subject = s.to_owned();
                     }
-                    continue;
+                } else {
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250-bench\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => {
+                            let _ = write.write_all(b"221 bye\r\n").await;
+                            return;
+                        }
+                        _ => b"250 OK\r\n",
+                    };
+                    replies.extend_from_slice(reply);
                 }
-                let verb = line
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_ascii_uppercase();
-                let reply: &[u8] = match verb.as_str() {
-                    "EHLO" | "HELO" => b"250-bench\r\n250 8BITMIME\r\n",
-                    "DATA" => {
-                        in_data = true;
-                        b"354 go ahead\r\n"
-                    }
-                    "QUIT" => {
-                        let _ = write.write_all(b"221 bye\r\n").await;
+                if !replies.is_empty() && reader.buffer().is_empty() {
+                    if write.write_all(&replies).await.is_err() {
                         return;
                     }
-                    _ => b"250 OK\r\n",
-                };
-                let _ = write.write_all(reply).await;
+                    replies.clear();
+                }
             }
         });
     }

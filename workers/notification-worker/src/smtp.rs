@@ -8,11 +8,19 @@
 //! therefore opened here with `TCP_NODELAY` and handed to lettre's
 //! connection; `smtps://` (implicit TLS) still goes through lettre's own
 //! transport.
+//!
+//! lettre also waits for the reply to each command. Where the server offers
+//! PIPELINING (RFC 2920; Postfix, Exim, the big relays do), `MAIL`, `RCPT`
+//! and `DATA` go out in one write and the content with its final dot in
+//! another: two round trips per email instead of four, which is half the
+//! time to a relay across a network (decision 0016).
 
 use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::response::Response;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
@@ -60,7 +68,14 @@ struct Direct {
     starttls: StartTls,
     credentials: Option<Credentials>,
     timeout: Duration,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Session, Instant)>>,
+}
+
+/// An open connection and what its server offers that lettre does not
+/// track.
+struct Session {
+    connection: AsyncSmtpConnection,
+    pipelining: bool,
 }
 
 enum StartTls {
@@ -147,25 +162,34 @@ impl Mailer {
 
 impl Direct {
     async fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), SendError> {
-        let mut connection = match self.pooled().await {
+        let mut session = match self.pooled().await {
             Some(c) => c,
             None => tokio::time::timeout(self.timeout, self.connect())
                 .await
                 .map_err(|_| SendError::Unavailable("connecting timed out".into()))??,
         };
-        let sent = tokio::time::timeout(self.timeout, connection.send(envelope, email)).await;
+        let connection = &mut session.connection;
+        let sent = tokio::time::timeout(self.timeout, async {
+            // Non-ASCII needs the MAIL parameters lettre chooses and checks.
+            if session.pipelining && email.is_ascii() && ascii_addresses(envelope) {
+                send_pipelined(connection, envelope, email).await
+            } else {
+                connection.send(envelope, email).await
+            }
+        })
+        .await;
         match sent {
             Ok(Ok(_)) => {
                 let mut idle = self.idle.lock().await;
                 if idle.len() < MAX_IDLE {
-                    idle.push((connection, Instant::now()));
+                    idle.push((session, Instant::now()));
                 }
                 Ok(())
             }
             Ok(Err(e)) => {
-                if !connection.has_broken() && e.is_permanent() {
+                if !session.connection.has_broken() && e.is_permanent() {
                     // A refusal of this email; the session itself is fine.
-                    self.idle.lock().await.push((connection, Instant::now()));
+                    self.idle.lock().await.push((session, Instant::now()));
                 }
                 Err(e.into())
             }
@@ -174,20 +198,21 @@ impl Direct {
     }
 
     /// An idle connection that still answers, if there is one.
-    async fn pooled(&self) -> Option<AsyncSmtpConnection> {
+    async fn pooled(&self) -> Option<Session> {
         loop {
-            let (mut connection, since) = self.idle.lock().await.pop()?;
+            let (mut session, since) = self.idle.lock().await.pop()?;
             if since.elapsed() < TRUST_IDLE {
-                return Some(connection);
+                return Some(session);
             }
-            let alive = tokio::time::timeout(self.timeout, connection.test_connected()).await;
+            let alive =
+                tokio::time::timeout(self.timeout, session.connection.test_connected()).await;
             if alive == Ok(true) {
-                return Some(connection);
+                return Some(session);
             }
         }
     }
 
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn connect(&self) -> Result<Session, SendError> {
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| {
@@ -217,13 +242,84 @@ impl Direct {
                 connection.starttls(params.clone(), &self.hello).await?;
             }
         }
+        // lettre keeps only the extensions it uses from its own EHLO; one
+        // more tells whether the server takes pipelined commands. Before
+        // AUTH, since a new EHLO starts the session over.
+        let offered = connection.command(Ehlo::new(self.hello.clone())).await?;
+        let pipelining = offers_pipelining(&offered);
         if let Some(credentials) = &self.credentials {
             connection
                 .auth(&[Mechanism::Plain, Mechanism::Login], credentials)
                 .await?;
         }
-        Ok(connection)
+        Ok(Session {
+            connection,
+            pipelining,
+        })
     }
+}
+
+/// Whether an EHLO reply lists PIPELINING.
+fn offers_pipelining(ehlo: &Response) -> bool {
+    ehlo.message()
+        .any(|line| line.split_whitespace().next() == Some("PIPELINING"))
+}
+
+fn ascii_addresses(envelope: &Envelope) -> bool {
+    envelope
+        .to()
+        .iter()
+        .chain(envelope.from())
+        .all(|address| AsRef::<str>::as_ref(address).is_ascii())
+}
+
+/// One email in two round trips (RFC 2920): `MAIL`, each `RCPT` and `DATA`
+/// in one write, their replies read in order, then the content and its
+/// final dot in one write. The first refusal is the answer: the commands
+/// after it fail only because of it (no `DATA` without a recipient). A
+/// session that refused anything is closed, as lettre's own `send` does,
+/// since a server may have taken `DATA` after refusing every recipient.
+async fn send_pipelined(
+    connection: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+) -> Result<Response, lettre::transport::smtp::Error> {
+    let mut group = Mail::new(envelope.from().cloned(), vec![]).to_string();
+    for to in envelope.to() {
+        group.push_str(&Rcpt::new(to.clone(), vec![]).to_string());
+    }
+    group.push_str(&Data.to_string());
+    let mut refused = connection.command(group).await.err();
+    for _ in 0..envelope.to().len() + 1 {
+        if let Err(e) = connection.read_response().await {
+            refused.get_or_insert(e);
+        }
+    }
+    if let Some(e) = refused {
+        connection.abort().await;
+        return Err(e);
+    }
+    match String::from_utf8(transparent(email)) {
+        Ok(content) => connection.command(content).await,
+        // Not reached: the caller sends only ASCII this way.
+        Err(_) => connection.message(email).await,
+    }
+}
+
+/// The content of `DATA` as sent: a dot doubled at the start of each line
+/// (RFC 5321 4.5.2, as lettre does), then the line that ends it.
+fn transparent(email: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(email.len() + 8);
+    let mut line_start = true;
+    for &b in email {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n' && out.len() >= 2 && out[out.len() - 2] == b'\r';
+    }
+    out.extend_from_slice(b"\r\n.\r\n");
+    out
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -244,6 +340,7 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -269,5 +366,110 @@ mod tests {
             assert!(Mailer::from_url(bad, t).is_err(), "{bad}");
         }
         assert_eq!(percent_decode("p%40ss").as_deref(), Some("p@ss"));
+    }
+
+    #[test]
+    fn content_has_each_leading_dot_doubled_and_ends_with_a_dot_line() {
+        assert_eq!(
+            transparent(b".first\r\nmid.dle\r\n..two\r\n\r.not a line start\r\nend"),
+            b"..first\r\nmid.dle\r\n...two\r\n\r.not a line start\r\nend\r\n.\r\n"
+        );
+        assert_eq!(transparent(b""), b"\r\n.\r\n");
+    }
+
+    /// A one-email SMTP server that offers PIPELINING and answers nothing of
+    /// `MAIL`, `RCPT` and `DATA` until all three have come (a client that
+    /// waits for each reply hangs here and times out); it answers them with
+    /// `group`, reads the content if `DATA` was taken, and returns all it
+    /// read after the EHLOs.
+    async fn pipelining_server(listener: tokio::net::TcpListener, group: [&str; 3]) -> String {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (socket, _) = listener.accept().await.unwrap();
+        let (read, mut write) = socket.into_split();
+        let mut read = BufReader::new(read);
+        write.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+        let mut line = String::new();
+        // lettre's EHLO, then the mailer's own.
+        for _ in 0..2 {
+            line.clear();
+            read.read_line(&mut line).await.unwrap();
+            assert!(line.starts_with("EHLO "), "{line:?}");
+            write
+                .write_all(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                .await
+                .unwrap();
+        }
+        let mut seen = String::new();
+        for _ in 0..3 {
+            read.read_line(&mut seen).await.unwrap();
+        }
+        write.write_all(group.concat().as_bytes()).await.unwrap();
+        if group[2].starts_with("354") {
+            loop {
+                line.clear();
+                read.read_line(&mut line).await.unwrap();
+                seen.push_str(&line);
+                if line == ".\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            write.write_all(b"250 2.0.0 queued\r\n").await.unwrap();
+        }
+        seen
+    }
+
+    async fn send_one(group: [&'static str; 3]) -> (Result<(), SendError>, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(pipelining_server(listener, group));
+        let mailer =
+            Mailer::from_url(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
+        let envelope = Envelope::new(
+            Some("orders@orderflow.local".parse().unwrap()),
+            vec!["ann@example.com".parse().unwrap()],
+        )
+        .unwrap();
+        let sent = mailer
+            .send(&envelope, b"Subject: hi\r\n\r\n.a line with a dot\r\n")
+            .await;
+        (sent, server.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn mail_rcpt_and_data_go_out_together_to_a_server_that_offers_pipelining() {
+        let (sent, seen) = send_one(["250 2.1.0 ok\r\n", "250 2.1.5 ok\r\n", "354 go\r\n"]).await;
+        assert!(sent.is_ok(), "{sent:?}");
+        assert_eq!(
+            seen,
+            "MAIL FROM:<orders@orderflow.local>\r\nRCPT TO:<ann@example.com>\r\nDATA\r\n\
+             Subject: hi\r\n\r\n..a line with a dot\r\n\r\n.\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn in_a_pipelined_group_the_first_refusal_is_the_answer() {
+        // The recipient refused for good: DATA then fails only for want of
+        // one, and the email is refused, not retried.
+        let (sent, _) = send_one([
+            "250 2.1.0 ok\r\n",
+            "550 5.1.1 no such user\r\n",
+            "503 5.5.1 no valid recipients\r\n",
+        ])
+        .await;
+        assert!(
+            matches!(&sent, Err(SendError::Refused(e)) if e.contains("no such user")),
+            "{sent:?}"
+        );
+        // The sender refused for now: unavailable, whatever follows.
+        let (sent, _) = send_one([
+            "451 4.3.0 try later\r\n",
+            "503 5.5.1 need MAIL\r\n",
+            "503 5.5.1 need RCPT\r\n",
+        ])
+        .await;
+        assert!(
+            matches!(&sent, Err(SendError::Unavailable(e)) if e.contains("try later")),
+            "{sent:?}"
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! each outcome is emailed once, an outcome already emailed is not emailed
 //! again, one published twice is emailed once, and a recipient the server
 //! refuses (offered to it once) or an address that is not one is
-//! dead-lettered without a `sent` row, while the others of the chunk go out.
+//! dead-lettered without a `sent` row, while the others of the chunk go out;
+//! the same against a server that takes pipelined commands and one that
+//! does not.
 #![allow(clippy::unwrap_used)]
 
 use messages::{Line, OrderCancelled, OrderConfirmed};
@@ -12,7 +14,7 @@ use runtime::testing::{one_chunk_settings, run_until};
 use runtime::{Outgoing, Worker};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use testkit::{SmtpSink, TestEnv, eventually};
+use testkit::{SmtpOptions, SmtpSink, TestEnv, eventually};
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -46,12 +48,25 @@ fn cancelled(order_id: Uuid, customer_email: &str) -> Outgoing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chunk_of_outcomes_is_emailed_once_each_and_refusals_are_dead_lettered_alone() {
+    a_chunk_is_emailed(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_chunk_to_a_server_without_pipelining() {
+    a_chunk_is_emailed(false).await;
+}
+
+async fn a_chunk_is_emailed(pipelining: bool) {
     runtime::telemetry::init();
     let env = TestEnv::new().await;
     env.declare_topology("100ms").await;
     let pool = env.pool().await;
     runtime::db::migrate(&pool).await.unwrap();
-    let sink = SmtpSink::start_refusing(&env.database, Some("refused")).await;
+    let options = SmtpOptions {
+        refuse: Some("refused".into()),
+        pipelining,
+    };
+    let sink = SmtpSink::start_with(&env.database, options).await;
 
     let [first, declined, earlier, twice, refused, garbled, last] =
         std::array::from_fn::<Uuid, 7, _>(|_| Uuid::new_v4());
