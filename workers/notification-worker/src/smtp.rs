@@ -244,9 +244,14 @@ impl Direct {
         }
         // lettre keeps only the extensions it uses from its own EHLO; one
         // more tells whether the server takes pipelined commands. Before
-        // AUTH, since a new EHLO starts the session over.
-        let offered = connection.command(Ehlo::new(self.hello.clone())).await?;
-        let pipelining = offers_pipelining(&offered);
+        // AUTH, since a new EHLO starts the session over. A server that
+        // refuses a second EHLO keeps the session of the first, without
+        // pipelining.
+        let pipelining = match connection.command(Ehlo::new(self.hello.clone())).await {
+            Ok(offered) => offers_pipelining(&offered),
+            Err(e) if e.is_permanent() => false,
+            Err(e) => return Err(e.into()),
+        };
         if let Some(credentials) = &self.credentials {
             connection
                 .auth(&[Mechanism::Plain, Mechanism::Login], credentials)
@@ -418,10 +423,9 @@ mod tests {
         seen
     }
 
-    async fn send_one(group: [&'static str; 3]) -> (Result<(), SendError>, String) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = tokio::spawn(pipelining_server(listener, group));
+    /// `email` from orders@orderflow.local to ann@example.com through the
+    /// server on `port`.
+    async fn send_to(port: u16, email: &[u8]) -> Result<(), SendError> {
         let mailer =
             Mailer::from_url(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
         let envelope = Envelope::new(
@@ -429,9 +433,14 @@ mod tests {
             vec!["ann@example.com".parse().unwrap()],
         )
         .unwrap();
-        let sent = mailer
-            .send(&envelope, b"Subject: hi\r\n\r\n.a line with a dot\r\n")
-            .await;
+        mailer.send(&envelope, email).await
+    }
+
+    async fn send_one(group: [&'static str; 3]) -> (Result<(), SendError>, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(pipelining_server(listener, group));
+        let sent = send_to(port, b"Subject: hi\r\n\r\n.a line with a dot\r\n").await;
         (sent, server.await.unwrap())
     }
 
@@ -444,6 +453,46 @@ mod tests {
             "MAIL FROM:<orders@orderflow.local>\r\nRCPT TO:<ann@example.com>\r\nDATA\r\n\
              Subject: hi\r\n\r\n..a line with a dot\r\n\r\n.\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_refuses_a_second_ehlo_gets_one_command_at_a_time() {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (read, mut write) = socket.into_split();
+            let mut read = BufReader::new(read);
+            write.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+            let script: [(&str, &[u8]); 5] = [
+                (
+                    "EHLO ",
+                    b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+                ),
+                ("EHLO ", b"502 5.5.1 once is enough\r\n"),
+                ("MAIL FROM:", b"250 ok\r\n"),
+                ("RCPT TO:", b"250 ok\r\n"),
+                ("DATA", b"354 go\r\n"),
+            ];
+            for (expected, reply) in script {
+                let mut line = String::new();
+                read.read_line(&mut line).await.unwrap();
+                assert!(line.starts_with(expected), "{line:?}, not {expected:?}");
+                // One command at a time: nothing more has come.
+                assert!(read.buffer().is_empty(), "pipelined after {line:?}");
+                write.write_all(reply).await.unwrap();
+            }
+            let mut line = String::new();
+            while line != ".\r\n" {
+                line.clear();
+                assert!(read.read_line(&mut line).await.unwrap() > 0);
+            }
+            write.write_all(b"250 queued\r\n").await.unwrap();
+        });
+        let sent = send_to(port, b"Subject: hi\r\n\r\nhello\r\n").await;
+        assert!(sent.is_ok(), "{sent:?}");
+        server.await.unwrap();
     }
 
     #[tokio::test]
