@@ -93,5 +93,10 @@ if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
         || python3 -m pip install --quiet --break-system-packages aiosmtpd 2>/dev/null \
         || apt_install python3-aiosmtpd
 fi
+# The tests make a CA and a server certificate for the sink's implicit TLS.
+if ! command -v openssl >/dev/null; then
+    log "installing openssl"
+    apt_install openssl
+fi
 
 log "PostgreSQL on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672 (management UI http://127.0.0.1:15672)"

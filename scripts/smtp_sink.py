@@ -9,13 +9,15 @@ good (550) every recipient whose address contains TEXT, as a server
 refuses an unknown user, and records each refusal as a line of its own
 ({"at", "refused": address}). With --pipelining it offers PIPELINING
 (RFC 2920) in its EHLO reply, as Postfix does, and takes commands sent
-together.
+together. With --tls-cert and --tls-key it speaks TLS from the first byte
+(implicit TLS, `smtps://`).
 """
 import argparse
 import email
 import html
 import json
 import signal
+import ssl
 import threading
 import time
 from email import policy
@@ -110,8 +112,19 @@ def main():
     parser.add_argument("--http", type=int, help="serve the mail as a web page on this port")
     parser.add_argument("--refuse", help="refuse (550) recipients whose address contains this")
     parser.add_argument("--pipelining", action="store_true", help="offer PIPELINING (RFC 2920)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain: implicit TLS")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args()
-    controller = Controller(Recorder(args.record, args.refuse, args.pipelining), hostname="127.0.0.1", port=args.port)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    controller = Controller(
+        Recorder(args.record, args.refuse, args.pipelining),
+        hostname="127.0.0.1",
+        port=args.port,
+        ssl_context=tls,
+    )
     controller.start()
     if args.http:
         serve_web(args.http, args.record)

@@ -301,6 +301,98 @@ pub struct SmtpOptions {
     pub refuse: Option<String>,
     /// Offer PIPELINING (RFC 2920), as Postfix and the big relays do.
     pub pipelining: bool,
+    /// Speak TLS from the first byte (`smtps://`) with this certificate.
+    pub tls: Option<TestCertificate>,
+}
+
+/// A server certificate for `localhost` and `127.0.0.1`, issued by a CA
+/// made for it, as PEM files in a directory of their own.
+#[derive(Debug, Clone)]
+pub struct TestCertificate {
+    /// The CA a client must trust.
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl TestCertificate {
+    /// Makes a CA and a certificate it signs, with `openssl`, under the
+    /// temporary directory in `name`.
+    pub fn make(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{name}-tls"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = |file: &str| dir.join(file).to_string_lossy().into_owned();
+        std::fs::write(
+            path("leaf.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=orderflow test CA",
+            "-keyout",
+            &path("ca.key"),
+            "-out",
+            &path("ca.pem"),
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &path("leaf.key"),
+            "-out",
+            &path("leaf.csr"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &path("leaf.csr"),
+            "-CA",
+            &path("ca.pem"),
+            "-CAkey",
+            &path("ca.key"),
+            "-CAcreateserial",
+            "-extfile",
+            &path("leaf.ext"),
+            "-out",
+            &path("leaf.pem"),
+        ]);
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("leaf.pem"),
+            key: dir.join("leaf.key"),
+        }
+    }
+
+    /// Removes its files.
+    pub fn remove(self) {
+        if let Some(dir) = self.ca.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl SmtpSink {
@@ -333,9 +425,12 @@ impl SmtpSink {
         sink
     }
 
-    /// `smtp://127.0.0.1:PORT`.
+    /// `smtp://127.0.0.1:PORT`, or `smtps://localhost:PORT` with TLS.
     pub fn url(&self) -> String {
-        format!("smtp://127.0.0.1:{}", self.port)
+        match self.options.tls {
+            None => format!("smtp://127.0.0.1:{}", self.port),
+            Some(_) => format!("smtps://localhost:{}", self.port),
+        }
     }
 
     /// Starts the process (again), on the same port and record.
@@ -353,6 +448,10 @@ impl SmtpSink {
         }
         if self.options.pipelining {
             command.arg("--pipelining");
+        }
+        if let Some(tls) = &self.options.tls {
+            command.arg("--tls-cert").arg(&tls.cert);
+            command.arg("--tls-key").arg(&tls.key);
         }
         let child = command
             .stdout(std::process::Stdio::null())

@@ -6,8 +6,11 @@
 //! ACK: about 40 ms per email on Linux, which capped a worker at ~25
 //! emails per connection per second. Plain and STARTTLS connections are
 //! therefore opened here with `TCP_NODELAY` and handed to lettre's
-//! connection; `smtps://` (implicit TLS) still goes through lettre's own
-//! transport.
+//! connection; and an ASCII email (every one this worker builds) goes out
+//! with its content and final dot in one write, so no write here ever
+//! follows another without a reply between, which is all Nagle's algorithm
+//! waits on. That also covers `smtps://` (implicit TLS), whose connection
+//! lettre opens itself.
 //!
 //! lettre also waits for the reply to each command. Where the server offers
 //! PIPELINING (RFC 2920; Postfix, Exim, the big relays do), `MAIL`, `RCPT`
@@ -21,7 +24,6 @@ use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
 use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::transport::smtp::response::Response;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
@@ -52,20 +54,10 @@ const TRUST_IDLE: Duration = Duration::from_secs(5);
 const MAX_IDLE: usize = 16;
 
 pub struct Mailer {
-    inner: Inner,
-}
-
-enum Inner {
-    Direct(Box<Direct>),
-    /// `smtps://`: lettre's transport, pool and TLS wrapper.
-    Lettre(AsyncSmtpTransport<Tokio1Executor>),
-}
-
-struct Direct {
     host: String,
     port: u16,
     hello: ClientId,
-    starttls: StartTls,
+    tls: Tls,
     credentials: Option<Credentials>,
     timeout: Duration,
     idle: Mutex<Vec<(Session, Instant)>>,
@@ -78,10 +70,14 @@ struct Session {
     pipelining: bool,
 }
 
-enum StartTls {
+enum Tls {
     Never,
-    IfOffered(TlsParameters),
-    Required(TlsParameters),
+    /// `smtps://`: TLS from the first byte.
+    Implicit(TlsParameters),
+    /// `?tls=opportunistic`: STARTTLS if the server offers it.
+    StartTlsIfOffered(TlsParameters),
+    /// `?tls=required`: STARTTLS or no session.
+    StartTlsRequired(TlsParameters),
 }
 
 impl Mailer {
@@ -89,18 +85,11 @@ impl Mailer {
     /// or `smtps://…` for implicit TLS.
     pub fn from_url(raw: &str, timeout: Duration) -> Result<Self, String> {
         let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
-        if url.scheme() == "smtps" {
-            let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(raw)
-                .map_err(|e| e.to_string())?
-                .timeout(Some(timeout))
-                .build();
-            return Ok(Self {
-                inner: Inner::Lettre(transport),
-            });
-        }
-        if url.scheme() != "smtp" {
-            return Err(format!("unknown scheme {:?} (smtp or smtps)", url.scheme()));
-        }
+        let implicit = match url.scheme() {
+            "smtp" => false,
+            "smtps" => true,
+            other => return Err(format!("unknown scheme {other:?} (smtp or smtps)")),
+        };
         let host = url
             .host_str()
             .ok_or("no host")?
@@ -111,10 +100,12 @@ impl Mailer {
             .find(|(k, _)| k == "tls")
             .map(|(_, v)| v.into_owned());
         let params = || TlsParameters::new(host.clone()).map_err(|e| e.to_string());
-        let (starttls, default_port) = match tls.as_deref() {
-            None => (StartTls::Never, 25),
-            Some("required") => (StartTls::Required(params()?), 587),
-            Some("opportunistic") => (StartTls::IfOffered(params()?), 587),
+        let (tls, default_port) = match tls.as_deref() {
+            // As in lettre's form, `tls=` means nothing to `smtps://`.
+            _ if implicit => (Tls::Implicit(params()?), 465),
+            None => (Tls::Never, 25),
+            Some("required") => (Tls::StartTlsRequired(params()?), 587),
+            Some("opportunistic") => (Tls::StartTlsIfOffered(params()?), 587),
             Some(other) => {
                 return Err(format!(
                     "tls={other:?} is not one of required, opportunistic"
@@ -135,33 +126,18 @@ impl Mailer {
             ClientId::Domain(name.to_owned())
         };
         Ok(Self {
-            inner: Inner::Direct(Box::new(Direct {
-                port: url.port().unwrap_or(default_port),
-                host,
-                hello,
-                starttls,
-                credentials,
-                timeout,
-                idle: Mutex::new(Vec::new()),
-            })),
+            port: url.port().unwrap_or(default_port),
+            host,
+            hello,
+            tls,
+            credentials,
+            timeout,
+            idle: Mutex::new(Vec::new()),
         })
     }
 
     /// Hands one email to the server.
     pub async fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), SendError> {
-        match &self.inner {
-            Inner::Lettre(transport) => transport
-                .send_raw(envelope, email)
-                .await
-                .map(drop)
-                .map_err(SendError::from),
-            Inner::Direct(direct) => direct.send(envelope, email).await,
-        }
-    }
-}
-
-impl Direct {
-    async fn send(&self, envelope: &Envelope, email: &[u8]) -> Result<(), SendError> {
         let mut session = match self.pooled().await {
             Some(c) => c,
             None => tokio::time::timeout(self.timeout, self.connect())
@@ -171,8 +147,8 @@ impl Direct {
         let connection = &mut session.connection;
         let sent = tokio::time::timeout(self.timeout, async {
             // Non-ASCII needs the MAIL parameters lettre chooses and checks.
-            if session.pipelining && email.is_ascii() && ascii_addresses(envelope) {
-                send_pipelined(connection, envelope, email).await
+            if email.is_ascii() && ascii_addresses(envelope) {
+                send_ascii(connection, session.pipelining, envelope, email).await
             } else {
                 connection.send(envelope, email).await
             }
@@ -213,27 +189,42 @@ impl Direct {
     }
 
     async fn connect(&self) -> Result<Session, SendError> {
-        let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| {
-                SendError::Unavailable(format!(
-                    "cannot connect to {}:{}: {e}",
-                    self.host, self.port
-                ))
-            })?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| SendError::Unavailable(e.to_string()))?;
-        let mut connection =
-            AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?;
-        match &self.starttls {
-            StartTls::Never => {}
-            StartTls::IfOffered(params) => {
+        let mut connection = match &self.tls {
+            // lettre's own socket, without `TCP_NODELAY`: `send_ascii`
+            // never writes twice without a reply between.
+            Tls::Implicit(params) => {
+                AsyncSmtpConnection::connect_tokio1(
+                    (self.host.as_str(), self.port),
+                    Some(self.timeout),
+                    &self.hello,
+                    Some(params.clone()),
+                    None,
+                )
+                .await?
+            }
+            _ => {
+                let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+                    .await
+                    .map_err(|e| {
+                        SendError::Unavailable(format!(
+                            "cannot connect to {}:{}: {e}",
+                            self.host, self.port
+                        ))
+                    })?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| SendError::Unavailable(e.to_string()))?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(stream), &self.hello).await?
+            }
+        };
+        match &self.tls {
+            Tls::Never | Tls::Implicit(_) => {}
+            Tls::StartTlsIfOffered(params) => {
                 if connection.can_starttls() {
                     connection.starttls(params.clone(), &self.hello).await?;
                 }
             }
-            StartTls::Required(params) => {
+            Tls::StartTlsRequired(params) => {
                 if !connection.can_starttls() {
                     return Err(SendError::Unavailable(
                         "the server does not offer STARTTLS, which tls=required demands".into(),
@@ -278,26 +269,42 @@ fn ascii_addresses(envelope: &Envelope) -> bool {
         .all(|address| AsRef::<str>::as_ref(address).is_ascii())
 }
 
-/// One email in two round trips (RFC 2920): `MAIL`, each `RCPT` and `DATA`
-/// in one write, their replies read in order, then the content and its
-/// final dot in one write. The first refusal is the answer: the commands
-/// after it fail only because of it (no `DATA` without a recipient). A
-/// session that refused anything is closed, as lettre's own `send` does,
-/// since a server may have taken `DATA` after refusing every recipient.
-async fn send_pipelined(
+/// One ASCII email: `MAIL`, each `RCPT` and `DATA`, in one write with
+/// their replies read in order where the server takes pipelined commands
+/// (RFC 2920: two round trips per email), else one by one; then the
+/// content and its final dot in one write. The first refusal is the
+/// answer: pipelined commands after it fail only because of it (no `DATA`
+/// without a recipient). A session that refused anything is closed, as
+/// lettre's own `send` does, since a server may have taken `DATA` after
+/// refusing every recipient.
+async fn send_ascii(
     connection: &mut AsyncSmtpConnection,
+    pipelining: bool,
     envelope: &Envelope,
     email: &[u8],
 ) -> Result<Response, lettre::transport::smtp::Error> {
-    let mut group = Mail::new(envelope.from().cloned(), vec![]).to_string();
-    for to in envelope.to() {
-        group.push_str(&Rcpt::new(to.clone(), vec![]).to_string());
-    }
-    group.push_str(&Data.to_string());
-    let mut refused = connection.command(group).await.err();
-    for _ in 0..envelope.to().len() + 1 {
-        if let Err(e) = connection.read_response().await {
-            refused.get_or_insert(e);
+    let mut commands = vec![Mail::new(envelope.from().cloned(), vec![]).to_string()];
+    commands.extend(
+        envelope
+            .to()
+            .iter()
+            .map(|to| Rcpt::new(to.clone(), vec![]).to_string()),
+    );
+    commands.push(Data.to_string());
+    let mut refused = None;
+    if pipelining {
+        refused = connection.command(commands.concat()).await.err();
+        for _ in 1..commands.len() {
+            if let Err(e) = connection.read_response().await {
+                refused.get_or_insert(e);
+            }
+        }
+    } else {
+        for command in commands {
+            if let Err(e) = connection.command(command).await {
+                refused = Some(e);
+                break;
+            }
         }
     }
     if let Some(e) = refused {
@@ -312,7 +319,8 @@ async fn send_pipelined(
 }
 
 /// The content of `DATA` as sent: a dot doubled at the start of each line
-/// (RFC 5321 4.5.2, as lettre does), then the line that ends it.
+/// (RFC 5321 4.5.2, as lettre does), then the line that ends it, after the
+/// content's own last line break (lettre adds one more, an empty line).
 fn transparent(email: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(email.len() + 8);
     let mut line_start = true;
@@ -323,7 +331,10 @@ fn transparent(email: &[u8]) -> Vec<u8> {
         out.push(b);
         line_start = b == b'\n' && out.len() >= 2 && out[out.len() - 2] == b'\r';
     }
-    out.extend_from_slice(b"\r\n.\r\n");
+    if !(out.is_empty() || out.ends_with(b"\r\n")) {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
     out
 }
 
@@ -379,7 +390,8 @@ mod tests {
             transparent(b".first\r\nmid.dle\r\n..two\r\n\r.not a line start\r\nend"),
             b"..first\r\nmid.dle\r\n...two\r\n\r.not a line start\r\nend\r\n.\r\n"
         );
-        assert_eq!(transparent(b""), b"\r\n.\r\n");
+        assert_eq!(transparent(b""), b".\r\n");
+        assert_eq!(transparent(b"last line\r\n"), b"last line\r\n.\r\n");
     }
 
     /// A one-email SMTP server that offers PIPELINING and answers nothing of
@@ -451,7 +463,7 @@ mod tests {
         assert_eq!(
             seen,
             "MAIL FROM:<orders@orderflow.local>\r\nRCPT TO:<ann@example.com>\r\nDATA\r\n\
-             Subject: hi\r\n\r\n..a line with a dot\r\n\r\n.\r\n"
+             Subject: hi\r\n\r\n..a line with a dot\r\n.\r\n"
         );
     }
 
@@ -493,6 +505,51 @@ mod tests {
         let sent = send_to(port, b"Subject: hi\r\n\r\nhello\r\n").await;
         assert!(sent.is_ok(), "{sent:?}");
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn smtps_sends_pipelined_over_implicit_tls_to_a_real_server() {
+        use lettre::transport::smtp::client::Certificate;
+        let name = format!("smtps-{}", uuid::Uuid::new_v4().simple());
+        let certificate = testkit::TestCertificate::make(&name);
+        for pipelining in [true, false] {
+            let options = testkit::SmtpOptions {
+                pipelining,
+                tls: Some(certificate.clone()),
+                ..testkit::SmtpOptions::default()
+            };
+            let sink = testkit::SmtpSink::start_with(&name, options).await;
+            let mut mailer = Mailer::from_url(&sink.url(), Duration::from_secs(5)).unwrap();
+            assert!(matches!(mailer.tls, Tls::Implicit(_)));
+            // The same parameters, trusting the test CA besides the web's.
+            let ca = std::fs::read(&certificate.ca).unwrap();
+            mailer.tls = Tls::Implicit(
+                TlsParameters::builder("localhost".into())
+                    .add_root_certificate(Certificate::from_pem(&ca).unwrap())
+                    .build()
+                    .unwrap(),
+            );
+            let envelope = Envelope::new(
+                Some("orders@orderflow.local".parse().unwrap()),
+                vec!["ann@example.com".parse().unwrap()],
+            )
+            .unwrap();
+            for i in 0..2 {
+                let email = format!("Subject: over TLS {i}\r\n\r\n.dotted\r\n");
+                let sent = mailer.send(&envelope, email.as_bytes()).await;
+                assert!(sent.is_ok(), "pipelining {pipelining}: {sent:?}");
+            }
+            let mails = sink.mails();
+            let subjects: Vec<&str> = mails.iter().filter_map(|m| m["subject"].as_str()).collect();
+            assert_eq!(
+                subjects,
+                ["over TLS 0", "over TLS 1"],
+                "pipelining {pipelining}"
+            );
+            assert_eq!(mails[0]["text"], ".dotted\r\n");
+            sink.remove().await;
+        }
+        certificate.remove();
     }
 
     #[tokio::test]

@@ -65,6 +65,7 @@ async fn a_chunk_is_emailed(pipelining: bool) {
     let options = SmtpOptions {
         refuse: Some("refused".into()),
         pipelining,
+        ..SmtpOptions::default()
     };
     let sink = SmtpSink::start_with(&env.database, options).await;
 
