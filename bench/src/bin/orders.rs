@@ -117,7 +117,9 @@ async fn smtp_sink(listener: tokio::net::TcpListener, arrivals: Arrivals) {
                             b"354 go ahead\r\n"
                         }
                         "QUIT" => {
-                            let _ = write.write_all(b"221 bye\r\n").await;
+                            // After the replies of the group it closes.
+                            replies.extend_from_slice(b"221 bye\r\n");
+                            let _ = write.write_all(&replies).await;
                             return;
                         }
                         _ => b"250 OK\r\n",

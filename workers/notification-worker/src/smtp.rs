@@ -435,17 +435,20 @@ mod tests {
         seen
     }
 
-    /// `email` from orders@orderflow.local to ann@example.com through the
-    /// server on `port`.
-    async fn send_to(port: u16, email: &[u8]) -> Result<(), SendError> {
-        let mailer =
-            Mailer::from_url(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
-        let envelope = Envelope::new(
+    /// From orders@orderflow.local to ann@example.com.
+    fn envelope() -> Envelope {
+        Envelope::new(
             Some("orders@orderflow.local".parse().unwrap()),
             vec!["ann@example.com".parse().unwrap()],
         )
-        .unwrap();
-        mailer.send(&envelope, email).await
+        .unwrap()
+    }
+
+    /// `email` through the server on `port`.
+    async fn send_to(port: u16, email: &[u8]) -> Result<(), SendError> {
+        let mailer =
+            Mailer::from_url(&format!("smtp://127.0.0.1:{port}"), Duration::from_secs(5)).unwrap();
+        mailer.send(&envelope(), email).await
     }
 
     async fn send_one(group: [&'static str; 3]) -> (Result<(), SendError>, String) {
@@ -529,11 +532,7 @@ mod tests {
                     .build()
                     .unwrap(),
             );
-            let envelope = Envelope::new(
-                Some("orders@orderflow.local".parse().unwrap()),
-                vec!["ann@example.com".parse().unwrap()],
-            )
-            .unwrap();
+            let envelope = envelope();
             for i in 0..2 {
                 let email = format!("Subject: over TLS {i}\r\n\r\n.dotted\r\n");
                 let sent = mailer.send(&envelope, email.as_bytes()).await;
