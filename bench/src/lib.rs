@@ -4,14 +4,24 @@
 
 pub mod hop;
 
-/// The local broker's management API, as the guest user.
-pub fn management() -> topology::Management {
-    topology::Management::new("http://127.0.0.1:15672", "guest", "guest")
+/// The local broker's AMQP address.
+pub const BROKER: &str = "127.0.0.1:5672";
+/// The local broker's management API.
+pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
+
+/// A broker's management API, as the guest user.
+pub fn management(url: &str) -> topology::Management {
+    topology::Management::new(url, "guest", "guest")
 }
 
 /// Creates `vhost` afresh (deleting what an earlier run left in it), lets
-/// guest do everything in it, and returns its AMQP URL.
-pub async fn fresh_vhost(management: &topology::Management, vhost: &str) -> anyhow::Result<String> {
+/// guest do everything in it, and returns its AMQP URL at `broker`
+/// (`host:port`).
+pub async fn fresh_vhost(
+    management: &topology::Management,
+    broker: &str,
+    vhost: &str,
+) -> anyhow::Result<String> {
     let _ = management.delete(&format!("vhosts/{vhost}")).await;
     management
         .put(&format!("vhosts/{vhost}"), &serde_json::json!({}))
@@ -22,7 +32,7 @@ pub async fn fresh_vhost(management: &topology::Management, vhost: &str) -> anyh
             &serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
         )
         .await?;
-    Ok(format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"))
+    Ok(format!("amqp://guest:guest@{broker}/{vhost}"))
 }
 
 /// CPU seconds (user + system) a process has used so far.

@@ -218,7 +218,7 @@ impl Dlq {
         let publisher = runtime::Publisher::connect(amqp_url, "dlq publisher")
             .await
             .context("cannot open a publishing channel")?;
-        let pool = runtime::db::connect(database_url, 2).await?;
+        let pool = runtime::db::connect(database_url, 2, "dlq").await?;
         runtime::db::migrate(&pool).await?;
         Ok(Self {
             connection,

@@ -476,3 +476,30 @@ async fn publishers_agree_a_small_frame_and_consumers_the_brokers() {
     }
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_process_names_itself_to_the_database() {
+    let system = System::start(Options::default()).await;
+    // A final order has been through every worker, and `GET` has read it
+    // through the publisher's pool.
+    let order = system.place("SKU-N", 1, "pm_card_visa").await;
+    system.wait_final(&order).await;
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT application_name FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid() ORDER BY 1",
+    )
+    .bind(&system.env.database)
+    .fetch_all(&system.pool)
+    .await
+    .unwrap();
+    for process in [
+        "inventory-worker",
+        "notification-worker",
+        "order-worker",
+        "payment-worker",
+        "publisher",
+    ] {
+        assert!(names.iter().any(|n| n == process), "{process}: {names:?}");
+    }
+    system.stop().await;
+}

@@ -41,6 +41,7 @@ impl Application {
             .acquire_timeout(Duration::from_secs(2))
             .connect_lazy_with(runtime::db::connect_options(
                 settings.database_url.expose(),
+                "publisher",
             )?);
         let state = AppState {
             publisher: publisher.clone(),

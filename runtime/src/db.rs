@@ -32,8 +32,16 @@ pub enum DbError {
 /// on loopback can be overheard by anyone who could not also read the
 /// database's memory, and TLS there costs both sides CPU on every message
 /// (decision 0006). An explicit `sslmode` is always kept.
-pub fn connect_options(url: &str) -> Result<PgConnectOptions, DbError> {
-    let options = PgConnectOptions::from_str(url).map_err(DbError::BadUrl)?;
+///
+/// Each connection names its process to the server as `application` (what
+/// `pg_stat_activity` and the server's log show an operator, so that a
+/// lock or a long query points at `order-worker` rather than at an unnamed
+/// client), unless the URL's `application_name` or `PGAPPNAME` names it.
+pub fn connect_options(url: &str, application: &str) -> Result<PgConnectOptions, DbError> {
+    let mut options = PgConnectOptions::from_str(url).map_err(DbError::BadUrl)?;
+    if options.get_application_name().is_none() {
+        options = options.application_name(application);
+    }
     let explicit = std::env::var_os("PGSSLMODE").is_some()
         || url::Url::parse(url).is_ok_and(|u| {
             u.query_pairs()
@@ -56,9 +64,14 @@ fn is_loopback(options: &PgConnectOptions) -> bool {
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Connects a pool to `url`, creating the database if it does not exist.
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let options = connect_options(url)?;
+/// Connects a pool to `url` as `application`, creating the database if it
+/// does not exist.
+pub async fn connect(
+    url: &str,
+    max_connections: u32,
+    application: &str,
+) -> Result<PgPool, DbError> {
+    let options = connect_options(url, application)?;
     create_database_if_missing(&options).await?;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -144,7 +157,9 @@ mod tests {
     use super::*;
 
     fn mode(url: &str) -> PgSslMode {
-        connect_options(url).expect("valid URL").get_ssl_mode()
+        connect_options(url, "test")
+            .expect("valid URL")
+            .get_ssl_mode()
     }
 
     #[test]
@@ -191,8 +206,32 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_names_its_process_unless_the_url_names_it() {
+        let name = |url: &str| {
+            connect_options(url, "order-worker")
+                .expect("valid URL")
+                .get_application_name()
+                .map(str::to_owned)
+        };
+        // A `PGAPPNAME` in the environment of the test run names it
+        // instead, as it would for libpq.
+        if std::env::var_os("PGAPPNAME").is_none() {
+            assert_eq!(
+                name("postgres://postgres@127.0.0.1/orderflow").as_deref(),
+                Some("order-worker")
+            );
+        }
+        assert_eq!(
+            name("postgres://postgres@127.0.0.1/orderflow?application_name=shop-eu-1").as_deref(),
+            Some("shop-eu-1")
+        );
+    }
+
+    #[test]
     fn a_garbage_url_is_a_clear_error() {
-        let err = connect_options("not a url").err().map(|e| e.to_string());
+        let err = connect_options("not a url", "test")
+            .err()
+            .map(|e| e.to_string());
         assert!(
             err.as_deref()
                 .is_some_and(|e| e.contains("DATABASE_URL is not a valid")),

@@ -102,7 +102,12 @@ impl<H: Handler> Worker<H> {
         settings: WorkerSettings,
         handler: H,
     ) -> anyhow::Result<Self> {
-        let pool = db::connect(settings.database_url.expose(), settings.database_pool_size).await?;
+        let pool = db::connect(
+            settings.database_url.expose(),
+            settings.database_pool_size,
+            spec.name,
+        )
+        .await?;
         db::migrate(&pool).await?;
         db::warn_if_autovacuum_off(&pool).await;
         Ok(Self::with_pool(spec, settings, pool, handler))

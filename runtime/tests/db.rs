@@ -14,7 +14,7 @@ async fn uses_tls(pool: &sqlx::PgPool) -> bool {
 #[tokio::test]
 async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_sslmode_is_kept() {
     let env = TestEnv::new().await;
-    let plain = db::connect(&env.database_url, 1).await.unwrap();
+    let plain = db::connect(&env.database_url, 1, "db-test").await.unwrap();
     assert!(!uses_tls(&plain).await, "loopback without sslmode uses TLS");
     let server_tls: String = sqlx::query_scalar("SHOW ssl")
         .fetch_one(&plain)
@@ -22,7 +22,12 @@ async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_s
         .unwrap();
     plain.close().await;
 
-    let required = db::connect(&format!("{}?sslmode=require", env.database_url), 1).await;
+    let required = db::connect(
+        &format!("{}?sslmode=require", env.database_url),
+        1,
+        "db-test",
+    )
+    .await;
     if server_tls == "on" {
         let required = required.unwrap();
         assert!(uses_tls(&required).await, "sslmode=require did not use TLS");
@@ -37,7 +42,7 @@ async fn a_loopback_url_without_sslmode_connects_in_plain_text_and_an_explicit_s
 #[tokio::test]
 async fn the_autovacuum_setting_is_read_from_the_server_and_a_closed_pool_is_an_error() {
     let env = TestEnv::new().await;
-    let pool = db::connect(&env.database_url, 1).await.unwrap();
+    let pool = db::connect(&env.database_url, 1, "db-test").await.unwrap();
     let server_off: bool = sqlx::query_scalar("SELECT current_setting('autovacuum') = 'off'")
         .fetch_one(&pool)
         .await
@@ -45,5 +50,31 @@ async fn the_autovacuum_setting_is_read_from_the_server_and_a_closed_pool_is_an_
     assert_eq!(db::autovacuum_off(&pool).await.unwrap(), server_off);
     pool.close().await;
     assert!(db::autovacuum_off(&pool).await.is_err());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_server_sees_each_connection_under_its_process_name() {
+    let env = TestEnv::new().await;
+    let named = db::connect(&env.database_url, 1, "inventory-worker")
+        .await
+        .unwrap();
+    let seen: String = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+    )
+    .fetch_one(&named)
+    .await
+    .unwrap();
+    assert_eq!(seen, "inventory-worker");
+    named.close().await;
+
+    let url = format!("{}?application_name=shop-eu-1", env.database_url);
+    let chosen = db::connect(&url, 1, "inventory-worker").await.unwrap();
+    let seen: String = sqlx::query_scalar("SHOW application_name")
+        .fetch_one(&chosen)
+        .await
+        .unwrap();
+    assert_eq!(seen, "shop-eu-1");
+    chosen.close().await;
     env.cleanup().await;
 }

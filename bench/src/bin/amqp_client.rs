@@ -23,8 +23,8 @@ async fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(20_000);
     let pairs: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3);
-    let management = bench::management();
-    let amqp = bench::fresh_vhost(&management, VHOST).await?;
+    let management = bench::management(bench::MANAGEMENT);
+    let amqp = bench::fresh_vhost(&management, bench::BROKER, VHOST).await?;
     let result = compare(&amqp, n, pairs).await;
     let _ = management.delete(&format!("vhosts/{VHOST}")).await;
     result

@@ -128,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
     let concurrency: usize = args.get(2).map(|a| a.parse()).transpose()?.unwrap_or(8);
     let url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| runtime::config::DEFAULT_DATABASE_URL.into());
-    let pool = runtime::db::connect(&url, 1).await?;
+    let pool = runtime::db::connect(&url, 1, "bench").await?;
     sqlx::raw_sql(SETUP).execute(&pool).await?;
     pool.close().await;
 
@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
             t / s
         );
     }
-    let pool = runtime::db::connect(&url, 1).await?;
+    let pool = runtime::db::connect(&url, 1, "bench").await?;
     sqlx::raw_sql("DROP SCHEMA driver_bench CASCADE")
         .execute(&pool)
         .await?;

@@ -51,6 +51,13 @@ struct Args {
     /// runs `VACUUM ANALYZE` after these). 0: none.
     #[arg(long, default_value_t = 3000)]
     warm_up: usize,
+    /// The broker's AMQP address (`host:port`, guest/guest): another
+    /// broker on this host, configured differently, for comparison.
+    #[arg(long, default_value = bench::BROKER)]
+    broker: String,
+    /// That broker's management API.
+    #[arg(long, default_value = bench::MANAGEMENT)]
+    management: String,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -325,12 +332,31 @@ async fn seq_rows_read(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     )
 }
 
+/// CPU seconds each backend of the benchmark's database has used so far,
+/// summed by the process it serves (each names itself as its
+/// `application_name`).
+async fn db_cpu_by_client(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, f64>> {
+    let backends: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut by_client = HashMap::new();
+    for (pid, client) in backends {
+        let Ok(pid) = u32::try_from(pid) else {
+            continue;
+        };
+        *by_client.entry(client).or_insert(0.0) += cpu_seconds(pid);
+    }
+    Ok(by_client)
+}
+
 /// Small write transactions (one insert, commit), 8 at a time, connected
 /// as the workers connect.
 async fn db_tx_rate(url: &str, n: usize) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
-        .connect_with(runtime::db::connect_options(url)?)
+        .connect_with(runtime::db::connect_options(url, "bench")?)
         .await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS bench_writes (id bigserial PRIMARY KEY, v text NOT NULL)",
@@ -394,8 +420,8 @@ fn spawn(
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(".run")?;
-    let api_mgmt = bench::management();
-    let amqp = bench::fresh_vhost(&api_mgmt, VHOST).await?;
+    let api_mgmt = bench::management(&args.management);
+    let amqp = bench::fresh_vhost(&api_mgmt, &args.broker, VHOST).await?;
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&format!("{PG}/postgres"))
@@ -412,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
     let retry = "1s,5s,30s,2m,10m";
     let conn = lapin::Connection::connect(&amqp, Default::default()).await?;
     topology::declare(&conn, &topology::Topology::contract(&retry.parse()?)).await?;
-    let pool = runtime::db::connect(&db_url, 4).await?;
+    let pool = runtime::db::connect(&db_url, 4, "bench").await?;
     runtime::db::migrate(&pool).await?;
 
     // Acks one by one (the model's hop), and one ack per 32 deliveries, to
@@ -557,6 +583,7 @@ async fn main() -> anyhow::Result<()> {
         cpu_seconds(std::process::id()),
     );
     let db_work_before = db_work(&pool).await?;
+    let db_cpu_before = db_cpu_by_client(&pool).await?;
     let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let rate = args.rate.filter(|r| *r > 0.0);
     // At a fixed rate every order is in flight from its start time on.
@@ -646,6 +673,18 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|(id, (posted, emailed))| (id.clone(), (wall(*posted), wall(*emailed))));
         stage_times(&events, &ends.collect())
+    };
+    let db_cpu = {
+        let after = db_cpu_by_client(&pool).await?;
+        let mut by_client: Vec<(String, f64)> = after
+            .into_iter()
+            .map(|(client, c)| {
+                let before = db_cpu_before.get(&client).copied().unwrap_or(0.0);
+                (client, c - before)
+            })
+            .collect();
+        by_client.sort_by(|a, b| b.1.total_cmp(&a.1));
+        by_client
     };
     let cpu: Vec<(String, f64)> = procs
         .iter()
@@ -774,6 +813,13 @@ async fn main() -> anyhow::Result<()> {
             "- {name}: {c:.1} s ({:.0}%)",
             100.0 * c / total_cpu.max(f64::EPSILON)
         );
+    }
+    println!(
+        "\nPostgreSQL backends' CPU by the process they serve (`application_name`; \
+         backends that ended during the run are not counted):\n"
+    );
+    for (client, c) in &db_cpu {
+        println!("- {client}: {c:.1} s");
     }
     println!(
         "\nTime per stage, p50 / p99 / mean (POST and email on this process's clock, the rest from `order_events`):\n"
