@@ -332,23 +332,22 @@ async fn seq_rows_read(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     )
 }
 
-/// CPU seconds each backend of the benchmark's database has used so far,
-/// summed by the process it serves (each names itself as its
-/// `application_name`).
-async fn db_cpu_by_client(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<String, f64>> {
+/// Each backend of the benchmark's database by pid: the process it serves
+/// (each names itself as its `application_name`) and the CPU seconds it
+/// has used so far.
+async fn db_backends_cpu(pool: &sqlx::PgPool) -> anyhow::Result<HashMap<u32, (String, f64)>> {
     let backends: Vec<(i32, String)> = sqlx::query_as(
         "SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database()",
     )
     .fetch_all(pool)
     .await?;
-    let mut by_client = HashMap::new();
-    for (pid, client) in backends {
-        let Ok(pid) = u32::try_from(pid) else {
-            continue;
-        };
-        *by_client.entry(client).or_insert(0.0) += cpu_seconds(pid);
-    }
-    Ok(by_client)
+    Ok(backends
+        .into_iter()
+        .filter_map(|(pid, client)| {
+            let pid = u32::try_from(pid).ok()?;
+            Some((pid, (client, cpu_seconds(pid))))
+        })
+        .collect())
 }
 
 /// Small write transactions (one insert, commit), 8 at a time, connected
@@ -583,7 +582,7 @@ async fn main() -> anyhow::Result<()> {
         cpu_seconds(std::process::id()),
     );
     let db_work_before = db_work(&pool).await?;
-    let db_cpu_before = db_cpu_by_client(&pool).await?;
+    let db_cpu_before = db_backends_cpu(&pool).await?;
     let posted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let rate = args.rate.filter(|r| *r > 0.0);
     // At a fixed rate every order is in flight from its start time on.
@@ -675,14 +674,13 @@ async fn main() -> anyhow::Result<()> {
         stage_times(&events, &ends.collect())
     };
     let db_cpu = {
-        let after = db_cpu_by_client(&pool).await?;
-        let mut by_client: Vec<(String, f64)> = after
-            .into_iter()
-            .map(|(client, c)| {
-                let before = db_cpu_before.get(&client).copied().unwrap_or(0.0);
-                (client, c - before)
-            })
-            .collect();
+        // By backend first: one that started during the run counts from zero.
+        let mut by_client: HashMap<String, f64> = HashMap::new();
+        for (pid, (client, c)) in db_backends_cpu(&pool).await? {
+            let before = db_cpu_before.get(&pid).map_or(0.0, |(_, b)| *b);
+            *by_client.entry(client).or_insert(0.0) += c - before;
+        }
+        let mut by_client: Vec<(String, f64)> = by_client.into_iter().collect();
         by_client.sort_by(|a, b| b.1.total_cmp(&a.1));
         by_client
     };
