@@ -403,14 +403,29 @@ impl Dlq {
             snapshot.release().await;
             return Ok(outcomes);
         }
-        for m in chosen {
+        // Every chosen message is encoded before any is archived: if one
+        // cannot be archived exactly, none is purged.
+        let mut encoded = Vec::with_capacity(chosen.len());
+        for m in &chosen {
+            match message::encode_properties(&m.properties) {
+                Ok(e) => encoded.push(e),
+                Err(e) => {
+                    let e = e.context(format!("{} was not purged", m.message_id));
+                    snapshot.release().await;
+                    return Err(e);
+                }
+            }
+        }
+        for (m, encoded) in chosen.into_iter().zip(encoded) {
             let id: i64 = sqlx::query_scalar(
-                "INSERT INTO dlq.archive (queue, message_id, properties, body, purged_by, reason) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                "INSERT INTO dlq.archive \
+                 (queue, message_id, properties, properties_encoded, body, purged_by, reason) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             )
             .bind(queue)
             .bind(&m.message_id)
             .bind(message::properties_json(&m.properties))
+            .bind(encoded)
             .bind(&m.body)
             .bind(&self.operator)
             .bind(reason)
@@ -444,8 +459,8 @@ impl Dlq {
         if ids.is_empty() && !all {
             bail!("name the messages to restore with --id, or --all");
         }
-        let rows: Vec<(i64, Option<String>, Value, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, message_id, properties, body FROM dlq.archive \
+        let rows: Vec<ArchiveRow> = sqlx::query_as(
+            "SELECT id, message_id, properties, properties_encoded, body FROM dlq.archive \
              WHERE queue = $1 AND restored_at IS NULL AND ($2 OR message_id = ANY($3)) ORDER BY id",
         )
         .bind(queue)
@@ -454,10 +469,16 @@ impl Dlq {
         .fetch_all(&self.pool)
         .await?;
         let mut outcomes = Vec::new();
-        for (id, message_id, properties, body) in rows {
+        for (id, message_id, properties, encoded, body) in rows {
             let message_id = message_id.unwrap_or_default();
+            // Rows archived before the exact encoding have only the JSON.
+            let properties = match encoded {
+                Some(encoded) => message::decode_properties(&encoded)
+                    .with_context(|| format!("archive row {id} ({message_id})"))?,
+                None => message::properties_from_json(&properties),
+            };
             self.publisher
-                .publish_raw("", queue, &body, message::properties_from_json(&properties))
+                .publish_raw("", queue, &body, properties)
                 .await
                 .with_context(|| format!("restoring {message_id} was not confirmed"))?;
             sqlx::query("UPDATE dlq.archive SET restored_at = now() WHERE id = $1")
@@ -475,6 +496,11 @@ impl Dlq {
         Ok(outcomes)
     }
 }
+
+/// An archived message as `restore` reads it: id, message id, properties
+/// as JSON, properties as AMQP encodes them (none for rows archived before
+/// that column), body.
+type ArchiveRow = (i64, Option<String>, Value, Option<Vec<u8>>, Vec<u8>);
 
 /// The replayed copy: same id and body, a fresh attempt count, one more
 /// replay, and none of the previous death's headers.

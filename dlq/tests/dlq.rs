@@ -487,6 +487,99 @@ async fn purge_archives_and_restore_gives_the_message_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restore_gives_back_every_property_and_header_exactly() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    // What JSON would lose: properties the runtime does not set, a
+    // timestamp in a broker's `x-death`, bytes that are not UTF-8, a byte
+    // array, integers of every width.
+    let mut death = FieldTable::default();
+    death.insert("time".into(), AMQPValue::Timestamp(1_764_720_000));
+    death.insert("count".into(), AMQPValue::LongLongInt(3));
+    death.insert(
+        "reason".into(),
+        AMQPValue::LongString("delivery_limit".into()),
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-death".into(),
+        AMQPValue::FieldArray(vec![AMQPValue::FieldTable(death)].into()),
+    );
+    headers.insert(
+        "x-binary".into(),
+        AMQPValue::LongString(LongString::from(vec![0xff_u8, 0x00, 0xfe])),
+    );
+    headers.insert(
+        "x-bytes".into(),
+        AMQPValue::ByteArray(vec![1_u8, 2, 3].into()),
+    );
+    headers.insert("x-small".into(), AMQPValue::ShortShortInt(-3));
+    headers.insert("x-float".into(), AMQPValue::Float(1.5));
+    let exact = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("identity".into())
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_priority(7)
+        .with_correlation_id(uuid::Uuid::new_v4().to_string().as_str().into())
+        .with_reply_to("replies".into())
+        .with_message_id("exact-1".into())
+        .with_timestamp(1_764_720_001)
+        .with_type("inventory.release".into())
+        .with_app_id("shop".into());
+    env.publish("", "inventory.dead", exact.clone(), b"\xff not json")
+        .await;
+    let m = Outgoing::of(&messages::ReleaseStock {
+        order_id: uuid::Uuid::new_v4(),
+    });
+    bury(&env, "inventory.dead", &m, "permanent").await;
+    // `show` prints what is not text as hex, and every property.
+    let shown = dlq_json(&env, &["show", "inventory.dead", "exact-1"]);
+    assert_eq!(
+        shown["properties"]["headers"]["x-binary"],
+        json!({"hex": "ff00fe"})
+    );
+    assert_eq!(shown["properties"]["priority"], json!(7));
+    assert_eq!(shown["properties"]["reply_to"], json!("replies"));
+    let (code, _, stderr) = dlq(&env, &["purge", "inventory.dead", "--all", "--yes"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(env.depth("inventory.dead").await, 0);
+
+    // A row archived before the exact encoding existed has only the JSON,
+    // and is restored from it.
+    let pool = env.pool().await;
+    sqlx::query("UPDATE dlq.archive SET properties_encoded = NULL WHERE message_id = $1")
+        .bind(m.message_id.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, _, stderr) = dlq(&env, &["restore", "inventory.dead", "--all"]);
+    assert_eq!(code, 0, "{stderr}");
+    let back = env.drain("inventory.dead").await;
+    assert_eq!(back.len(), 2);
+    let restored = back
+        .iter()
+        .find(|(p, _)| p.message_id().as_ref().map(|i| i.as_str()) == Some("exact-1"))
+        .unwrap();
+    assert_eq!(restored.0, exact);
+    assert_eq!(restored.1, b"\xff not json".to_vec());
+    let older = back
+        .iter()
+        .find(|(p, _)| {
+            p.message_id().as_ref().map(|i| i.to_string()) == Some(m.message_id.to_string())
+        })
+        .unwrap();
+    assert_eq!(older.1, m.body);
+    let older_headers = older.0.headers().clone().unwrap_or_default();
+    assert_eq!(
+        runtime::envelope::header_str(&older_headers, "x-error-kind").as_deref(),
+        Some("permanent")
+    );
+    pool.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replay_killed_half_way_loses_no_message() {
     let env = TestEnv::new().await;
     apply(&env).await;
