@@ -224,6 +224,58 @@ async fn garbage_is_dead_lettered_as_malformed_while_valid_messages_keep_flowing
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn headers_that_are_not_text_neither_stop_the_consumer_nor_change_on_the_way_to_the_dead_queue()
+ {
+    // AMQP's long strings are bytes; a client may put anything in one. A
+    // consumer that insisted on UTF-8 would drop its connection on such a
+    // message, and get it back, again and again.
+    use lapin::types::{AMQPValue, LongString};
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let binary = || AMQPValue::LongString(LongString::from(vec![0xff_u8, 0x00, 0xfe]));
+    let with_binary_headers = |out: &Outgoing| {
+        let props = out.properties();
+        let mut table = props.headers().clone().unwrap_or_default();
+        table.insert("x-binary".into(), binary());
+        table.insert(headers::TRACEPARENT.into(), binary());
+        props.with_headers(table)
+    };
+    for probe in [
+        probe("binary-ok"),
+        Probe {
+            fail: Some("permanent".into()),
+            ..probe("binary-refused")
+        },
+    ] {
+        let out = Outgoing::of(&probe).correlated(&probe.id);
+        env.publish(
+            &out.exchange,
+            &out.routing_key,
+            with_binary_headers(&out),
+            &out.body,
+        )
+        .await;
+    }
+    send(&env, &probe("after")).await;
+
+    let pool = env.pool().await;
+    eventually(WAIT, "both valid messages applied", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 2
+    })
+    .await;
+    eventually(WAIT, "the refused one is dead", || async {
+        env.depth("inventory.dead").await == 1
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    assert_eq!(header(&dead[0].0, "x-binary"), Some(binary()));
+    pool.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_message_id_delivered_twice_has_one_effect() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms").await;
