@@ -1,7 +1,7 @@
 //! The publisher's settings, from the environment.
 
 use runtime::SecretUrl;
-use runtime::config::{ConfigError, DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, env_or};
+use runtime::config::{ConfigError, DEFAULT_DATABASE_URL, amqp_url_from_env, env_or};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ impl PublisherSettings {
         let timeout_ms: u64 = env_or("REQUEST_TIMEOUT_MS", "10000")?;
         Ok(Self {
             http_addr: env_or("HTTP_ADDR", "127.0.0.1:8080")?,
-            amqp_url: SecretUrl::new(env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?),
+            amqp_url: amqp_url_from_env()?,
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
             request_timeout: Duration::from_millis(timeout_ms),
             max_body_bytes: env_or("MAX_BODY_BYTES", "65536")?,

@@ -85,6 +85,24 @@ where
     })
 }
 
+/// `AMQP_URL`, read and parsed at start: a URL the client cannot read is
+/// bad configuration, reported at once (password masked), not a broker to
+/// wait for.
+pub fn amqp_url_from_env() -> Result<SecretUrl, ConfigError> {
+    check_amqp_url(&env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?)
+}
+
+fn check_amqp_url(url: &str) -> Result<SecretUrl, ConfigError> {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(_) => Ok(SecretUrl::new(url)),
+        Err(reason) => Err(ConfigError {
+            name: "AMQP_URL",
+            value: mask_password(url),
+            reason: format!("not an AMQP URL: {reason}"),
+        }),
+    }
+}
+
 /// Settings shared by every worker binary.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -154,7 +172,7 @@ impl WorkerSettings {
         let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
         let retention_days: u64 = env_or("INBOX_RETENTION_DAYS", "30")?;
         Ok(Self {
-            amqp_url: SecretUrl::new(env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?),
+            amqp_url: amqp_url_from_env()?,
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
             retry_delays: env_or("RETRY_DELAYS", "1s,5s,30s,2m,10m")?,
             prefetch,
@@ -211,6 +229,22 @@ mod tests {
         assert_eq!(undeclared.database_pool_size, 4);
         assert_eq!(mailer.concurrency, 6);
         assert_eq!(mailer.database_pool_size, 8);
+    }
+
+    #[test]
+    fn an_amqp_url_that_cannot_be_read_is_refused_with_its_password_masked() {
+        for (bad, why) in [
+            ("garbage", "relative URL"),
+            ("amqp://guest:s3cret@127.0.0.1:99999/%2f", "port"),
+        ] {
+            let e = check_amqp_url(bad).expect_err(bad);
+            let text = e.to_string();
+            assert!(text.starts_with("AMQP_URL="), "{text}");
+            assert!(text.contains(why), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        assert!(check_amqp_url(DEFAULT_AMQP_URL).is_ok());
+        assert!(check_amqp_url("amqps://u:p@broker.example:5671/prod").is_ok());
     }
 
     #[test]
