@@ -1,11 +1,12 @@
 //! The PostgreSQL pool and migrations.
 
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The migrations of every domain schema, embedded in each binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -83,6 +84,42 @@ pub async fn connect(
         .connect_with(options)
         .await
         .map_err(DbError::Connect)
+}
+
+/// [`connect`], waiting for a server that cannot be reached yet (not
+/// listening, starting up, out of connection slots): retried with backoff,
+/// capped at 5 s, each attempt logged, so a worker started before its
+/// database (a host booting, a compose file without health checks) comes
+/// up when the database does. A URL that cannot be read, a password the
+/// server refuses, a database that cannot be created: returned at once.
+pub async fn connect_when_reachable(
+    url: &str,
+    max_connections: u32,
+    application: &str,
+) -> Result<PgPool, DbError> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    (|| connect(url, max_connections, application))
+        .retry(backoff)
+        .when(|e| matches!(e, DbError::Connect(e) if unreachable(e)))
+        .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "Database unreachable"))
+        .await
+}
+
+/// Whether connecting failed for want of a server that answers, which
+/// time may mend: the connection refused or cut, the server starting up
+/// or shutting down (class 57), out of connection slots (class 53).
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("57") || code.starts_with("53")),
+        _ => false,
+    }
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), DbError> {

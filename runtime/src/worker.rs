@@ -95,14 +95,15 @@ struct Inner<H> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Connects the database (creating and migrating it as needed). The
-    /// broker is connected by [`Worker::run`], which waits for it.
+    /// Connects the database, waiting for it if it is not up yet, and
+    /// creates and migrates it as needed. The broker is connected by
+    /// [`Worker::run`], which waits for it too.
     pub async fn build(
         spec: WorkerSpec,
         settings: WorkerSettings,
         handler: H,
     ) -> anyhow::Result<Self> {
-        let pool = db::connect(
+        let pool = db::connect_when_reachable(
             settings.database_url.expose(),
             settings.database_pool_size,
             spec.name,

@@ -78,3 +78,74 @@ async fn the_server_sees_each_connection_under_its_process_name() {
     chosen.close().await;
     env.cleanup().await;
 }
+
+/// Forwards every connection to `port` on loopback to PostgreSQL's port.
+async fn forward_to_postgres(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn connecting_before_the_database_is_up_waits_for_it() {
+    let env = TestEnv::new().await;
+    // A port nothing listens on yet: connections are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = env
+        .database_url
+        .replacen("127.0.0.1:5432", &format!("127.0.0.1:{port}"), 1);
+    assert_ne!(url, env.database_url, "{}", env.database_url);
+    let connecting =
+        tokio::spawn(async move { db::connect_when_reachable(&url, 1, "db-test").await });
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        !connecting.is_finished(),
+        "gave up on a database not up yet"
+    );
+    // The database comes up.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let forwarder = tokio::spawn(forward_to_postgres(listener));
+    let pool = tokio::time::timeout(std::time::Duration::from_secs(60), connecting)
+        .await
+        .expect("still waiting after the database came up")
+        .unwrap()
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    pool.close().await;
+    forwarder.abort();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_database_that_answers_no_is_not_waited_for() {
+    // A role the server does not know: an answer, not an absence.
+    let refused = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        db::connect_when_reachable(
+            "postgres://no_such_role_orderflow@127.0.0.1:5432/postgres",
+            1,
+            "db-test",
+        ),
+    )
+    .await
+    .expect("waited for a server that had answered");
+    let err = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("no_such_role_orderflow"), "{err}");
+}
