@@ -54,9 +54,13 @@ trap 'exit 0' INT TERM
 
 start smtp python3 scripts/smtp_sink.py --port 1025 --http 8025 --record "$run_dir/mail.jsonl"
 start payment-gateway-sim env HTTP_ADDR=127.0.0.1:8090 "$bin/payment-gateway-sim"
+# Each worker replica serves its metrics on a port of its own: 9101-9104
+# for the first replica, 9111-9114 for the second, and so on.
 for i in $(seq 1 "$replicas"); do
+    n=1
     for worker in order-worker inventory-worker payment-worker notification-worker; do
-        start "$worker-$i" "$bin/$worker"
+        start "$worker-$i" env METRICS_ADDR="127.0.0.1:$((9100 + (i - 1) * 10 + n))" "$bin/$worker"
+        n=$((n + 1))
     done
 done
 start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" "$bin/publisher"
@@ -98,6 +102,7 @@ orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
   RabbitMQ management http://127.0.0.1:15672   (guest / guest)
   Mail received       http://127.0.0.1:8025
   Payment gateway     http://127.0.0.1:8090/charges
+  Worker metrics      http://127.0.0.1:9101/metrics (order), 9102 (inventory), 9103 (payment), 9104 (notification)
 Press Ctrl-C to stop.
 INFO
 wait

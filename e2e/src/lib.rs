@@ -106,6 +106,7 @@ impl System {
             database_pool_size: 4,
             outbox_sweep_after: Duration::from_millis(1000),
             inbox_retention: Duration::from_secs(30 * 86_400),
+            metrics_addr: None,
         };
         let gateway_settings = payment_worker::GatewaySettings {
             url: gateway.clone(),

@@ -128,6 +128,9 @@ pub struct WorkerSettings {
     pub outbox_sweep_after: Duration,
     /// How long the inbox remembers an applied message (`INBOX_RETENTION_DAYS`).
     pub inbox_retention: Duration,
+    /// Where the worker serves `/metrics`, `/healthz` and `/readyz`
+    /// (`METRICS_ADDR`, such as `0.0.0.0:9100`); unset, it serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerSettings {
@@ -145,6 +148,7 @@ impl WorkerSettings {
             database_pool_size = self.database_pool_size,
             outbox_sweep_after = ?self.outbox_sweep_after,
             inbox_retention = ?self.inbox_retention,
+            metrics_addr = ?self.metrics_addr,
             "Effective configuration"
         );
     }
@@ -171,6 +175,17 @@ impl WorkerSettings {
         let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 2).min(8).to_string())?;
         let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
         let retention_days: u64 = env_or("INBOX_RETENTION_DAYS", "30")?;
+        let metrics_addr = match env_or::<String>("METRICS_ADDR", "")? {
+            addr if addr.is_empty() => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|e: std::net::AddrParseError| ConfigError {
+                        name: "METRICS_ADDR",
+                        value: addr.clone(),
+                        reason: format!("{e} (expected HOST:PORT such as 0.0.0.0:9100)"),
+                    })?,
+            ),
+        };
         Ok(Self {
             amqp_url: amqp_url_from_env()?,
             database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
@@ -182,6 +197,7 @@ impl WorkerSettings {
             database_pool_size: pool.max(2),
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
             inbox_retention: Duration::from_secs(retention_days.max(1) * 86_400),
+            metrics_addr,
         })
     }
 }

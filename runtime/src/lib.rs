@@ -15,6 +15,7 @@ pub mod config;
 pub mod db;
 pub mod envelope;
 pub mod handler;
+pub mod metrics;
 pub mod routing;
 pub mod shutdown;
 pub mod store;

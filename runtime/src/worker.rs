@@ -15,6 +15,7 @@ use crate::config::WorkerSettings;
 use crate::db;
 use crate::envelope::{Envelope, Inbound, Outgoing, header_int, header_str};
 use crate::handler::{Context, Failure, Fresh, Handler, Together, is_transient};
+use crate::metrics::{Outcome, WorkerMetrics};
 use crate::routing::{self, DeadKind, Route};
 use crate::store::Store;
 use backon::{ExponentialBuilder, Retryable};
@@ -92,6 +93,8 @@ struct Inner<H> {
     relaying: std::sync::Mutex<std::collections::HashSet<i64>>,
     /// The consumer channel's deliveries, settled through one place.
     acks: Acks,
+    /// What `/metrics` shows (`METRICS_ADDR`).
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -136,6 +139,7 @@ impl<H: Handler> Worker<H> {
                 relayed: std::sync::Mutex::new(Vec::new()),
                 relaying: std::sync::Mutex::new(std::collections::HashSet::new()),
                 acks: Acks::default(),
+                metrics: Arc::new(WorkerMetrics::new(spec.name)),
             }),
         }
     }
@@ -150,6 +154,22 @@ impl<H: Handler> Worker<H> {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let token = CancellationToken::new();
+        // Bound before anything starts: a port taken is bad configuration.
+        let observer = match self.inner.settings.metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on METRICS_ADDR={addr}: {e}"))?;
+                info!(worker = self.inner.spec.name, %addr, "Serving /metrics, /healthz and /readyz");
+                Some(tokio::spawn(crate::metrics::serve(
+                    listener,
+                    self.inner.metrics.clone(),
+                    self.inner.pool.clone(),
+                    token.clone(),
+                )))
+            }
+            None => None,
+        };
         let trigger = token.clone();
         tokio::spawn(async move {
             shutdown.await;
@@ -168,6 +188,7 @@ impl<H: Handler> Worker<H> {
                 c = broker::connect_with_backoff(inner.settings.amqp_url.expose(), &name) => c,
             };
             let result = consume(&inner, &connection, &token).await;
+            inner.metrics.set_consuming(false);
             let _ = connection.close(200, "consumer stopping".into()).await;
             match result {
                 Ok(()) => break,
@@ -183,6 +204,9 @@ impl<H: Handler> Worker<H> {
         let _ = sweeper.await;
         if let Some(deadlines) = deadlines {
             let _ = deadlines.await;
+        }
+        if let Some(observer) = observer {
+            let _ = observer.await;
         }
         // Delete what was relayed, then relay whatever the last handlers
         // left, regardless of age.
@@ -243,6 +267,7 @@ async fn consume<H: Handler>(
     // The previous channel's deliveries are all finished: `for_each_concurrent`
     // below returns only then.
     inner.acks.reset();
+    inner.metrics.set_consuming(true);
     info!(
         worker = inner.spec.name,
         queue,
@@ -494,10 +519,12 @@ async fn process_batch<H: Handler>(
     let mut outbox = Vec::new();
     let mut failed = Vec::new();
     let mut fresh = Vec::with_capacity(batch.len());
+    let mut duplicates = 0;
     for decoded in batch {
         if new.remove(&decoded.envelope.message_id) {
             fresh.push(decoded);
         } else {
+            duplicates += 1;
             let Decoded {
                 delivery, envelope, ..
             } = decoded;
@@ -594,12 +621,17 @@ async fn process_batch<H: Handler>(
         }
     };
     let committed_at = std::time::Instant::now();
+    inner.metrics.transaction(committed_at - started);
     // Both only need the commit: neither waits for the other.
     let deliveries: Vec<_> = done.iter().map(|(d, _)| d).collect();
     futures::join!(
         inner.acks.ack(&deliveries),
         relay(inner, (outbox_ids, outbox))
     );
+    inner.metrics.settled(Outcome::Duplicate, duplicates);
+    inner
+        .metrics
+        .settled(Outcome::Applied, done.len() - duplicates);
     debug!(queue, messages = done.len(), handled_and_committed = ?(committed_at - started), acked_and_relayed = ?committed_at.elapsed(), "Batch done");
     for (_, envelope) in &done {
         debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
@@ -789,11 +821,14 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
         // Shutting down while the database is away: leave it to the broker.
         return;
     };
+    let started = std::time::Instant::now();
     let outcome = match inner.store.record_inbox(&mut tx, envelope.message_id).await {
         Ok(false) => {
             drop(tx);
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
-            return ack(inner, &delivery).await;
+            ack(inner, &delivery).await;
+            inner.metrics.settled(Outcome::Duplicate, 1);
+            return;
         }
         Ok(true) => {
             let mut ctx = Context::new(envelope.clone(), tx);
@@ -809,7 +844,9 @@ async fn process<H: Handler>(inner: &Inner<H>, delivery: Delivery, token: &Cance
             // The effect and the messages it causes are committed: the ack
             // can go now, and so can the relay (or, after a crash, the
             // sweeper) that sends them.
+            inner.metrics.transaction(started.elapsed());
             futures::join!(ack(inner, &delivery), relay(inner, ids_and_messages));
+            inner.metrics.settled(Outcome::Applied, 1);
             if redelivered {
                 let _ = inner
                     .store
@@ -919,7 +956,10 @@ async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
     }
     let _relaying = Relaying::new(inner, &ids);
     match inner.publisher.publish_all(&messages).await {
-        Ok(()) => mark_relayed(inner, &ids),
+        Ok(()) => {
+            mark_relayed(inner, &ids);
+            inner.metrics.relayed(messages.len());
+        }
         Err(e) => {
             warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
         }
@@ -1021,6 +1061,7 @@ async fn requeue<H>(inner: &Inner<H>, delivery: &Delivery, error: &PublishError)
     warn!(error = %error, "Could not move the message; returning it to its queue");
     tokio::time::sleep(Duration::from_secs(1)).await;
     inner.acks.requeue(delivery).await;
+    inner.metrics.settled(Outcome::Requeued, 1);
 }
 
 async fn retry<H>(
@@ -1050,6 +1091,7 @@ async fn retry<H>(
         Ok(()) => {
             warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, error = why, "Transient failure, retrying");
             ack(inner, delivery).await;
+            inner.metrics.settled(Outcome::Retried, 1);
         }
         Err(e) => requeue(inner, delivery, &e).await,
     }
@@ -1092,6 +1134,7 @@ async fn dead_letter<H>(
                 "Message dead-lettered"
             );
             ack(inner, delivery).await;
+            inner.metrics.dead_lettered(kind);
         }
         Err(e) => requeue(inner, delivery, &e).await,
     }
@@ -1301,6 +1344,7 @@ async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Result<usize>
         inner.publisher.publish_all(&messages).await?;
         inner.store.delete_outbox(&mut tx, &ids).await?;
         tx.commit().await?;
+        inner.metrics.swept(ids.len());
         total += ids.len();
     }
 }

@@ -22,6 +22,7 @@ pub fn settings(env: &TestEnv, retry_delays: &str) -> WorkerSettings {
         database_pool_size: 10,
         outbox_sweep_after: Duration::from_millis(500),
         inbox_retention: Duration::from_secs(30 * 86_400),
+        metrics_addr: None,
     }
 }
 

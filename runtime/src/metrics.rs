@@ -1,0 +1,296 @@
+//! What a worker counts, and the small HTTP server that shows it
+//! (`METRICS_ADDR`): `/metrics` (OpenMetrics, for Prometheus), `/healthz`
+//! (the process answers) and `/readyz` (consuming, and the database
+//! answers), for orchestrators' probes and operators' dashboards.
+//!
+//! Every counter is moved where the outcome is settled: a message counts
+//! as applied or duplicate once its transaction committed, as retried or
+//! dead-lettered once the broker confirmed its copy, as requeued once it
+//! was given back. A chunk rolled back and run again alone counts once.
+
+use crate::routing::DeadKind;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How a consumed message ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its effect committed.
+    Applied,
+    /// Its id was in the inbox already: acked without effect.
+    Duplicate,
+    /// Moved to a retry tier.
+    Retried,
+    /// Moved to the dead queue.
+    DeadLettered,
+    /// Given back to its queue: moving it failed.
+    Requeued,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Retried => "retried",
+            Self::DeadLettered => "dead_lettered",
+            Self::Requeued => "requeued",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// A worker's counters, labelled with its name.
+pub struct WorkerMetrics {
+    registry: Registry,
+    messages: Family<OutcomeLabels, Counter>,
+    dead_letters: Family<KindLabels, Counter>,
+    relayed: Counter,
+    swept: Counter,
+    transaction_seconds: Histogram,
+    consuming: Gauge,
+}
+
+impl std::fmt::Debug for WorkerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerMetrics").finish_non_exhaustive()
+    }
+}
+
+impl WorkerMetrics {
+    pub fn new(worker: &'static str) -> Self {
+        let mut registry = Registry::with_prefix_and_labels(
+            "orderflow_worker",
+            [("worker".into(), worker.into())].into_iter(),
+        );
+        let messages = Family::<OutcomeLabels, Counter>::default();
+        let dead_letters = Family::<KindLabels, Counter>::default();
+        let relayed = Counter::default();
+        let swept = Counter::default();
+        let transaction_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let consuming = Gauge::default();
+        registry.register(
+            "messages",
+            "Consumed messages by outcome: applied, duplicate, retried, dead_lettered, requeued",
+            messages.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages moved to the dead queue, by x-error-kind",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "outbox_relayed",
+            "Emitted messages relayed right after their transaction",
+            relayed.clone(),
+        );
+        registry.register(
+            "outbox_swept",
+            "Emitted messages relayed by the sweeper (left by a crash or a failed relay)",
+            swept.clone(),
+        );
+        registry.register(
+            "transaction_seconds",
+            "Time from a chunk's first statement to its commit",
+            transaction_seconds.clone(),
+        );
+        registry.register(
+            "consuming",
+            "1 while the worker is subscribed to its queue",
+            consuming.clone(),
+        );
+        Self {
+            registry,
+            messages,
+            dead_letters,
+            relayed,
+            swept,
+            transaction_seconds,
+            consuming,
+        }
+    }
+
+    pub fn settled(&self, outcome: Outcome, count: usize) {
+        if count > 0 {
+            self.messages
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.as_str(),
+                })
+                .inc_by(count as u64);
+        }
+    }
+
+    pub fn dead_lettered(&self, kind: DeadKind) {
+        self.settled(Outcome::DeadLettered, 1);
+        self.dead_letters
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn relayed(&self, count: usize) {
+        self.relayed.inc_by(count as u64);
+    }
+
+    pub fn swept(&self, count: usize) {
+        self.swept.inc_by(count as u64);
+    }
+
+    pub fn transaction(&self, took: Duration) {
+        self.transaction_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn set_consuming(&self, consuming: bool) {
+        self.consuming.set(i64::from(consuming));
+    }
+
+    pub fn is_consuming(&self) -> bool {
+        self.consuming.get() == 1
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Observed {
+    metrics: Arc<WorkerMetrics>,
+    pool: PgPool,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `token`
+/// is cancelled.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<WorkerMetrics>,
+    pool: PgPool,
+    token: CancellationToken,
+) {
+    let router = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(Observed { metrics, pool });
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        tracing::warn!(error = %e, "The metrics server stopped");
+    }
+}
+
+async fn render(State(observed): State<Observed>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        observed.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Ready while subscribed to the queue and the database answers within a
+/// second; the body says which is missing.
+async fn ready(State(observed): State<Observed>) -> Response {
+    let consuming = observed.metrics.is_consuming();
+    let database = tokio::time::timeout(
+        Duration::from_secs(1),
+        sqlx::query("SELECT 1").execute(&observed.pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let body = format!(
+        "{{\"broker\":\"{}\",\"database\":\"{}\"}}\n",
+        word(consuming),
+        word(database)
+    );
+    let status = if consuming && database {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn not_ready_while_not_consuming_or_without_a_database() {
+        // Nothing listens on port 1: the database does not answer.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+            .unwrap();
+        let metrics = Arc::new(WorkerMetrics::new("test-worker"));
+        let observed = Observed {
+            metrics: metrics.clone(),
+            pool,
+        };
+        let response = ready(State(observed.clone())).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        metrics.set_consuming(true);
+        let response = ready(State(observed)).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap().trim(),
+            r#"{"broker":"ok","database":"unavailable"}"#
+        );
+    }
+
+    #[test]
+    fn outcomes_and_kinds_are_labelled_with_the_worker() {
+        let metrics = WorkerMetrics::new("test-worker");
+        metrics.settled(Outcome::Applied, 3);
+        metrics.settled(Outcome::Duplicate, 0);
+        metrics.dead_lettered(DeadKind::DeliveryLimit);
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"orderflow_worker_messages_total{worker="test-worker",outcome="applied"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"outcome="duplicate""#), "{text}");
+        assert!(
+            text.contains(r#"orderflow_worker_dead_letters_total{worker="test-worker",kind="delivery-limit"} 1"#),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! What a worker shows on `METRICS_ADDR`, against the real broker and
+//! database: every outcome counted once, readiness, and the port closed
+//! when the worker stops.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use runtime::Outgoing;
+use std::time::Duration;
+use support::probe::Probe;
+use support::*;
+use testkit::{TestEnv, eventually};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn probe(id: &str) -> Probe {
+    Probe {
+        id: id.into(),
+        ..Probe::default()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of the sample of `metric` whose labels include `label`.
+fn sample(text: &str, metric: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut settings = settings(&env, "100ms");
+    settings.metrics_addr = Some(([127, 0, 0, 1], port).into());
+    let worker = start_worker_with(&env, settings).await;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        let request = http.get(format!("{base}{path}"));
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    eventually(WAIT, "ready once consuming", || async {
+        get("/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(
+        get("/readyz").await.1.trim(),
+        r#"{"broker":"ok","database":"ok"}"#
+    );
+    assert_eq!(get("/healthz").await.0, 200);
+
+    // Applied: two (one after a retry). Duplicate: one. Dead: a refused
+    // one and a malformed one.
+    let twice = send(&env, &probe("m-once")).await;
+    env.publish(
+        &twice.exchange,
+        &twice.routing_key,
+        twice.properties(),
+        &twice.body,
+    )
+    .await;
+    send(
+        &env,
+        &Probe {
+            fail: Some("transient".into()),
+            succeed_at_attempt: Some(2),
+            ..probe("m-retried")
+        },
+    )
+    .await;
+    send(
+        &env,
+        &Probe {
+            fail: Some("permanent".into()),
+            ..probe("m-refused")
+        },
+    )
+    .await;
+    let template = Outgoing::of(&probe("template")).properties();
+    env.publish(
+        "commands",
+        "inventory.probe",
+        template.with_message_id(uuid::Uuid::new_v4().to_string().as_str().into()),
+        b"{not json",
+    )
+    .await;
+
+    let metric = |name: &str| format!("orderflow_worker_{name}");
+    eventually(WAIT, "every message settled", || async {
+        let text = get("/metrics").await.1;
+        sample(&text, &metric("messages_total"), r#"outcome="applied""#) == 2.0
+            && sample(
+                &text,
+                &metric("messages_total"),
+                r#"outcome="dead_lettered""#,
+            ) == 2.0
+            && sample(&text, &metric("messages_total"), r#"outcome="duplicate""#) == 1.0
+    })
+    .await;
+    let text = get("/metrics").await.1;
+    let messages = metric("messages_total");
+    assert_eq!(
+        sample(&text, &messages, r#"outcome="retried""#),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &messages, r#"outcome="requeued""#),
+        0.0,
+        "{text}"
+    );
+    let dead = metric("dead_letters_total");
+    assert_eq!(sample(&text, &dead, r#"kind="permanent""#), 1.0, "{text}");
+    assert_eq!(sample(&text, &dead, r#"kind="malformed""#), 1.0, "{text}");
+    assert_eq!(
+        sample(&text, &metric("consuming"), r#"worker="probe-worker""#),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            &metric("transaction_seconds_count"),
+            r#"worker="probe-worker""#
+        ) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(env.depth("inventory.dead").await, 2);
+
+    worker.stop().await;
+    assert!(
+        http.get(format!("{base}/healthz")).send().await.is_err(),
+        "still serving after the worker stopped"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_garbage_metrics_address_stops_the_worker_at_start() {
+    testkit::assert_setting_refused(env!("CARGO_BIN_EXE_probe-worker"), "METRICS_ADDR", "9100")
+        .await;
+}
