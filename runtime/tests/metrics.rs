@@ -48,8 +48,11 @@ async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
     let get = |path: &str| {
         let request = http.get(format!("{base}{path}"));
         async move {
-            let response = request.send().await.unwrap();
-            (response.status().as_u16(), response.text().await.unwrap())
+            // Refused until the worker's task has bound the port: status 0.
+            match request.send().await {
+                Ok(response) => (response.status().as_u16(), response.text().await.unwrap()),
+                Err(_) => (0, String::new()),
+            }
         }
     };
     eventually(WAIT, "ready once consuming", || async {
