@@ -38,6 +38,13 @@ else
     exit 1
 fi
 
+log "deploy/kubernetes (kubernetes-validate --strict)"
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+    python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages kubernetes-validate
+fi
+python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml
+
 # Tests that stop the shared broker run alone, after the others.
 serial='binary(broker_restart)'
 if command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&1; then
