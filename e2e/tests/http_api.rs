@@ -503,3 +503,64 @@ async fn every_process_names_itself_to_the_database() {
     }
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_command_continues_the_trace_of_the_request_that_sent_it() {
+    // The publisher alone: its commands stay in their queues to be read.
+    let env = testkit::TestEnv::new().await;
+    env.declare_topology("1s").await;
+    let settings = publisher::PublisherSettings {
+        http_addr: "127.0.0.1:0".into(),
+        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+        database_url: runtime::SecretUrl::new(env.database_url.clone()),
+        request_timeout: Duration::from_secs(10),
+        max_body_bytes: 65536,
+        database_pool_size: 1,
+    };
+    let app = publisher::Application::build(settings).await.unwrap();
+    let api = format!("http://127.0.0.1:{}", app.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    for traceparent in [
+        format!("00-{trace}-00f067aa0ba902b7-01"),
+        // Not a traceparent: the command starts a trace of its own.
+        "00-garbage-00f067aa0ba902b7-01".to_owned(),
+    ] {
+        let response = http
+            .post(format!("{api}/orders"))
+            .header("traceparent", traceparent)
+            .json(&order_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    let placed = env.drain("order").await;
+    assert_eq!(placed.len(), 2);
+    let traceparents: Vec<String> = placed
+        .iter()
+        .map(|(p, _)| {
+            let headers = p.headers().clone().unwrap_or_default();
+            runtime::envelope::header_str(&headers, "traceparent").unwrap()
+        })
+        .collect();
+    assert!(
+        traceparents[0].starts_with(&format!("00-{trace}-")),
+        "{traceparents:?}"
+    );
+    assert!(
+        !traceparents[0].contains("00f067aa0ba902b7"),
+        "the command is a span of its own: {traceparents:?}"
+    );
+    assert!(
+        runtime::envelope::is_traceparent(&traceparents[1]) && !traceparents[1].contains(trace),
+        "{traceparents:?}"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    env.cleanup().await;
+}

@@ -42,6 +42,12 @@ fn derived_id(name: &str) -> Uuid {
     Uuid::new_v5(&ID_NAMESPACE, name.as_bytes())
 }
 
+/// The request's W3C `traceparent`: the command it publishes, and every
+/// message that follows from it, continue the caller's trace.
+fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
     match headers.get("idempotency-key") {
         None => Ok(None),
@@ -147,7 +153,9 @@ pub async fn place_order(
         items: order.items,
         payment_method: order.payment_method,
     };
-    let message = Outgoing::of(&command).correlated(order_id);
+    let message = Outgoing::of(&command)
+        .correlated(order_id)
+        .traced_from(traceparent(&headers));
     // A request retried with its key sends the same command message, which
     // the order queue's inbox then drops; without a key each request is an
     // order of its own and keeps the message's time-ordered id.
@@ -196,7 +204,8 @@ pub async fn cancel_order(
     };
     let message = Outgoing::of(&CancelOrder { order_id })
         .with_message_id(message_id)
-        .correlated(order_id);
+        .correlated(order_id)
+        .traced_from(traceparent(&headers));
     publish(&state, "order.cancel", &message).await?;
     Ok(accepted(
         Some(format!("/orders/{order_id}")),
@@ -226,7 +235,8 @@ pub async fn restock(
         sku: sku.as_str().to_owned(),
         quantity,
     })
-    .with_message_id(message_id);
+    .with_message_id(message_id)
+    .traced_from(traceparent(&headers));
     publish(&state, "inventory.restock", &message).await?;
     Ok(accepted(
         Some(format!("/inventory/{}", sku.as_str())),

@@ -165,6 +165,16 @@ impl Outgoing {
         self
     }
 
+    /// Continues the trace of a request that carried a W3C `traceparent`
+    /// (the HTTP header); without one, or with one that is not valid, the
+    /// message starts a trace of its own.
+    pub fn traced_from(mut self, parent: Option<&str>) -> Self {
+        if let Some(parent) = parent.filter(|p| is_traceparent(p)) {
+            self.traceparent = Some(child_traceparent(Some(parent)));
+        }
+        self
+    }
+
     /// Continues the trace and correlation of the message being handled.
     pub fn caused_by(mut self, cause: &Envelope) -> Self {
         if self.correlation_id.is_none() {
@@ -216,6 +226,22 @@ pub fn child_traceparent(parent: Option<&str>) -> String {
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
     format!("00-{trace_id}-{:016x}-01", rand::random::<u64>())
+}
+
+/// Whether `value` is a W3C traceparent this system can continue: version
+/// `00`, a trace id and a parent id in lower-case hex, neither all zeros,
+/// and flags.
+pub fn is_traceparent(value: &str) -> bool {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && s.bytes().any(|b| b != b'0')
+    };
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    matches!(parts.as_slice(), ["00", trace, parent, flags]
+        if hex(trace, 32) && hex(parent, 16) && flags.len() == 2
+            && flags.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 pub fn header_str(headers: &FieldTable, name: &str) -> Option<String> {
@@ -299,6 +325,36 @@ mod tests {
         );
         let no_type = good.with_type("".into());
         assert_eq!(Envelope::parse(&no_type), Err(Malformed::MissingType));
+    }
+
+    #[test]
+    fn a_request_s_traceparent_is_continued_only_when_valid() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let probe = || Outgoing::of(&Ping { n: 1 });
+        let continued = probe().traced_from(Some(parent));
+        let t = continued.traceparent.unwrap();
+        assert!(t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{t}");
+        assert!(
+            !t.contains("00f067aa0ba902b7"),
+            "a new span, not the parent's: {t}"
+        );
+        for garbage in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            let kept = probe().traced_from(Some(garbage)).traceparent.unwrap();
+            assert!(
+                !kept.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+                "{garbage}: {kept}"
+            );
+            assert!(is_traceparent(&kept), "{kept}");
+        }
+        assert!(probe().traced_from(None).traceparent.is_some());
     }
 
     #[test]
