@@ -269,6 +269,8 @@ pub fn header_int(headers: &FieldTable, name: &str) -> Option<i64> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[derive(Serialize)]
