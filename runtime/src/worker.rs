@@ -1089,7 +1089,7 @@ async fn retry<H>(
     let target = inner.spec.domain.retry_queue(tier);
     match publish_with_retries(inner, &target, &delivery.data, properties).await {
         Ok(()) => {
-            warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, error = why, "Transient failure, retrying");
+            warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, trace_id = trace_id(delivery), error = why, "Transient failure, retrying");
             ack(inner, delivery).await;
             inner.metrics.settled(Outcome::Retried, 1);
         }
@@ -1128,6 +1128,7 @@ async fn dead_letter<H>(
             error!(
                 queue,
                 message_id,
+                trace_id = trace_id(delivery),
                 kind = kind.as_str(),
                 attempts,
                 error = why,
@@ -1138,6 +1139,19 @@ async fn dead_letter<H>(
         }
         Err(e) => requeue(inner, delivery, &e).await,
     }
+}
+
+/// The trace id of the delivery's `traceparent`, for log lines an
+/// operator joins with traces; empty when it has none.
+fn trace_id(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| header_str(h, headers::TRACEPARENT))
+        .filter(|t| crate::envelope::is_traceparent(t))
+        .and_then(|t| t.split('-').nth(1).map(str::to_owned))
+        .unwrap_or_default()
 }
 
 async fn publish_with_retries<H>(
