@@ -70,6 +70,8 @@ const VHOST: &str = "orderflow_bench";
 const DB: &str = "orderflow_bench";
 const PG: &str = "postgres://postgres@127.0.0.1:5432";
 const SKUS: usize = 20;
+/// Worker `i` of replica `r` serves its metrics on this port plus `10 r + i`.
+const METRICS_PORTS: u16 = 19101;
 
 type Arrivals = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -488,19 +490,29 @@ async fn main() -> anyhow::Result<()> {
         &format!("{}/payment-gateway-sim", args.bin),
         &env,
     )?;
+    // Each worker serves its metrics, so the run is measured with them on
+    // and its counts are checked against the orders at the end.
+    let mut metrics_ports = Vec::new();
     for r in 0..args.replicas {
-        for w in [
+        for (i, w) in [
             "order-worker",
             "inventory-worker",
             "payment-worker",
             "notification-worker",
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let port = METRICS_PORTS + u16::try_from(10 * r + i)?;
+            let mut env = common.clone();
+            env.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
             spawn(
                 &mut procs,
                 &format!("{w}-{r}"),
                 &format!("{}/{w}", args.bin),
-                &common,
+                &env,
             )?;
+            metrics_ports.push(port);
         }
     }
     let mut env = common.clone();
@@ -712,6 +724,33 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|p| (p.name.clone(), p.child.id().and_then(peak_rss_kib)))
         .collect();
+    // What the workers say they did with what they consumed, warm-up
+    // included. Every order confirmed consumed 7 messages (place, reserve,
+    // reserved, charge, charged, commit, confirmed) and the set-up a
+    // restock per SKU; an order's `inventory.commit` may still be on its
+    // way when its email has arrived, so the counts get a few seconds.
+    let all_confirmed = states.iter().all(|(s, _)| s == "CONFIRMED");
+    let expected_applied = 7 * (accepted + args.warm_up) as u64 + SKUS as u64;
+    let settle_by = Instant::now() + Duration::from_secs(30);
+    let consumed = loop {
+        let mut consumed: std::collections::BTreeMap<String, u64> = Default::default();
+        for port in &metrics_ports {
+            let text = http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await?
+                .text()
+                .await?;
+            for (outcome, n) in outcomes(&text) {
+                *consumed.entry(outcome).or_default() += n;
+            }
+        }
+        let applied = consumed.get("applied").copied().unwrap_or(0);
+        if !all_confirmed || applied >= expected_applied || Instant::now() > settle_by {
+            break consumed;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     for p in &procs {
         if let Some(pid) = p.child.id() {
             let _ = std::process::Command::new("kill")
@@ -773,6 +812,22 @@ async fn main() -> anyhow::Result<()> {
             .map(|(s, n)| format!("{s} {n}"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    let applied = consumed.get("applied").copied().unwrap_or(0);
+    let dead = consumed.get("dead_lettered").copied().unwrap_or(0);
+    println!(
+        "| messages consumed by outcome (workers' `/metrics`, warm-up included) | {}; applied {} 7 × {} orders + {SKUS} restocks |",
+        consumed
+            .iter()
+            .map(|(o, n)| format!("{o} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if applied == expected_applied {
+            "="
+        } else {
+            "≠"
+        },
+        accepted + args.warm_up
     );
     // Without a ceiling measured there is nothing to set the run against.
     if !args.no_ceiling {
@@ -866,12 +921,42 @@ async fn main() -> anyhow::Result<()> {
             latencies.len()
         );
     }
+    if dead != 0 || (all_confirmed && applied != expected_applied) {
+        anyhow::bail!(
+            "not a result: the workers dead-lettered {dead} messages and applied {applied} where the orders need {expected_applied}"
+        );
+    }
     Ok(())
+}
+
+/// `orderflow_worker_messages_total` of one worker's `/metrics`, by outcome.
+fn outcomes(metrics: &str) -> Vec<(String, u64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("orderflow_worker_messages_total{"))
+        .filter_map(|l| {
+            let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?;
+            let n = l.rsplit(' ').next()?.parse().ok()?;
+            Some((outcome.to_owned(), n))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_outcomes_are_read_from_a_worker_s_metrics() {
+        let text = "# TYPE orderflow_worker_messages counter\n\
+            orderflow_worker_messages_total{worker=\"order-worker\",outcome=\"applied\"} 12\n\
+            orderflow_worker_messages_total{worker=\"order-worker\",outcome=\"duplicate\"} 1\n\
+            orderflow_worker_dead_letters_total{worker=\"order-worker\",kind=\"malformed\"} 3\n";
+        assert_eq!(
+            outcomes(text),
+            vec![("applied".to_owned(), 12), ("duplicate".to_owned(), 1)]
+        );
+    }
 
     fn event(order: &str, status: &str, at: f64) -> (String, String, f64) {
         (order.to_owned(), status.to_owned(), at)
