@@ -196,7 +196,7 @@ pub(crate) async fn serve(
 ) {
     let router = Router::new()
         .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(alive))
         .route("/readyz", get(ready))
         .with_state(Observed { metrics, pool });
     let served = axum::serve(listener, router)
@@ -214,6 +214,15 @@ async fn render(State(observed): State<Observed>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         observed.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Alive: the process answers. The same body as the publisher's.
+async fn alive() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        "{\"status\":\"ok\"}\n",
     )
         .into_response()
 }

@@ -63,7 +63,10 @@ async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
         get("/readyz").await.1.trim(),
         r#"{"broker":"ok","database":"ok"}"#
     );
-    assert_eq!(get("/healthz").await.0, 200);
+    assert_eq!(
+        get("/healthz").await,
+        (200, "{\"status\":\"ok\"}\n".to_owned())
+    );
 
     // Applied: two (one after a retry). Duplicate: one. Dead: a refused
     // one and a malformed one.
