@@ -96,16 +96,22 @@ fn parse_uri(url: &str, frame_max: u32) -> Result<AMQPUri, String> {
     Ok(uri)
 }
 
-/// Connects, retrying with exponential backoff (capped at 5 s) until it
-/// succeeds. Callers race it against their shutdown signal.
-pub async fn connect_with_backoff(url: &str, name: &str) -> Connection {
-    let backoff = ExponentialBuilder::default()
+/// How a process waits for a server it needs (the broker, the database):
+/// from 200 ms, doubling to 5 s, jittered, never giving up; the caller
+/// decides what is worth waiting for and races its shutdown signal.
+pub(crate) fn until_reachable() -> ExponentialBuilder {
+    ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
-        .without_max_times();
+        .without_max_times()
+}
+
+/// Connects, retrying with exponential backoff (capped at 5 s) until it
+/// succeeds. Callers race it against their shutdown signal.
+pub async fn connect_with_backoff(url: &str, name: &str) -> Connection {
     let result = (|| connect(url, name))
-        .retry(backoff)
+        .retry(until_reachable())
         .notify(|e, delay| warn!(connection = name, error = %e, retry_in = ?delay, "Broker unreachable"))
         .await;
     match result {

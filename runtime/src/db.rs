@@ -1,6 +1,6 @@
 //! The PostgreSQL pool and migrations.
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
 use std::net::IpAddr;
@@ -97,13 +97,8 @@ pub async fn connect_when_reachable(
     max_connections: u32,
     application: &str,
 ) -> Result<PgPool, DbError> {
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
     (|| connect(url, max_connections, application))
-        .retry(backoff)
+        .retry(crate::broker::until_reachable())
         .when(|e| matches!(e, DbError::Connect(e) if unreachable(e)))
         .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "Database unreachable"))
         .await
