@@ -7,6 +7,38 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
 
+/// The publisher alone, without workers, in this process.
+struct LonePublisher {
+    api: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LonePublisher {
+    async fn start(amqp_url: &str, database_url: &str) -> Self {
+        let settings = publisher::PublisherSettings {
+            http_addr: "127.0.0.1:0".into(),
+            amqp_url: runtime::SecretUrl::new(amqp_url),
+            database_url: runtime::SecretUrl::new(database_url),
+            request_timeout: Duration::from_secs(10),
+            max_body_bytes: 65536,
+            database_pool_size: 1,
+        };
+        let app = publisher::Application::build(settings).await.unwrap();
+        let api = format!("http://127.0.0.1:{}", app.port());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run(async move {
+            let _ = stopped.await;
+        }));
+        Self { api, stop, server }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.server.await.unwrap().unwrap();
+    }
+}
+
 fn order_body() -> Value {
     json!({
         "customer_email": "ada@example.com",
@@ -402,21 +434,13 @@ async fn health_readiness_and_metrics_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
-    let settings = publisher::PublisherSettings {
-        http_addr: "127.0.0.1:0".into(),
-        // Nothing listens on port 1.
-        amqp_url: runtime::SecretUrl::new("amqp://guest:guest@127.0.0.1:1/%2f"),
-        database_url: runtime::SecretUrl::new("postgres://postgres@127.0.0.1:1/none"),
-        request_timeout: Duration::from_secs(10),
-        max_body_bytes: 65536,
-        database_pool_size: 1,
-    };
-    let app = publisher::Application::build(settings).await.unwrap();
-    let api = format!("http://127.0.0.1:{}", app.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run(async move {
-        let _ = stopped.await;
-    }));
+    // Nothing listens on port 1.
+    let publisher = LonePublisher::start(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "postgres://postgres@127.0.0.1:1/none",
+    )
+    .await;
+    let api = publisher.api.clone();
     let http = reqwest::Client::new();
 
     let response = http
@@ -438,8 +462,7 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     let response = http.get(format!("{api}/healthz")).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    publisher.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -509,20 +532,8 @@ async fn a_command_continues_the_trace_of_the_request_that_sent_it() {
     // The publisher alone: its commands stay in their queues to be read.
     let env = testkit::TestEnv::new().await;
     env.declare_topology("1s").await;
-    let settings = publisher::PublisherSettings {
-        http_addr: "127.0.0.1:0".into(),
-        amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
-        database_url: runtime::SecretUrl::new(env.database_url.clone()),
-        request_timeout: Duration::from_secs(10),
-        max_body_bytes: 65536,
-        database_pool_size: 1,
-    };
-    let app = publisher::Application::build(settings).await.unwrap();
-    let api = format!("http://127.0.0.1:{}", app.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run(async move {
-        let _ = stopped.await;
-    }));
+    let publisher = LonePublisher::start(&env.amqp_url, &env.database_url).await;
+    let api = publisher.api.clone();
     let http = reqwest::Client::new();
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for traceparent in [
@@ -560,7 +571,6 @@ async fn a_command_continues_the_trace_of_the_request_that_sent_it() {
         runtime::envelope::is_traceparent(&traceparents[1]) && !traceparents[1].contains(trace),
         "{traceparents:?}"
     );
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    publisher.stop().await;
     env.cleanup().await;
 }

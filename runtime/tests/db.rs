@@ -97,11 +97,7 @@ async fn forward_to_postgres(listener: tokio::net::TcpListener) {
 async fn connecting_before_the_database_is_up_waits_for_it() {
     let env = TestEnv::new().await;
     // A port nothing listens on yet: connections are refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let url = env
         .database_url
         .replacen("127.0.0.1:5432", &format!("127.0.0.1:{port}"), 1);

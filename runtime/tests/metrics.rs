@@ -9,24 +9,9 @@ use runtime::Outgoing;
 use std::time::Duration;
 use support::probe::Probe;
 use support::*;
-use testkit::{TestEnv, eventually};
+use testkit::{TestEnv, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn probe(id: &str) -> Probe {
-    Probe {
-        id: id.into(),
-        ..Probe::default()
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The value of the sample of `metric` whose labels include `label`.
 fn sample(text: &str, metric: &str, label: &str) -> f64 {

@@ -46,13 +46,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-fn probe(id: &str) -> Probe {
-    Probe {
-        id: id.into(),
-        ..Probe::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_worker_killed_mid_handler_gets_the_message_redelivered_and_applies_it_once() {
     let env = TestEnv::new().await;

@@ -16,13 +16,6 @@ use topology::headers;
 // can take tens of seconds.
 const WAIT: Duration = Duration::from_secs(60);
 
-fn probe(id: &str) -> Probe {
-    Probe {
-        id: id.into(),
-        ..Probe::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transient_failure_is_retried_through_the_tiers_then_succeeds() {
     let env = TestEnv::new().await;

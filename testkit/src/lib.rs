@@ -264,6 +264,15 @@ where
 /// listens at the broker and database addresses it is given, so a binary
 /// that accepted the value would keep retrying them instead of exiting
 /// (caught by a timeout) or fail later with another message.
+/// A loopback port nothing listens on right now (the OS's choice).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
     let run = tokio::process::Command::new(binary)
         .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
@@ -408,11 +417,7 @@ impl SmtpSink {
 
     /// Starts a sink that answers as `options` say.
     pub async fn start_with(name: &str, options: SmtpOptions) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let record = std::env::temp_dir().join(format!("{name}-mail.jsonl"));
         let _ = std::fs::remove_file(&record);
         let mut sink = Self {

@@ -90,6 +90,14 @@ pub fn run<H: Handler>(worker: Worker<H>) -> Running {
     Running { stop, task }
 }
 
+/// A probe message that succeeds, named `id`.
+pub fn probe(id: &str) -> Probe {
+    Probe {
+        id: id.into(),
+        ..Probe::default()
+    }
+}
+
 pub async fn send(env: &TestEnv, probe: &Probe) -> Outgoing {
     let out = Outgoing::of(probe).correlated(&probe.id);
     env.publish(&out.exchange, &out.routing_key, out.properties(), &out.body)
