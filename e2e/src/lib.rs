@@ -7,7 +7,7 @@ use payment_gateway_sim::{Gateway, Trouble};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
-use testkit::{SmtpSink, TestEnv, eventually};
+use testkit::{Forwarder, SmtpSink, TestEnv, eventually};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -20,6 +20,10 @@ pub struct Options {
     pub gateway_timeout: Duration,
     /// The retry tiers of every queue (`RETRY_DELAYS`).
     pub retry_delays: &'static str,
+    /// Addresses of the broker that every process is given in `AMQP_URL`,
+    /// each a forwarder to the one broker: the nodes of a cluster as the
+    /// system sees them, which a test can take down one by one.
+    pub broker_nodes: usize,
 }
 
 impl Default for Options {
@@ -30,6 +34,7 @@ impl Default for Options {
             payment_timeout: Duration::from_secs(30),
             gateway_timeout: Duration::from_secs(5),
             retry_delays: RETRY_DELAYS,
+            broker_nodes: 1,
         }
     }
 }
@@ -41,6 +46,7 @@ pub struct System {
     pub http: reqwest::Client,
     pub pool: sqlx::PgPool,
     smtp: SmtpSink,
+    nodes: Vec<Forwarder>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -53,6 +59,18 @@ impl System {
         env.declare_topology(options.retry_delays).await;
         let pool = env.pool().await;
         runtime::db::migrate(&pool).await.unwrap();
+        let mut nodes = Vec::new();
+        let mut amqp_url = env.amqp_url.clone();
+        if options.broker_nodes > 1 {
+            for _ in 0..options.broker_nodes {
+                nodes.push(Forwarder::start(testkit::BROKER).await);
+            }
+            let list: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("127.0.0.1:{}", n.port))
+                .collect();
+            amqp_url = amqp_url.replacen(testkit::BROKER, &list.join(","), 1);
+        }
 
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
@@ -79,7 +97,7 @@ impl System {
         // Publisher.
         let settings = publisher::PublisherSettings {
             http_addr: "127.0.0.1:0".into(),
-            amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+            amqp_url: runtime::SecretUrl::new(amqp_url.clone()),
             database_url: runtime::SecretUrl::new(env.database_url.clone()),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
@@ -94,7 +112,7 @@ impl System {
         })));
 
         let worker_settings = || runtime::WorkerSettings {
-            amqp_url: runtime::SecretUrl::new(env.amqp_url.clone()),
+            amqp_url: runtime::SecretUrl::new(amqp_url.clone()),
             database_url: runtime::SecretUrl::new(env.database_url.clone()),
             retry_delays: retry.clone(),
             prefetch: 16,
@@ -141,6 +159,7 @@ impl System {
             http: reqwest::Client::new(),
             pool,
             smtp,
+            nodes,
             stops,
             tasks,
         }
@@ -306,6 +325,24 @@ impl System {
             .unwrap()
             .status();
         assert!(status.is_success());
+    }
+
+    /// Takes down the broker node (of `Options::broker_nodes`) that has
+    /// carried the most connections, closing each of them.
+    pub fn take_down_busiest_node(&mut self) {
+        let busiest = (0..self.nodes.len())
+            .max_by_key(|&i| self.nodes[i].carried())
+            .expect("the system was started with broker_nodes > 1");
+        assert!(
+            self.nodes[busiest].carried() > 0,
+            "no node carries a connection"
+        );
+        self.nodes.swap_remove(busiest).cut();
+    }
+
+    /// Connections made through the nodes still up.
+    pub fn connections_through_nodes_up(&self) -> usize {
+        self.nodes.iter().map(Forwarder::carried).sum()
     }
 
     /// Charges that stand: succeeded and not refunded.

@@ -470,3 +470,61 @@ async fn an_order_that_cannot_be_timed_out_does_not_hold_back_the_other_deadline
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_node_that_goes_down_mid_run_loses_no_order() {
+    let mut system = System::start(Options {
+        broker_nodes: 2,
+        ..Options::default()
+    })
+    .await;
+    system.stock("SKU-1", 100).await;
+    let mut ids = Vec::new();
+    for _ in 0..15 {
+        ids.push(system.place("SKU-1", 1, "pm_card_visa").await);
+    }
+
+    // The node every process reached goes down with its connections, while
+    // the first orders are still on their way.
+    system.take_down_busiest_node();
+    let through_the_other = system.connections_through_nodes_up();
+
+    // A client retries a 503 with the same key, as the contract asks; the
+    // publisher reconnects through the other node.
+    let body = json!({
+        "customer_email": "ada@example.com",
+        "currency": "EUR",
+        "items": [{ "sku": "SKU-1", "quantity": 1, "unit_price_cents": 1999 }],
+    });
+    for i in 0..15 {
+        let key = format!("after-the-node-{i}-{}", uuid::Uuid::new_v4());
+        let mut answer = None;
+        for _ in 0..100 {
+            let (status, body) = system.post("/orders", &body, Some(&key)).await;
+            if status == StatusCode::ACCEPTED {
+                answer = Some(body["order_id"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ids.push(answer.expect("the publisher never reached the other node"));
+    }
+    for id in &ids {
+        let order = system.wait_final(id).await;
+        assert_eq!(order["status"], "CONFIRMED", "{order}");
+        assert_eq!(system.standing_charges(id).await, 1);
+        system.wait_mails(id, 1).await;
+    }
+    assert!(
+        system.connections_through_nodes_up() > through_the_other,
+        "nothing reconnected through the node still up"
+    );
+    system.wait_stock_exactly("SKU-1", 70, 0, 30).await;
+    system.assert_quiet_and_consistent().await;
+    // Exactly one email per order, none sent twice across the reconnects.
+    for id in &ids {
+        assert_eq!(system.mails_about(id).len(), 1, "{id}");
+    }
+    system.stop().await;
+}

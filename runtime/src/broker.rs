@@ -8,10 +8,10 @@
 use crate::envelope::Outgoing;
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::uri::AMQPUri;
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::time::Duration;
 use tokio::sync::Mutex;
+use topology::BrokerAddresses;
 use tracing::{info, warn};
 
 /// How long a publish may wait for the broker's confirm.
@@ -67,33 +67,23 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     connect_with_frame_max(url, name, BROKER_FRAME_MAX).await
 }
 
-/// [`connect`], proposing `frame_max` unless `url` names one.
+/// [`connect`], proposing `frame_max` unless `url` names one. `url` may
+/// name the nodes of a cluster (`topology::addresses`): the first that
+/// answers is taken.
 async fn connect_with_frame_max(
     url: &str,
     name: &str,
     frame_max: u32,
 ) -> Result<Connection, lapin::Error> {
-    let uri = parse_uri(url, frame_max).map_err(|e| {
+    let addresses = BrokerAddresses::parse(url).map_err(|e| {
         lapin::Error::from(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("AMQP_URL is not an AMQP URI: {e}"),
         ))
     })?;
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, properties)).await {
-        Ok(result) => result,
-        Err(_) => Err(lapin::Error::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "connecting to the broker timed out",
-        ))),
-    }
-}
-
-/// `url` parsed, with `frame_max` unless it names one.
-fn parse_uri(url: &str, frame_max: u32) -> Result<AMQPUri, String> {
-    let mut uri: AMQPUri = url.parse()?;
-    uri.query.frame_max.get_or_insert(frame_max);
-    Ok(uri)
+    addresses
+        .connect(name, Some(frame_max), CONNECT_TIMEOUT)
+        .await
 }
 
 /// How a process waits for a server it needs (the broker, the database):

@@ -44,6 +44,15 @@ pub fn mask_password(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
+    // Several URLs where one is expected (refused, but printed): each masked.
+    if let Some(next) = rest.find("://").and_then(|i| rest[..i].rfind(',')) {
+        let split = scheme_end + 3 + next;
+        return format!(
+            "{}{}",
+            mask_password(&url[..split]),
+            mask_password(&url[split..])
+        );
+    }
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
@@ -93,7 +102,7 @@ pub fn amqp_url_from_env() -> Result<SecretUrl, ConfigError> {
 }
 
 fn check_amqp_url(url: &str) -> Result<SecretUrl, ConfigError> {
-    match url.parse::<lapin::uri::AMQPUri>() {
+    match topology::BrokerAddresses::parse(url) {
         Ok(_) => Ok(SecretUrl::new(url)),
         Err(reason) => Err(ConfigError {
             name: "AMQP_URL",
@@ -264,6 +273,34 @@ mod tests {
     }
 
     #[test]
+    fn an_amqp_url_may_name_the_nodes_of_a_cluster() {
+        let nodes = "amqp://shop:s3cret@rabbit-1:5672,rabbit-2:5672,rabbit-3/%2f";
+        let read = check_amqp_url(nodes).expect(nodes);
+        assert_eq!(
+            read.to_string(),
+            "amqp://shop:****@rabbit-1:5672,rabbit-2:5672,rabbit-3/%2f"
+        );
+        for (bad, why) in [
+            (
+                "amqp://shop:s3cret@rabbit-1,,rabbit-3/%2f",
+                "node 2 of the list is empty",
+            ),
+            (
+                "amqp://shop:s3cret@rabbit-1/%2f,amqp://shop:s3cret@rabbit-2/%2f",
+                "several URLs",
+            ),
+            (
+                "amqp://shop:s3cret@rabbit-1,rabbit-2:99999/%2f",
+                "node 2 (rabbit-2:99999)",
+            ),
+        ] {
+            let text = check_amqp_url(bad).expect_err(bad).to_string();
+            assert!(text.contains(why), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+    }
+
+    #[test]
     fn passwords_are_masked_and_the_rest_is_kept() {
         assert_eq!(
             mask_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
@@ -278,6 +315,10 @@ mod tests {
             "postgres://u:****@db/x"
         );
         assert_eq!(mask_password("not a url"), "not a url");
+        assert_eq!(
+            mask_password("amqp://a:one@h1/%2f,amqp://b:two@h2/%2f"),
+            "amqp://a:****@h1/%2f,amqp://b:****@h2/%2f"
+        );
         let s = SecretUrl::new("amqp://a:b@h/");
         assert_eq!(format!("{s:?}"), "\"amqp://a:****@h/\"");
     }

@@ -135,3 +135,64 @@ async fn a_message_larger_than_a_frame_goes_out_and_comes_back_whole() {
     let _ = admin.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+/// `AMQP_URL` with the nodes of a cluster: `127.0.0.1:<port>` for each.
+fn cluster_url(env: &TestEnv, ports: &[u16]) -> String {
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let url = env.amqp_url.replacen(testkit::BROKER, &nodes.join(","), 1);
+    assert_ne!(url, env.amqp_url);
+    url
+}
+
+#[tokio::test]
+async fn a_node_that_refuses_is_passed_over_for_the_next() {
+    let env = TestEnv::new().await;
+    let gone = testkit::free_port();
+    let live = testkit::Forwarder::start(testkit::BROKER).await;
+    // Whichever node this process prefers first, each is tried.
+    for ports in [[gone, live.port], [live.port, gone]] {
+        let url = cluster_url(&env, &ports);
+        let connection = broker::connect(&url, "cluster-consuming").await.unwrap();
+        assert!(connection.status().connected());
+        let publisher = Publisher::connect(&url, "cluster-publishing")
+            .await
+            .unwrap();
+        assert!(publisher.is_connected().await);
+        publisher.close().await;
+        let _ = connection.close(200, "done".into()).await;
+    }
+    assert!(live.carried() >= 4, "{}", live.carried());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn no_node_answering_names_every_node() {
+    let env = TestEnv::new().await;
+    let (a, b) = (testkit::free_port(), testkit::free_port());
+    let err = broker::connect(&cluster_url(&env, &[a, b]), "cluster-none")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no broker node answered"), "{err}");
+    for port in [a, b] {
+        assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    }
+    assert!(!err.contains("guest:guest"), "{err}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_list_of_nodes_that_is_garbage_is_a_clear_error() {
+    for url in [
+        "amqp://guest:guest@127.0.0.1:5672,,127.0.0.1:5673/%2f",
+        "amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.1:5673/%2f",
+        "amqp://guest:guest@127.0.0.1:5672,127.0.0.1:99999/%2f",
+    ] {
+        let err = broker::connect(url, "garbage").await.err().unwrap();
+        assert!(
+            err.to_string().contains("AMQP_URL is not an AMQP URI"),
+            "{url:?}: {err}"
+        );
+    }
+}

@@ -79,20 +79,6 @@ async fn the_server_sees_each_connection_under_its_process_name() {
     env.cleanup().await;
 }
 
-/// Forwards every connection to `port` on loopback to PostgreSQL's port.
-async fn forward_to_postgres(listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((mut client, _)) = listener.accept().await else {
-            return;
-        };
-        tokio::spawn(async move {
-            if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-            }
-        });
-    }
-}
-
 #[tokio::test]
 async fn connecting_before_the_database_is_up_waits_for_it() {
     let env = TestEnv::new().await;
@@ -110,10 +96,7 @@ async fn connecting_before_the_database_is_up_waits_for_it() {
         "gave up on a database not up yet"
     );
     // The database comes up.
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let forwarder = tokio::spawn(forward_to_postgres(listener));
+    let forwarder = testkit::Forwarder::on(port, "127.0.0.1:5432").await;
     let pool = tokio::time::timeout(std::time::Duration::from_secs(60), connecting)
         .await
         .expect("still waiting after the database came up")
@@ -125,7 +108,7 @@ async fn connecting_before_the_database_is_up_waits_for_it() {
         .unwrap();
     assert_eq!(one, 1);
     pool.close().await;
-    forwarder.abort();
+    forwarder.cut();
     env.cleanup().await;
 }
 

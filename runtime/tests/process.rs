@@ -337,6 +337,10 @@ async fn a_garbage_setting_stops_the_worker_at_start_with_the_variable_named() {
         // Not a broker to wait for: a URL the client cannot read.
         ("AMQP_URL", "garbage"),
         ("AMQP_URL", "amqp://127.0.0.1:99999/%2f"),
+        (
+            "AMQP_URL",
+            "amqp://127.0.0.1:5672/%2f,amqp://127.0.0.1:5673/%2f",
+        ),
     ] {
         testkit::assert_setting_refused(env!("CARGO_BIN_EXE_probe-worker"), name, value).await;
     }

@@ -677,6 +677,51 @@ async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_whose_broker_node_goes_moves_to_the_next_and_loses_nothing() {
+    let env = TestEnv::new().await;
+    // Two addresses of one broker: a cluster of two nodes, as the worker sees it.
+    let a = testkit::Forwarder::start(testkit::BROKER).await;
+    let b = testkit::Forwarder::start(testkit::BROKER).await;
+    let mut settings = settings(&env, "100ms,200ms");
+    settings.amqp_url = runtime::SecretUrl::new(env.amqp_url.replacen(
+        testkit::BROKER,
+        &format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port),
+        1,
+    ));
+    let worker = start_worker_with(&env, settings).await;
+    let pool = env.pool().await;
+    for i in 0..60 {
+        send(
+            &env,
+            &Probe {
+                sleep_ms: 20,
+                emit: true,
+                ..probe(&format!("n{i}"))
+            },
+        )
+        .await;
+    }
+    eventually(WAIT, "some progress", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await >= 10
+    })
+    .await;
+
+    // The node the worker reached goes down, connections and all.
+    let (gone, other) = if a.carried() > 0 { (a, b) } else { (b, a) };
+    let before = other.carried();
+    gone.cut();
+    eventually(
+        WAIT,
+        "the worker reconnects through the other node",
+        || async { other.carried() > before },
+    )
+    .await;
+
+    settle_applied_once_and_relayed(&env, &pool, worker, 60, 60).await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cut_database_connections_lose_nothing_and_apply_each_message_once() {
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms,400ms,800ms,1600ms").await;

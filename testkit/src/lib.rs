@@ -259,11 +259,6 @@ where
     }
 }
 
-/// Starts `binary` with `name=value` and asserts that it refuses the value
-/// at start: it exits non-zero, naming the variable and the value. Nothing
-/// listens at the broker and database addresses it is given, so a binary
-/// that accepted the value would keep retrying them instead of exiting
-/// (caught by a timeout) or fail later with another message.
 /// A loopback port nothing listens on right now (the OS's choice).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -273,6 +268,79 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP forwarder from a loopback port of its own to `target`: an address
+/// of a server that a test can take away. [`Forwarder::cut`] closes the
+/// port and every connection through it, as a node that goes down does.
+pub struct Forwarder {
+    pub port: u16,
+    accepting: tokio::task::JoinHandle<()>,
+    connections: std::sync::Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+    carried: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Forwarder {
+    /// Forwards from a port the OS chooses.
+    pub async fn start(target: &str) -> Self {
+        Self::on(0, target).await
+    }
+
+    /// Forwards from `port` on loopback.
+    pub async fn on(port: u16, target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let carried = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let target = target.to_owned();
+        let accepting = tokio::spawn({
+            let connections = connections.clone();
+            let carried = carried.clone();
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    carried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let target = target.clone();
+                    connections.lock().unwrap().spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(&target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            accepting,
+            connections,
+            carried,
+        }
+    }
+
+    /// How many connections it has accepted so far.
+    pub fn carried(&self) -> usize {
+        self.carried.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Closes the port and every connection through it.
+    pub fn cut(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.accepting.abort();
+        if let Ok(mut connections) = self.connections.lock() {
+            connections.abort_all();
+        }
+    }
+}
+
+/// Starts `binary` with `name=value` and asserts that it refuses the value
+/// at start: it exits non-zero, naming the variable and the value. Nothing
+/// listens at the broker and database addresses it is given, so a binary
+/// that accepted the value would keep retrying them instead of exiting
+/// (caught by a timeout) or fail later with another message.
 pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
     let run = tokio::process::Command::new(binary)
         .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")

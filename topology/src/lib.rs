@@ -5,6 +5,7 @@
 //! rules; its only HTTP is the RabbitMQ management API used by `diff`.
 #![forbid(unsafe_code)]
 
+pub mod addresses;
 pub mod declare;
 pub mod diff;
 pub mod management;
@@ -12,6 +13,7 @@ pub mod model;
 pub mod names;
 pub mod retry;
 
+pub use addresses::{AddressError, BrokerAddresses};
 pub use declare::{Mismatch, declare};
 pub use diff::{Drift, diff};
 pub use management::Management;

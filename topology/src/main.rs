@@ -3,12 +3,17 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use topology::{Management, RetryDelays, Topology};
+use std::time::Duration;
+use topology::{BrokerAddresses, Management, RetryDelays, Topology};
+
+/// How long `apply` waits for each node to accept its connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(version, about = "The orderflow broker topology: apply, export, diff")]
 struct Cli {
-    /// The broker; its path is the vhost.
+    /// The broker, or the nodes of a cluster (`amqp://user:password@rabbit-1,rabbit-2/vhost`);
+    /// its path is the vhost.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -63,7 +68,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let declared = Topology::contract(&cli.retry_delays);
     match cli.command {
         Command::Apply => {
-            let connection = lapin::Connection::connect(&cli.amqp_url, Default::default())
+            let addresses =
+                BrokerAddresses::parse(&cli.amqp_url).context("AMQP_URL is not an AMQP URL")?;
+            let connection = addresses
+                .connect("topology", None, CONNECT_TIMEOUT)
                 .await
                 .context("cannot connect to the broker at AMQP_URL")?;
             let mismatches = topology::declare(&connection, &declared).await?;

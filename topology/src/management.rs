@@ -1,7 +1,7 @@
 //! A small client for the RabbitMQ management HTTP API, used to compare the
 //! live broker with the declared topology and by tests to make vhosts.
 
-use lapin::uri::AMQPUri;
+use crate::addresses::BrokerAddresses;
 use serde_json::Value;
 use std::time::Duration;
 
@@ -57,15 +57,15 @@ impl Management {
         }
     }
 
-    /// The management API beside the broker of `amqp_url` (port 15672, same
-    /// credentials) unless `explicit` names another one.
+    /// The management API beside the broker of `amqp_url` (port 15672 of
+    /// its first node, same credentials) unless `explicit` names another one.
     pub fn for_amqp_url(
         amqp_url: &str,
         explicit: Option<&str>,
     ) -> Result<(Self, String), ManagementError> {
-        let uri: AMQPUri = amqp_url
-            .parse()
-            .map_err(|e: String| ManagementError::BadAmqpUrl(e))?;
+        let addresses = BrokerAddresses::parse(amqp_url)
+            .map_err(|e| ManagementError::BadAmqpUrl(e.to_string()))?;
+        let uri = addresses.first();
         let base = match explicit {
             Some(url) => url.to_owned(),
             None => format!("http://{}:15672", uri.authority.host),

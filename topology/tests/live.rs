@@ -162,3 +162,55 @@ async fn bad_retry_delays_are_refused_with_the_variable_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("soon"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_and_diff_take_a_clusters_nodes_and_pass_over_one_that_is_down() {
+    let env = TestEnv::new().await;
+    let down = testkit::free_port();
+    let nodes = env.amqp_url.replacen(
+        testkit::BROKER,
+        &format!("127.0.0.1:{down},{}", testkit::BROKER),
+        1,
+    );
+    assert_ne!(nodes, env.amqp_url);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_topology"))
+            .args(args)
+            .env("AMQP_URL", &nodes)
+            .env("RETRY_DELAYS", "1s,5s,30s,2m,10m")
+            .output()
+            .unwrap()
+    };
+    let applied = run(&["apply"]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let expected: BTreeSet<String> = Topology::contract(&RetryDelays::contract_default())
+        .queues
+        .iter()
+        .map(|q| q.name.clone())
+        .collect();
+    assert_eq!(live_queue_names(&env).await, expected);
+    // `diff` reads the management API beside the first node unless told.
+    let diffed = run(&["diff", "--management-url", testkit::MANAGEMENT]);
+    assert!(
+        diffed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&diffed.stdout)
+    );
+    let garbage = Command::new(env!("CARGO_BIN_EXE_topology"))
+        .arg("apply")
+        .env(
+            "AMQP_URL",
+            "amqp://guest:s3cret@127.0.0.1:5672,,127.0.0.1:5673/%2f",
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&garbage.stderr);
+    assert!(!garbage.status.success());
+    assert!(stderr.contains("node 2 of the list is empty"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
+    env.cleanup().await;
+}
