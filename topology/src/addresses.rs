@@ -135,7 +135,9 @@ impl BrokerAddresses {
             if count == 1 {
                 return Err(error);
             }
-            warn!(connection = name, node = %node_name(&self.nodes[index]), error = %error, "Broker node unreachable; trying the next");
+            if failures.len() + 1 < count {
+                warn!(connection = name, node = %node_name(&self.nodes[index]), error = %error, "Broker node unreachable; trying the next");
+            }
             failures.push(format!("{}: {error}", node_name(&self.nodes[index])));
         }
         Err(lapin::Error::from(std::io::Error::other(format!(
