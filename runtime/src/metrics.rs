@@ -21,8 +21,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How a consumed message ended.
@@ -183,22 +185,79 @@ impl WorkerMetrics {
 #[derive(Clone)]
 struct Observed {
     metrics: Arc<WorkerMetrics>,
-    pool: PgPool,
+    /// Set once the worker has reached its database: before, not ready.
+    pool: Arc<OnceLock<PgPool>>,
+}
+
+/// The server on `METRICS_ADDR`, from the worker's first moments (while it
+/// still waits for its database, `/healthz` answers and `/readyz` says what
+/// is missing) until its token is cancelled.
+pub(crate) struct Observer {
+    addr: Option<SocketAddr>,
+    metrics: Arc<WorkerMetrics>,
+    pool: Arc<OnceLock<PgPool>>,
+    /// Cancelled when the worker stops; the worker's own token.
+    pub(crate) token: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Observer {
+    /// Not serving yet; [`Observer::start`] binds `addr`, if any.
+    pub(crate) fn new(addr: Option<SocketAddr>, metrics: Arc<WorkerMetrics>) -> Self {
+        Self {
+            addr,
+            metrics,
+            pool: Arc::new(OnceLock::new()),
+            token: CancellationToken::new(),
+            task: None,
+        }
+    }
+
+    /// Binds and serves, once; a port taken is bad configuration.
+    pub(crate) async fn start(&mut self, worker: &str) -> anyhow::Result<()> {
+        let Some(addr) = self.addr else {
+            return Ok(());
+        };
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on METRICS_ADDR={addr}: {e}"))?;
+        tracing::info!(worker, %addr, "Serving /metrics, /healthz and /readyz");
+        self.task = Some(tokio::spawn(serve(
+            listener,
+            Observed {
+                metrics: self.metrics.clone(),
+                pool: self.pool.clone(),
+            },
+            self.token.clone(),
+        )));
+        Ok(())
+    }
+
+    /// The database readiness asks from now on.
+    pub(crate) fn database_reached(&self, pool: &PgPool) {
+        let _ = self.pool.set(pool.clone());
+    }
+
+    /// Stops serving and waits until the port is closed.
+    pub(crate) async fn stop(&mut self) {
+        self.token.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `token`
 /// is cancelled.
-pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<WorkerMetrics>,
-    pool: PgPool,
-    token: CancellationToken,
-) {
+async fn serve(listener: tokio::net::TcpListener, observed: Observed, token: CancellationToken) {
     let router = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(alive))
         .route("/readyz", get(ready))
-        .with_state(Observed { metrics, pool });
+        .with_state(observed);
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await;
@@ -231,12 +290,15 @@ async fn alive() -> Response {
 /// second; the body says which is missing.
 async fn ready(State(observed): State<Observed>) -> Response {
     let consuming = observed.metrics.is_consuming();
-    let database = tokio::time::timeout(
-        Duration::from_secs(1),
-        sqlx::query("SELECT 1").execute(&observed.pool),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
+    let database = match observed.pool.get() {
+        Some(pool) => tokio::time::timeout(
+            Duration::from_secs(1),
+            sqlx::query("SELECT 1").execute(pool),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok()),
+        None => false,
+    };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     let body = format!(
         "{{\"broker\":\"{}\",\"database\":\"{}\"}}\n",
@@ -267,8 +329,12 @@ mod tests {
         let metrics = Arc::new(WorkerMetrics::new("test-worker"));
         let observed = Observed {
             metrics: metrics.clone(),
-            pool,
+            pool: Arc::new(OnceLock::new()),
         };
+        // Not reached yet, then unreachable.
+        let response = ready(State(observed.clone())).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let _ = observed.pool.set(pool);
         let response = ready(State(observed.clone())).await;
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         metrics.set_consuming(true);

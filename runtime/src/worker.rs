@@ -15,7 +15,7 @@ use crate::config::WorkerSettings;
 use crate::db;
 use crate::envelope::{Envelope, Inbound, Outgoing, header_int, header_str};
 use crate::handler::{Context, Failure, Fresh, Handler, Together, is_transient};
-use crate::metrics::{Outcome, WorkerMetrics};
+use crate::metrics::{Observer, Outcome, WorkerMetrics};
 use crate::routing::{self, DeadKind, Route};
 use crate::store::Store;
 use backon::{ExponentialBuilder, Retryable};
@@ -61,6 +61,8 @@ pub struct WorkerSpec {
 
 pub struct Worker<H: Handler> {
     inner: Arc<Inner<H>>,
+    /// `METRICS_ADDR`'s server; its token is the worker's.
+    observer: Observer,
 }
 
 struct Inner<H> {
@@ -98,27 +100,60 @@ struct Inner<H> {
 }
 
 impl<H: Handler> Worker<H> {
-    /// Connects the database, waiting for it if it is not up yet, and
-    /// creates and migrates it as needed. The broker is connected by
-    /// [`Worker::run`], which waits for it too.
+    /// Serves `METRICS_ADDR` at once (alive, not ready), then connects the
+    /// database, waiting for it if it is not up yet, and creates and
+    /// migrates it as needed. The broker is connected by [`Worker::run`],
+    /// which waits for it too.
     pub async fn build(
         spec: WorkerSpec,
         settings: WorkerSettings,
         handler: H,
     ) -> anyhow::Result<Self> {
-        let pool = db::connect_when_reachable(
-            settings.database_url.expose(),
-            settings.database_pool_size,
-            spec.name,
-        )
-        .await?;
-        db::migrate(&pool).await?;
+        let metrics = Arc::new(WorkerMetrics::new(spec.name));
+        let mut observer = Observer::new(settings.metrics_addr, metrics.clone());
+        observer.start(spec.name).await?;
+        let reached = async {
+            let pool = db::connect_when_reachable(
+                settings.database_url.expose(),
+                settings.database_pool_size,
+                spec.name,
+            )
+            .await?;
+            db::migrate(&pool).await?;
+            Ok::<_, anyhow::Error>(pool)
+        }
+        .await;
+        let pool = match reached {
+            Ok(pool) => pool,
+            Err(e) => {
+                observer.stop().await;
+                return Err(e);
+            }
+        };
         db::warn_if_autovacuum_off(&pool).await;
-        Ok(Self::with_pool(spec, settings, pool, handler))
+        observer.database_reached(&pool);
+        Ok(Self::assemble(
+            spec, settings, pool, handler, metrics, observer,
+        ))
     }
 
-    /// A worker on an existing pool whose migrations have run.
+    /// A worker on an existing pool whose migrations have run; it serves
+    /// `METRICS_ADDR` from [`Worker::run`].
     pub fn with_pool(spec: WorkerSpec, settings: WorkerSettings, pool: PgPool, handler: H) -> Self {
+        let metrics = Arc::new(WorkerMetrics::new(spec.name));
+        let observer = Observer::new(settings.metrics_addr, metrics.clone());
+        observer.database_reached(&pool);
+        Self::assemble(spec, settings, pool, handler, metrics, observer)
+    }
+
+    fn assemble(
+        spec: WorkerSpec,
+        settings: WorkerSettings,
+        pool: PgPool,
+        handler: H,
+        metrics: Arc<WorkerMetrics>,
+        observer: Observer,
+    ) -> Self {
         let topology = Topology::contract(&settings.retry_delays).for_domain(spec.domain);
         let url = settings.amqp_url.expose();
         let publisher =
@@ -139,8 +174,9 @@ impl<H: Handler> Worker<H> {
                 relayed: std::sync::Mutex::new(Vec::new()),
                 relaying: std::sync::Mutex::new(std::collections::HashSet::new()),
                 acks: Acks::default(),
-                metrics: Arc::new(WorkerMetrics::new(spec.name)),
+                metrics,
             }),
+            observer,
         }
     }
 
@@ -153,29 +189,19 @@ impl<H: Handler> Worker<H> {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let token = CancellationToken::new();
-        // Bound before anything starts: a port taken is bad configuration.
-        let observer = match self.inner.settings.metrics_addr {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on METRICS_ADDR={addr}: {e}"))?;
-                info!(worker = self.inner.spec.name, %addr, "Serving /metrics, /healthz and /readyz");
-                Some(tokio::spawn(crate::metrics::serve(
-                    listener,
-                    self.inner.metrics.clone(),
-                    self.inner.pool.clone(),
-                    token.clone(),
-                )))
-            }
-            None => None,
-        };
+        let Self {
+            inner,
+            mut observer,
+        } = self;
+        // Bound before anything starts (if `build` has not): a port taken
+        // is bad configuration.
+        observer.start(inner.spec.name).await?;
+        let token = observer.token.clone();
         let trigger = token.clone();
         tokio::spawn(async move {
             shutdown.await;
             trigger.cancel();
         });
-        let inner = self.inner;
         let sweeper = tokio::spawn(sweep_loop(inner.clone(), token.clone()));
         let deadlines = inner
             .handler
@@ -205,9 +231,7 @@ impl<H: Handler> Worker<H> {
         if let Some(deadlines) = deadlines {
             let _ = deadlines.await;
         }
-        if let Some(observer) = observer {
-            let _ = observer.await;
-        }
+        observer.stop().await;
         // Delete what was relayed, then relay whatever the last handlers
         // left, regardless of age.
         if let Err(e) = flush_relayed(&inner).await {
