@@ -59,6 +59,19 @@ pub struct WorkerSpec {
     pub schema: &'static str,
 }
 
+/// A worker binary's life: builds the worker (waiting for its database)
+/// and runs it until SIGTERM or SIGINT, which may come at any point,
+/// while it still builds included; either way the process ends with 0.
+pub async fn run_until_signalled<H: Handler>(
+    build: impl Future<Output = anyhow::Result<Worker<H>>>,
+) -> anyhow::Result<()> {
+    let shutdown = crate::shutdown::Shutdown::listen();
+    match shutdown.unless_requested(build).await {
+        Some(worker) => worker?.run(shutdown.requested()).await,
+        None => Ok(()),
+    }
+}
+
 pub struct Worker<H: Handler> {
     inner: Arc<Inner<H>>,
     /// `METRICS_ADDR`'s server; its token is the worker's.

@@ -5,6 +5,5 @@ async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
     let settings = runtime::WorkerSettings::from_env_for::<inventory_worker::Inventory>()?;
     settings.log_effective(inventory_worker::SPEC.name);
-    let worker = inventory_worker::build(settings).await?;
-    worker.run(runtime::shutdown::signal()).await
+    runtime::worker::run_until_signalled(inventory_worker::build(settings)).await
 }

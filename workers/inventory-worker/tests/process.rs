@@ -82,3 +82,43 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
     database.cut();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_database_ends_the_worker_with_zero() {
+    let env = TestEnv::new().await;
+    let database_url =
+        env.database_url
+            .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", free_port()), 1);
+    let metrics_port = free_port();
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_inventory-worker"))
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &database_url)
+        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    // Alive: the process is up and waiting.
+    eventually(WAIT, "alive while the database is down", || async {
+        get(&http, format!("http://127.0.0.1:{metrics_port}/healthz"))
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let pid = worker.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    env.cleanup().await;
+}

@@ -7,6 +7,5 @@ async fn main() -> anyhow::Result<()> {
     let mail = notification_worker::MailSettings::from_env()?;
     settings.log_effective(notification_worker::SPEC.name);
     tracing::info!(smtp_url = %mail.smtp_url, from = %mail.from, "Mail");
-    let worker = notification_worker::build(settings, mail).await?;
-    worker.run(runtime::shutdown::signal()).await
+    runtime::worker::run_until_signalled(notification_worker::build(settings, mail)).await
 }

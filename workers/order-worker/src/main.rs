@@ -7,6 +7,5 @@ async fn main() -> anyhow::Result<()> {
     let payment_timeout = order_worker::payment_timeout_from_env()?;
     settings.log_effective(order_worker::SPEC.name);
     tracing::info!(?payment_timeout, "Payment timeout");
-    let worker = order_worker::build(settings, payment_timeout).await?;
-    worker.run(runtime::shutdown::signal()).await
+    runtime::worker::run_until_signalled(order_worker::build(settings, payment_timeout)).await
 }

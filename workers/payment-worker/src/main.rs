@@ -7,6 +7,5 @@ async fn main() -> anyhow::Result<()> {
     let gateway = payment_worker::GatewaySettings::from_env()?;
     settings.log_effective(payment_worker::SPEC.name);
     tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, max_in_flight = gateway.max_in_flight, "Payment gateway");
-    let worker = payment_worker::build(settings, &gateway).await?;
-    worker.run(runtime::shutdown::signal()).await
+    runtime::worker::run_until_signalled(payment_worker::build(settings, &gateway)).await
 }
