@@ -43,7 +43,8 @@ enum Command {
     },
     /// Compare the live broker with the declared topology; exit 1 on any drift.
     Diff {
-        /// The management API; defaults to port 15672 on the broker's host.
+        /// The management API; defaults to port 15672 on the broker's host (the
+        /// first node of a cluster's that answers).
         #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
         management_url: Option<String>,
     },
@@ -111,7 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { management_url } => {
-            let (api, vhost) = Management::for_amqp_url(&cli.amqp_url, management_url.as_deref())?;
+            let (api, vhost) =
+                Management::reachable_for_amqp_url(&cli.amqp_url, management_url.as_deref())
+                    .await?;
             let drift = topology::diff(&api, &vhost, &declared).await?;
             if drift.is_empty() {
                 println!("no drift: vhost {vhost:?} matches the declared topology");

@@ -63,18 +63,62 @@ impl Management {
         amqp_url: &str,
         explicit: Option<&str>,
     ) -> Result<(Self, String), ManagementError> {
+        let (mut apis, vhost) = Self::of_every_node(amqp_url, explicit)?;
+        // `of_every_node` gives one per node, and there is at least one.
+        Ok((apis.swap_remove(0), vhost))
+    }
+
+    /// The first management API that answers, of the nodes of `amqp_url`
+    /// in their order (port 15672 of each, same credentials), unless
+    /// `explicit` names one: a cluster with its first node down is still
+    /// checked.
+    pub async fn reachable_for_amqp_url(
+        amqp_url: &str,
+        explicit: Option<&str>,
+    ) -> Result<(Self, String), ManagementError> {
+        let (apis, vhost) = Self::of_every_node(amqp_url, explicit)?;
+        let mut last = None;
+        for api in apis {
+            match api.get("overview").await {
+                Ok(_) => return Ok((api, vhost)),
+                Err(e) => {
+                    tracing::warn!(management = %api.base, error = %e, "Management API unreachable");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ManagementError::BadAmqpUrl("no node".into())))
+    }
+
+    /// One per node of `amqp_url`, or only `explicit`; and the vhost.
+    fn of_every_node(
+        amqp_url: &str,
+        explicit: Option<&str>,
+    ) -> Result<(Vec<Self>, String), ManagementError> {
         let addresses = BrokerAddresses::parse(amqp_url)
             .map_err(|e| ManagementError::BadAmqpUrl(e.to_string()))?;
-        let uri = addresses.first();
-        let base = match explicit {
-            Some(url) => url.to_owned(),
-            None => format!("http://{}:15672", uri.authority.host),
+        let first = addresses.first();
+        let info = &first.authority.userinfo;
+        let bases: Vec<String> = match explicit {
+            Some(url) => vec![url.to_owned()],
+            None => addresses
+                .nodes()
+                .iter()
+                .map(|node| {
+                    let host = &node.authority.host;
+                    if host.contains(':') {
+                        format!("http://[{host}]:15672")
+                    } else {
+                        format!("http://{host}:15672")
+                    }
+                })
+                .collect(),
         };
-        let info = &uri.authority.userinfo;
-        Ok((
-            Self::new(&base, &info.username, &info.password),
-            uri.vhost.clone(),
-        ))
+        let apis = bases
+            .iter()
+            .map(|base| Self::new(base, &info.username, &info.password))
+            .collect();
+        Ok((apis, first.vhost.clone()))
     }
 
     pub fn base(&self) -> &str {

@@ -193,7 +193,6 @@ async fn apply_and_diff_take_a_clusters_nodes_and_pass_over_one_that_is_down() {
         .map(|q| q.name.clone())
         .collect();
     assert_eq!(live_queue_names(&env).await, expected);
-    // `diff` reads the management API beside the first node unless told.
     let diffed = run(&["diff", "--management-url", testkit::MANAGEMENT]);
     assert!(
         diffed.status.success(),
@@ -212,5 +211,33 @@ async fn apply_and_diff_take_a_clusters_nodes_and_pass_over_one_that_is_down() {
     assert!(!garbage.status.success());
     assert!(stderr.contains("node 2 of the list is empty"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn diff_finds_the_management_api_of_a_node_that_answers() {
+    let env = TestEnv::new().await;
+    env.declare_topology("1s,5s,30s,2m,10m").await;
+    // The first node is IPv6 loopback, where neither the broker nor its
+    // management API listens (both are on IPv4 here): passed over for the next.
+    let nodes = env.amqp_url.replacen(
+        testkit::BROKER,
+        &format!("[::1]:5672,{}", testkit::BROKER),
+        1,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_topology"))
+        .arg("diff")
+        .env("AMQP_URL", &nodes)
+        .env("RETRY_DELAYS", "1s,5s,30s,2m,10m")
+        .env_remove("RABBITMQ_MANAGEMENT_URL")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("no drift"), "{stdout}");
     env.cleanup().await;
 }
