@@ -173,13 +173,14 @@ impl Publisher {
         self.channel().await.map(drop)
     }
 
-    async fn channel(&self) -> Result<Channel, PublishError> {
+    /// The open channel, and whether this call opened it.
+    async fn channel(&self) -> Result<(Channel, bool), PublishError> {
         let mut guard = self.channel.lock().await;
         if let Some((connection, channel)) = guard.as_ref()
             && connection.status().connected()
             && channel.status().connected()
         {
-            return Ok(channel.clone());
+            return Ok((channel.clone(), false));
         }
         *guard = None;
         let unavailable = |e: lapin::Error| PublishError::Unavailable(e.to_string());
@@ -199,7 +200,7 @@ impl Publisher {
             .map_err(unavailable)?;
         info!(connection = %self.name, "Publisher connected");
         *guard = Some((connection, channel.clone()));
-        Ok(channel)
+        Ok((channel, true))
     }
 
     async fn forget_channel(&self) {
@@ -214,18 +215,20 @@ impl Publisher {
     /// Publishes several messages back to back and then waits for all the
     /// confirms, so a batch costs one round trip rather than one each.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
-        let batch: Vec<Publication<'_>> = messages
-            .iter()
-            .map(|m| {
-                (
-                    m.exchange.as_str(),
-                    m.routing_key.as_str(),
-                    m.body.as_slice(),
-                    m.properties(),
-                )
-            })
-            .collect();
-        self.send(batch).await
+        self.send(|| {
+            messages
+                .iter()
+                .map(|m| {
+                    (
+                        m.exchange.as_str(),
+                        m.routing_key.as_str(),
+                        m.body.as_slice(),
+                        m.properties(),
+                    )
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Publishes a body with explicit properties (retry tiers, dead queues, replays).
@@ -236,35 +239,35 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        self.send(vec![(exchange, routing_key, body, properties)])
+        self.send(|| vec![(exchange, routing_key, body, properties.clone())])
             .await
     }
 
     /// The one send path: publish all, then await all confirms. A broken or
     /// silent channel is forgotten, so the next publish reconnects.
-    async fn send(&self, batch: Vec<Publication<'_>>) -> Result<(), PublishError> {
+    ///
+    /// A connection that died since its last use (a broker restart, a
+    /// cluster node gone) is found out only when it is written to; then the
+    /// batch goes once more on a new connection, to the next node that
+    /// answers, rather than failing a caller who could not have known. A
+    /// message of the batch that reached the broker before is then there
+    /// twice, with one `message_id`, which consumers' inboxes absorb.
+    async fn send<'a>(&self, batch: impl Fn() -> Vec<Publication<'a>>) -> Result<(), PublishError> {
+        let first = batch();
+        if first.is_empty() {
+            return Ok(());
+        }
         let result = async {
-            if batch.is_empty() {
-                return Ok(());
+            let (channel, opened) = self.channel().await?;
+            match publish_on(&channel, first).await {
+                Err(PublishError::Unavailable(e)) if !opened => {
+                    warn!(connection = %self.name, error = %e, "The connection broke since its last use; publishing again on a new one");
+                    self.forget_channel().await;
+                    let (channel, _) = self.channel().await?;
+                    publish_on(&channel, batch()).await
+                }
+                other => other,
             }
-            let channel = self.channel().await?;
-            // Started together: each publish hands its frames to lapin's I/O
-            // loop and waits until they are written, so one after the other
-            // would cost a wake-up and a socket write each. Polled in order,
-            // they queue their frames in order and go out together.
-            let channel = &channel;
-            let pending = futures::future::try_join_all(batch.into_iter().map(
-                |(exchange, routing_key, body, properties)| async move {
-                    let confirm =
-                        start_publish(channel, exchange, routing_key, body, properties).await?;
-                    Ok::<_, PublishError>((exchange, routing_key, confirm))
-                },
-            ))
-            .await?;
-            for (exchange, routing_key, confirm) in pending {
-                await_confirm(confirm, exchange, routing_key).await?;
-            }
-            Ok(())
         }
         .await;
         if matches!(
@@ -285,6 +288,25 @@ impl Publisher {
 
 /// Exchange, routing key, body and properties of one message to send.
 type Publication<'a> = (&'a str, &'a str, &'a [u8], BasicProperties);
+
+/// Publishes all on `channel`, then awaits all confirms.
+async fn publish_on(channel: &Channel, batch: Vec<Publication<'_>>) -> Result<(), PublishError> {
+    // Started together: each publish hands its frames to lapin's I/O loop
+    // and waits until they are written, so one after the other would cost
+    // a wake-up and a socket write each. Polled in order, they queue their
+    // frames in order and go out together.
+    let pending = futures::future::try_join_all(batch.into_iter().map(
+        |(exchange, routing_key, body, properties)| async move {
+            let confirm = start_publish(channel, exchange, routing_key, body, properties).await?;
+            Ok::<_, PublishError>((exchange, routing_key, confirm))
+        },
+    ))
+    .await?;
+    for (exchange, routing_key, confirm) in pending {
+        await_confirm(confirm, exchange, routing_key).await?;
+    }
+    Ok(())
+}
 
 async fn start_publish(
     channel: &Channel,

@@ -196,3 +196,45 @@ async fn a_list_of_nodes_that_is_garbage_is_a_clear_error() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_publish_on_a_connection_that_broke_since_its_last_use_goes_out_on_a_new_one() {
+    let env = TestEnv::new().await;
+    let declaring = env.connection().await;
+    let channel = declaring.create_channel().await.unwrap();
+    channel
+        .queue_declare(
+            "broke".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let broker = testkit::Forwarder::start(testkit::BROKER).await;
+    let url = env
+        .amqp_url
+        .replacen(testkit::BROKER, &format!("127.0.0.1:{}", broker.port), 1);
+    let publisher = Publisher::connect(&url, "broke-publisher").await.unwrap();
+    let publisher = &publisher;
+    let one = |i: u8| async move {
+        publisher
+            .publish_raw("", "broke", &[i], BasicProperties::default())
+            .await
+    };
+    one(1).await.unwrap();
+    for i in 2..12 {
+        // The broker restarts at the same address between two publishes.
+        broker.drop_connections();
+        one(i).await.unwrap();
+    }
+    assert!(broker.carried() >= 11, "{}", broker.carried());
+    eventually(
+        Duration::from_secs(20),
+        "every message in the queue",
+        || async { env.depth("broke").await >= 11 },
+    )
+    .await;
+    publisher.close().await;
+    let _ = declaring.close(200, "done".into()).await;
+    env.cleanup().await;
+}

@@ -321,6 +321,14 @@ impl Forwarder {
         self.carried.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Closes every connection through it and goes on accepting new
+    /// ones, as a server restarted at the same address.
+    pub fn drop_connections(&self) {
+        if let Ok(mut connections) = self.connections.lock() {
+            connections.abort_all();
+        }
+    }
+
     /// Closes the port and every connection through it.
     pub fn cut(self) {
         drop(self);
