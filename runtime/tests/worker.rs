@@ -650,21 +650,7 @@ async fn a_force_closed_broker_connection_loses_nothing_and_applies_each_message
     let env = TestEnv::new().await;
     let worker = start_worker(&env, "100ms,200ms").await;
     let pool = env.pool().await;
-    for i in 0..60 {
-        send(
-            &env,
-            &Probe {
-                sleep_ms: 20,
-                emit: true,
-                ..probe(&format!("m{i}"))
-            },
-        )
-        .await;
-    }
-    eventually(WAIT, "some progress", || async {
-        count(&pool, "SELECT count(*) FROM probe_effects").await >= 10
-    })
-    .await;
+    send_sixty_and_wait_for_progress(&env, &pool, "m").await;
 
     // The management API lists a connection once its stats are collected.
     eventually(WAIT, "the worker's connections are cut", || async {
@@ -690,21 +676,7 @@ async fn a_worker_whose_broker_node_goes_moves_to_the_next_and_loses_nothing() {
     ));
     let worker = start_worker_with(&env, settings).await;
     let pool = env.pool().await;
-    for i in 0..60 {
-        send(
-            &env,
-            &Probe {
-                sleep_ms: 20,
-                emit: true,
-                ..probe(&format!("n{i}"))
-            },
-        )
-        .await;
-    }
-    eventually(WAIT, "some progress", || async {
-        count(&pool, "SELECT count(*) FROM probe_effects").await >= 10
-    })
-    .await;
+    send_sixty_and_wait_for_progress(&env, &pool, "n").await;
 
     // The node the worker reached goes down, connections and all.
     let (gone, other) = if a.carried() > 0 { (a, b) } else { (b, a) };
@@ -768,6 +740,26 @@ async fn cut_database_connections_lose_nothing_and_apply_each_message_once() {
 /// or stayed queued, and that `events` distinct events reached the order
 /// queue. Events may be relayed twice (sweeper and relay racing a lost
 /// confirm), never lost; the consumer's inbox removes such duplicates.
+/// Sends 60 probes (ids `{prefix}0`…, 20 ms each, each emitting an event)
+/// and waits until the worker has applied some.
+async fn send_sixty_and_wait_for_progress(env: &TestEnv, pool: &sqlx::PgPool, prefix: &str) {
+    for i in 0..60 {
+        send(
+            env,
+            &Probe {
+                sleep_ms: 20,
+                emit: true,
+                ..probe(&format!("{prefix}{i}"))
+            },
+        )
+        .await;
+    }
+    eventually(WAIT, "some progress", || async {
+        count(pool, "SELECT count(*) FROM probe_effects").await >= 10
+    })
+    .await;
+}
+
 async fn settle_applied_once_and_relayed(
     env: &TestEnv,
     pool: &sqlx::PgPool,

@@ -17,17 +17,17 @@ async fn get(http: &reqwest::Client, url: String) -> (u16, String) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consumes() {
-    let env = TestEnv::new().await;
-    // The database's address, with nothing listening on it yet.
+/// An `inventory-worker` process whose database address has nothing
+/// listening on it yet, serving `METRICS_ADDR`: the process, the
+/// database's port and the metrics port.
+fn start_before_its_database(env: &TestEnv) -> (tokio::process::Child, u16, u16) {
     let database_port = free_port();
     let database_url =
         env.database_url
             .replacen("127.0.0.1:5432", &format!("127.0.0.1:{database_port}"), 1);
     assert_ne!(database_url, env.database_url);
     let metrics_port = free_port();
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_inventory-worker"))
+    let worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_inventory-worker"))
         .env("AMQP_URL", &env.amqp_url)
         .env("DATABASE_URL", &database_url)
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
@@ -35,6 +35,30 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    (worker, database_port, metrics_port)
+}
+
+/// Sends SIGTERM and asserts that the process ends with 0.
+async fn stop_with_sigterm(mut worker: tokio::process::Child) {
+    let pid = worker.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(WAIT, worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consumes() {
+    let env = TestEnv::new().await;
+    let (mut worker, database_port, metrics_port) = start_before_its_database(&env);
     let http = reqwest::Client::new();
     let url = |path: &str| format!("http://127.0.0.1:{metrics_port}{path}");
 
@@ -65,19 +89,7 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
     })
     .await;
 
-    let pid = worker.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(WAIT, worker.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+    stop_with_sigterm(worker).await;
     assert_eq!(get(&http, url("/healthz")).await.0, 0, "port still open");
     database.cut();
     env.cleanup().await;
@@ -86,18 +98,7 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_waiting_for_the_database_ends_the_worker_with_zero() {
     let env = TestEnv::new().await;
-    let database_url =
-        env.database_url
-            .replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", free_port()), 1);
-    let metrics_port = free_port();
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_inventory-worker"))
-        .env("AMQP_URL", &env.amqp_url)
-        .env("DATABASE_URL", &database_url)
-        .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (worker, _, metrics_port) = start_before_its_database(&env);
     let http = reqwest::Client::new();
     // Alive: the process is up and waiting.
     eventually(WAIT, "alive while the database is down", || async {
@@ -107,18 +108,6 @@ async fn sigterm_while_waiting_for_the_database_ends_the_worker_with_zero() {
             == 200
     })
     .await;
-    let pid = worker.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(WAIT, worker.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status}");
+    stop_with_sigterm(worker).await;
     env.cleanup().await;
 }
