@@ -146,7 +146,7 @@ impl BrokerAddresses {
         ))))
     }
 
-    /// The first node: where `topology diff` looks for the management API.
+    /// The first node (its user, vhost and query are every node's).
     pub fn first(&self) -> &AMQPUri {
         // `parse` never returns an empty list.
         &self.nodes[0]
@@ -155,11 +155,16 @@ impl BrokerAddresses {
 
 /// `host:port` of a node, for logs and errors (no credentials).
 pub fn node_name(node: &AMQPUri) -> String {
+    format!("{}:{}", url_host(node), node.authority.port)
+}
+
+/// A node's host as a URL writes it: an IPv6 address in brackets.
+pub fn url_host(node: &AMQPUri) -> String {
     let host = &node.authority.host;
     if host.contains(':') {
-        format!("[{host}]:{}", node.authority.port)
+        format!("[{host}]")
     } else {
-        format!("{host}:{}", node.authority.port)
+        host.clone()
     }
 }
 

@@ -1,7 +1,7 @@
 //! A small client for the RabbitMQ management HTTP API, used to compare the
 //! live broker with the declared topology and by tests to make vhosts.
 
-use crate::addresses::BrokerAddresses;
+use crate::addresses::{BrokerAddresses, url_host};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -104,14 +104,7 @@ impl Management {
             None => addresses
                 .nodes()
                 .iter()
-                .map(|node| {
-                    let host = &node.authority.host;
-                    if host.contains(':') {
-                        format!("http://[{host}]:15672")
-                    } else {
-                        format!("http://{host}:15672")
-                    }
-                })
+                .map(|node| format!("http://{}:15672", url_host(node)))
                 .collect(),
         };
         let apis = bases
