@@ -10,7 +10,7 @@ async fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("dlq: {}", dlq::cli::describe(&e));
+            eprintln!("dlq: {}", topology::report::describe(&e));
             ExitCode::from(2)
         }
     }

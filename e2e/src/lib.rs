@@ -69,7 +69,7 @@ impl System {
                 .iter()
                 .map(|n| format!("127.0.0.1:{}", n.port))
                 .collect();
-            amqp_url = amqp_url.replacen(testkit::BROKER, &list.join(","), 1);
+            amqp_url = env.amqp_url_with_nodes(&list);
         }
 
         let mut stops = Vec::new();

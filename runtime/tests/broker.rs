@@ -139,9 +139,7 @@ async fn a_message_larger_than_a_frame_goes_out_and_comes_back_whole() {
 /// `AMQP_URL` with the nodes of a cluster: `127.0.0.1:<port>` for each.
 fn cluster_url(env: &TestEnv, ports: &[u16]) -> String {
     let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let url = env.amqp_url.replacen(testkit::BROKER, &nodes.join(","), 1);
-    assert_ne!(url, env.amqp_url);
-    url
+    env.amqp_url_with_nodes(&nodes)
 }
 
 #[tokio::test]
@@ -211,9 +209,7 @@ async fn a_publish_on_a_connection_that_broke_since_its_last_use_goes_out_on_a_n
         .await
         .unwrap();
     let broker = testkit::Forwarder::start(testkit::BROKER).await;
-    let url = env
-        .amqp_url
-        .replacen(testkit::BROKER, &format!("127.0.0.1:{}", broker.port), 1);
+    let url = cluster_url(&env, &[broker.port]);
     let publisher = Publisher::connect(&url, "broke-publisher").await.unwrap();
     let publisher = &publisher;
     let one = |i: u8| async move {

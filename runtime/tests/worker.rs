@@ -669,11 +669,10 @@ async fn a_worker_whose_broker_node_goes_moves_to_the_next_and_loses_nothing() {
     let a = testkit::Forwarder::start(testkit::BROKER).await;
     let b = testkit::Forwarder::start(testkit::BROKER).await;
     let mut settings = settings(&env, "100ms,200ms");
-    settings.amqp_url = runtime::SecretUrl::new(env.amqp_url.replacen(
-        testkit::BROKER,
-        &format!("127.0.0.1:{},127.0.0.1:{}", a.port, b.port),
-        1,
-    ));
+    settings.amqp_url = runtime::SecretUrl::new(env.amqp_url_with_nodes(&[
+        format!("127.0.0.1:{}", a.port),
+        format!("127.0.0.1:{}", b.port),
+    ]));
     let worker = start_worker_with(&env, settings).await;
     let pool = env.pool().await;
     send_sixty_and_wait_for_progress(&env, &pool, "n").await;

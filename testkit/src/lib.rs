@@ -77,6 +77,14 @@ impl TestEnv {
         admin.close().await;
     }
 
+    /// This test's `AMQP_URL` naming `nodes` (`host:port` each) in place of
+    /// the broker: a cluster's nodes, as the processes under test see them.
+    pub fn amqp_url_with_nodes(&self, nodes: &[String]) -> String {
+        let url = self.amqp_url.replacen(BROKER, &nodes.join(","), 1);
+        assert_ne!(url, self.amqp_url, "no broker address to replace");
+        url
+    }
+
     pub async fn pool(&self) -> sqlx::PgPool {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
@@ -338,9 +346,7 @@ impl Forwarder {
 impl Drop for Forwarder {
     fn drop(&mut self) {
         self.accepting.abort();
-        if let Ok(mut connections) = self.connections.lock() {
-            connections.abort_all();
-        }
+        self.drop_connections();
     }
 }
 

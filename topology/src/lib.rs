@@ -11,6 +11,7 @@ pub mod diff;
 pub mod management;
 pub mod model;
 pub mod names;
+pub mod report;
 pub mod retry;
 
 pub use addresses::{AddressError, BrokerAddresses};

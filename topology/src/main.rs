@@ -59,14 +59,7 @@ async fn main() -> ExitCode {
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {
-            // The AMQP client's errors repeat their cause in their own
-            // text, so `{:#}` would print it twice: the outer message and
-            // the root cause say it all.
-            if e.chain().count() > 1 {
-                eprintln!("topology: {e}: {}", e.root_cause());
-            } else {
-                eprintln!("topology: {e}");
-            }
+            eprintln!("topology: {}", topology::report::describe(&e));
             ExitCode::from(2)
         }
     }

@@ -76,18 +76,21 @@ impl Management {
         amqp_url: &str,
         explicit: Option<&str>,
     ) -> Result<(Self, String), ManagementError> {
-        let (apis, vhost) = Self::of_every_node(amqp_url, explicit)?;
-        let mut last = None;
+        let (mut apis, vhost) = Self::of_every_node(amqp_url, explicit)?;
+        // The last is taken without asking: if it does not answer either,
+        // the caller's own request says so.
+        let last = apis.pop();
         for api in apis {
             match api.get("overview").await {
                 Ok(_) => return Ok((api, vhost)),
                 Err(e) => {
                     tracing::warn!(management = %api.base, error = %e, "Management API unreachable");
-                    last = Some(e);
                 }
             }
         }
-        Err(last.unwrap_or_else(|| ManagementError::BadAmqpUrl("no node".into())))
+        // `of_every_node` gives at least one.
+        last.map(|api| (api, vhost))
+            .ok_or_else(|| ManagementError::BadAmqpUrl("no node".into()))
     }
 
     /// One per node of `amqp_url`, or only `explicit`; and the vhost.

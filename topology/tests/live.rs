@@ -167,12 +167,7 @@ async fn bad_retry_delays_are_refused_with_the_variable_named() {
 async fn apply_and_diff_take_a_clusters_nodes_and_pass_over_one_that_is_down() {
     let env = TestEnv::new().await;
     let down = testkit::free_port();
-    let nodes = env.amqp_url.replacen(
-        testkit::BROKER,
-        &format!("127.0.0.1:{down},{}", testkit::BROKER),
-        1,
-    );
-    assert_ne!(nodes, env.amqp_url);
+    let nodes = env.amqp_url_with_nodes(&[format!("127.0.0.1:{down}"), testkit::BROKER.into()]);
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_topology"))
             .args(args)
@@ -220,11 +215,7 @@ async fn diff_finds_the_management_api_of_a_node_that_answers() {
     env.declare_topology("1s,5s,30s,2m,10m").await;
     // The first node is IPv6 loopback, where neither the broker nor its
     // management API listens (both are on IPv4 here): passed over for the next.
-    let nodes = env.amqp_url.replacen(
-        testkit::BROKER,
-        &format!("[::1]:5672,{}", testkit::BROKER),
-        1,
-    );
+    let nodes = env.amqp_url_with_nodes(&["[::1]:5672".into(), testkit::BROKER.into()]);
     let out = Command::new(env!("CARGO_BIN_EXE_topology"))
         .arg("diff")
         .env("AMQP_URL", &nodes)
