@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use tracing::warn;
 
-use crate::worker::BROKER_CALL_TIMEOUT;
+use crate::broker::CALL_TIMEOUT;
 
 #[derive(Default)]
 pub struct Acks {
@@ -90,7 +90,7 @@ async fn settle(
     frame: impl std::future::Future<Output = Result<bool, lapin::Error>>,
     what: &'static str,
 ) {
-    match tokio::time::timeout(BROKER_CALL_TIMEOUT, frame).await {
+    match tokio::time::timeout(CALL_TIMEOUT, frame).await {
         Ok(Ok(_)) => {}
         // The channel is gone; the broker redelivers and the inbox dedupes.
         Ok(Err(e)) => warn!(error = %e, "{what} failed"),

@@ -18,6 +18,10 @@ use tracing::{info, warn};
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a single broker call on an open channel (ack, subscribe) may
+/// take before the connection is treated as lost.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The frame every connection proposes unless `AMQP_URL` names one
 /// (`?frame_max=`): RabbitMQ's default. Connections that receive or
 /// republish messages from elsewhere (a worker's consumer, its republisher

@@ -1,0 +1,100 @@
+//! What surrounds a handler call: its transaction opened through a database
+//! outage, and its code guarded so that a panic is one message's permanent
+//! failure rather than its worker's end.
+
+use super::Inner;
+use crate::handler::{Context, Failure, Handler, is_transient};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::FutureExt;
+use sqlx::{AssertSqlSafe, Postgres, Transaction};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+/// Opens the handler's transaction, waiting out a database outage rather
+/// than spending the message's attempts on it. Shutdown interrupts only the
+/// waits between attempts, never an attempt: an attempt dropped after its
+/// `BEGIN` was sent would return its connection to the pool inside a
+/// transaction. An attempt is bounded by the pool's acquire timeout.
+/// `statement` replaces the plain `BEGIN` (it must begin the transaction).
+pub(super) async fn begin<H>(
+    inner: &Inner<H>,
+    token: &CancellationToken,
+    statement: Option<&'static str>,
+) -> Option<Transaction<'static, Postgres>> {
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        let attempt = match statement {
+            Some(statement) => inner.pool.begin_with(AssertSqlSafe(statement)).await,
+            None => inner.pool.begin().await,
+        };
+        match attempt {
+            Ok(tx) => return Some(tx),
+            Err(e) if is_transient(&e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                warn!(worker = inner.spec.name, error = %e, retry_in = ?delay, "Database unavailable");
+                tokio::select! {
+                    () = token.cancelled() => return None,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(e) => {
+                error!(worker = inner.spec.name, error = %e, "Cannot open a database transaction");
+                return None;
+            }
+        }
+    }
+}
+
+/// Runs the handler's outside work, turning a panic into a permanent failure.
+pub(super) async fn run_prepare<H: Handler>(
+    inner: &Inner<H>,
+    message: H::Message,
+) -> Result<H::Message, Failure> {
+    unless_panicked(
+        "handler panicked preparing",
+        inner.handler.prepare(&inner.pool, message),
+    )
+    .await
+}
+
+/// Runs the handler, turning a panic into a permanent failure.
+pub(super) async fn run_handler<H: Handler>(
+    inner: &Inner<H>,
+    ctx: &mut Context,
+    message: H::Message,
+) -> Result<(), Failure> {
+    unless_panicked("handler panicked", inner.handler.handle(ctx, message)).await
+}
+
+/// Awaits handler code; a panic becomes a permanent failure whose text
+/// starts with `what`, so one bad message cannot take its worker down.
+pub(super) async fn unless_panicked<T>(
+    what: &str,
+    work: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            Err(Failure::Permanent(format!(
+                "{what}: {}",
+                panic_text(&panic)
+            )))
+        })
+}
+
+pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
+}
