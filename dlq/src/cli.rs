@@ -1,13 +1,14 @@
 //! The command line of `dlq`: argument parsing and output, human or `--json`.
 
 use crate::{
-    DEFAULT_MAX_REPLAYS, Dlq, GroupBy, Outcome, ReplayOptions, Selectors, Snapshot, dead_queue,
-    group,
+    DEFAULT_MAX_REPLAYS, Dlq, GroupBy, Outcome, Progress, ReplayOptions, Selectors, Snapshot,
+    dead_queue, group, parse_age,
 };
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use runtime::config::{self, ConfigError, SecretUrl, Source, Var};
 use serde_json::json;
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -17,13 +18,15 @@ use std::io::{BufRead, IsTerminal, Write};
     about = "See why messages died, replay them safely, or purge them (archived)"
 )]
 pub struct Cli {
-    #[arg(long, env = "AMQP_URL", default_value = runtime::config::DEFAULT_AMQP_URL, hide_env_values = true)]
-    amqp_url: String,
-    #[arg(long, env = "DATABASE_URL", default_value = runtime::config::DEFAULT_DATABASE_URL, hide_env_values = true)]
-    database_url: String,
-    /// Who is acting, for the audit table.
-    #[arg(long, env = "USER", default_value = "unknown")]
-    operator: String,
+    /// The broker; overrides AMQP_URL.
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// The database of the workers' inboxes and of the archive; overrides DATABASE_URL.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Who is acting, for the audit table; overrides USER.
+    #[arg(long)]
+    operator: Option<String>,
     /// Machine-readable output, no progress bar.
     #[arg(long, global = true)]
     json: bool,
@@ -37,9 +40,9 @@ enum Command {
     List {
         queue: String,
         #[arg(long, value_enum)]
-        group_by: Option<GroupBy>,
+        group_by: Option<GroupByArg>,
         #[command(flatten)]
-        select: Selectors,
+        select: SelectorArgs,
     },
     /// Show one message: properties, headers (with x-death) and body.
     Show { queue: String, id: String },
@@ -47,7 +50,7 @@ enum Command {
     Replay {
         queue: String,
         #[command(flatten)]
-        select: Selectors,
+        select: SelectorArgs,
         /// Print what would happen and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -74,7 +77,7 @@ enum Command {
     Purge {
         queue: String,
         #[command(flatten)]
-        select: Selectors,
+        select: SelectorArgs,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
@@ -94,8 +97,104 @@ enum Command {
     },
 }
 
+/// What `dlq` reads: its flags laid over the environment, read like every
+/// binary's settings.
+struct Settings {
+    amqp_url: SecretUrl,
+    database_url: SecretUrl,
+    operator: String,
+    inbox_retention: std::time::Duration,
+}
+
+/// `USER`: who is acting, for the audit table.
+const OPERATOR: Var = Var::new("USER", "unknown");
+
+impl Settings {
+    fn read(source: &Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            amqp_url: config::amqp_url(source)?,
+            database_url: config::database_url(source)?,
+            operator: source.get(OPERATOR)?,
+            inbox_retention: config::inbox_retention(source)?,
+        })
+    }
+}
+
+/// Which dead messages an operation applies to.
+#[derive(Debug, Default, Clone, clap::Args)]
+struct SelectorArgs {
+    /// A message id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Message type, e.g. payment.charge.
+    #[arg(long = "type")]
+    message_type: Option<String>,
+    /// Part of the error text.
+    #[arg(long)]
+    error_contains: Option<String>,
+    /// Died longer ago than this (30s, 10m, 2h).
+    #[arg(long, value_parser = parse_age)]
+    older_than: Option<std::time::Duration>,
+    /// Error kind: permanent, exhausted, malformed, delivery-limit.
+    #[arg(long)]
+    kind: Option<String>,
+    /// Every message in the queue.
+    #[arg(long)]
+    all: bool,
+}
+
+impl From<SelectorArgs> for Selectors {
+    fn from(a: SelectorArgs) -> Self {
+        Self {
+            ids: a.ids,
+            message_type: a.message_type,
+            error_contains: a.error_contains,
+            older_than: a.older_than,
+            kind: a.kind,
+            all: a.all,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum GroupByArg {
+    Error,
+    Type,
+    Kind,
+}
+
+impl From<GroupByArg> for GroupBy {
+    fn from(g: GroupByArg) -> Self {
+        match g {
+            GroupByArg::Error => GroupBy::Error,
+            GroupByArg::Type => GroupBy::Type,
+            GroupByArg::Kind => GroupBy::Kind,
+        }
+    }
+}
+
+impl Progress for indicatif::ProgressBar {
+    fn start(&self, total: usize) {
+        self.set_length(total as u64);
+    }
+
+    fn advance(&self) {
+        self.inc(1);
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let dlq = Dlq::connect(&cli.amqp_url, &cli.database_url, &cli.operator).await?;
+    let source = Source::environment()
+        .with(config::AMQP_URL, cli.amqp_url)
+        .with(config::DATABASE_URL, cli.database_url)
+        .with(OPERATOR, cli.operator);
+    let settings = Settings::read(&source)?;
+    let dlq = Dlq::connect(
+        settings.amqp_url.expose(),
+        settings.database_url.expose(),
+        &settings.operator,
+    )
+    .await?;
     let json_out = cli.json;
     let progress = || {
         if json_out || !std::io::stderr().is_terminal() {
@@ -111,6 +210,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             select,
         } => {
             let (queue, _) = dead_queue(&queue)?;
+            let select = Selectors::from(select);
+            let group_by = group_by.map(GroupBy::from);
             let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
             {
                 let now = Utc::now();
@@ -206,6 +307,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             force,
         } => {
             let (queue, domain) = dead_queue(&queue)?;
+            let select = Selectors::from(select);
             if select.is_empty() {
                 bail!(
                     "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"
@@ -226,9 +328,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 new_body,
                 max_replays,
                 force,
-                inbox_retention: std::time::Duration::from_secs(
-                    runtime::config::env_or::<u64>("INBOX_RETENTION_DAYS", "30")?.max(1) * 86_400,
-                ),
+                inbox_retention: settings.inbox_retention,
             };
             let bar = progress();
             let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;
@@ -244,6 +344,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             reason,
         } => {
             let (queue, _) = dead_queue(&queue)?;
+            let select = Selectors::from(select);
             if select.is_empty() {
                 bail!(
                     "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"

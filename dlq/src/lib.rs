@@ -17,6 +17,7 @@ pub mod message;
 
 use anyhow::{Context as _, bail};
 use chrono::Utc;
+use contract::{Domain, headers};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -26,26 +27,13 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use topology::{Domain, headers};
 
 /// How often a message may be replayed before `dlq` refuses (`--max-replays`).
 pub const DEFAULT_MAX_REPLAYS: i64 = 5;
 
-/// The consumer whose inbox decides whether a dead message's effect was
-/// applied: the worker of the dead queue's domain and the schema it owns.
-/// `dlq` does not link the workers; a test holds this table to their `SPEC`s.
-pub fn consumer_of(domain: Domain) -> (&'static str, &'static str) {
-    match domain {
-        Domain::Order => ("orders", "order-worker"),
-        Domain::Inventory => ("inventory", "inventory-worker"),
-        Domain::Payment => ("payments", "payment-worker"),
-        Domain::Notification => ("notifications", "notification-worker"),
-    }
-}
-
 /// A dead queue name, checked: `Q.dead` of a known domain.
 pub fn dead_queue(name: &str) -> anyhow::Result<(String, Domain)> {
-    let work = topology::names::work_queue_of_dead(name).with_context(|| {
+    let work = contract::names::work_queue_of_dead(name).with_context(|| {
         format!("{name:?} is not a dead queue (they end in .dead, e.g. inventory.dead)")
     })?;
     let domain = Domain::ALL
@@ -56,30 +44,37 @@ pub fn dead_queue(name: &str) -> anyhow::Result<(String, Domain)> {
 }
 
 /// Which dead messages an operation applies to.
-#[derive(Debug, Default, Clone, clap::Args)]
+#[derive(Debug, Default, Clone)]
 pub struct Selectors {
-    /// A message id (repeatable).
-    #[arg(long = "id")]
+    /// Message ids.
     pub ids: Vec<String>,
     /// Message type, e.g. payment.charge.
-    #[arg(long = "type")]
     pub message_type: Option<String>,
     /// Part of the error text.
-    #[arg(long)]
     pub error_contains: Option<String>,
-    /// Died longer ago than this (30s, 10m, 2h).
-    #[arg(long, value_parser = parse_age)]
+    /// Died longer ago than this.
     pub older_than: Option<Duration>,
     /// Error kind: permanent, exhausted, malformed, delivery-limit.
-    #[arg(long)]
     pub kind: Option<String>,
     /// Every message in the queue.
-    #[arg(long)]
     pub all: bool,
 }
 
-fn parse_age(s: &str) -> Result<Duration, String> {
-    topology::retry::parse_duration(s).map_err(|e| e.to_string())
+/// Told how a long operation advances (a progress bar, or nothing).
+pub trait Progress {
+    fn start(&self, total: usize);
+    fn advance(&self);
+}
+
+/// No progress shown.
+impl Progress for () {
+    fn start(&self, _total: usize) {}
+    fn advance(&self) {}
+}
+
+/// An age such as `30s`, `10m` or `2h`.
+pub fn parse_age(s: &str) -> Result<Duration, String> {
+    settings::parse_duration(s).map_err(|e| e.to_string())
 }
 
 impl Selectors {
@@ -251,7 +246,9 @@ impl Dlq {
         let Ok(id) = uuid::Uuid::parse_str(message_id) else {
             return Ok(false);
         };
-        let (schema, consumer) = consumer_of(domain);
+        // The consumer whose inbox decides: the worker of the dead queue's
+        // domain, in the schema it owns (both named by the contract).
+        let (schema, consumer) = (domain.schema(), domain.worker());
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {schema}.inbox WHERE consumer = $1 AND message_id = $2)"
         );
@@ -269,7 +266,7 @@ impl Dlq {
         domain: Domain,
         selectors: &Selectors,
         options: &ReplayOptions,
-        progress: &indicatif::ProgressBar,
+        progress: &dyn Progress,
     ) -> anyhow::Result<Vec<Outcome>> {
         let snapshot = Snapshot::take(&self.connection, queue).await?;
         let chosen = snapshot.chosen(selectors);
@@ -279,11 +276,11 @@ impl Dlq {
             snapshot.release().await;
             bail!("--edit and --set-body replay exactly one message; the selectors chose {n}");
         }
-        progress.set_length(chosen.len() as u64);
+        progress.start(chosen.len());
         let mut outcomes = Vec::new();
         let mut result = Ok(());
         for m in chosen {
-            progress.inc(1);
+            progress.advance();
             let skip = |why: String| Outcome {
                 message_id: m.message_id.clone(),
                 action: "skipped",
@@ -298,7 +295,7 @@ impl Dlq {
             }
             let dead_for = m.age(Utc::now()).and_then(|a| a.to_std().ok());
             if !options.force && dead_for.is_some_and(|a| a > options.inbox_retention) {
-                let (_, consumer) = consumer_of(domain);
+                let consumer = domain.worker();
                 let days = |d: std::time::Duration| d.as_secs() / 86_400;
                 outcomes.push(skip(format!(
                     "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then --force)",
@@ -308,7 +305,7 @@ impl Dlq {
                 continue;
             }
             if !options.force && self.already_applied(domain, &m.message_id).await? {
-                let (_, consumer) = consumer_of(domain);
+                let consumer = domain.worker();
                 outcomes.push(skip(format!(
                     "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or --force)"
                 )));
@@ -557,7 +554,7 @@ pub fn group(messages: &[&DeadMessage], by: GroupBy) -> Vec<(String, usize)> {
     out
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy)]
 pub enum GroupBy {
     Error,
     Type,

@@ -3,11 +3,11 @@
 //! as AMQP encodes them (for the archive, so `restore` is exact).
 
 use chrono::{DateTime, Utc};
+use contract::headers;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use runtime::envelope::{header_int, header_str};
 use serde_json::{Map, Value, json};
-use topology::headers;
 
 #[derive(Debug, Clone)]
 pub struct DeadMessage {

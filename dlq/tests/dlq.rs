@@ -86,7 +86,7 @@ async fn dead_messages_of_every_path_are_listed_with_their_reason_grouped_and_le
     let system = System::start(Options::default()).await;
     let env = &system.env;
     // malformed: not JSON.
-    let good = Outgoing::of(&messages::ReserveStock {
+    let good = Outgoing::of(&contract::ReserveStock {
         order_id: uuid::Uuid::new_v4(),
         items: vec![],
     });
@@ -135,7 +135,7 @@ async fn dead_messages_of_every_path_are_listed_with_their_reason_grouped_and_le
         )
         .await
         .unwrap();
-    let stuck = Outgoing::of(&messages::Restock {
+    let stuck = Outgoing::of(&contract::Restock {
         sku: "S".into(),
         quantity: 1,
     });
@@ -266,7 +266,7 @@ async fn an_order_whose_payment_died_while_the_gateway_was_down_completes_after_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replaying_a_message_already_applied_is_reported_and_has_no_second_effect() {
     let system = System::start(Options::default()).await;
-    let restock = Outgoing::of(&messages::Restock {
+    let restock = Outgoing::of(&contract::Restock {
         sku: "SKU-A".into(),
         quantity: 5,
     });
@@ -311,11 +311,11 @@ async fn replaying_a_message_already_applied_is_reported_and_has_no_second_effec
 async fn a_message_dead_for_longer_than_the_inbox_retention_is_replayed_only_with_force() {
     let env = TestEnv::new().await;
     apply(&env).await;
-    let old = Outgoing::of(&messages::Restock {
+    let old = Outgoing::of(&contract::Restock {
         sku: "SKU-OLD".into(),
         quantity: 1,
     });
-    let recent = Outgoing::of(&messages::Restock {
+    let recent = Outgoing::of(&contract::Restock {
         sku: "SKU-NEW".into(),
         quantity: 1,
     });
@@ -358,7 +358,7 @@ async fn a_dry_run_changes_nothing_and_a_corrected_body_is_replayed() {
     let system = System::start(Options::default()).await;
     system.stock("SKU-E", 3).await;
     let order_id = uuid::Uuid::new_v4();
-    let broken = Outgoing::of(&messages::ReserveStock {
+    let broken = Outgoing::of(&contract::ReserveStock {
         order_id,
         items: vec![],
     });
@@ -432,7 +432,7 @@ async fn a_dry_run_changes_nothing_and_a_corrected_body_is_replayed() {
 async fn purge_archives_and_restore_gives_the_message_back() {
     let env = TestEnv::new().await;
     apply(&env).await;
-    let m = Outgoing::of(&messages::ReleaseStock {
+    let m = Outgoing::of(&contract::ReleaseStock {
         order_id: uuid::Uuid::new_v4(),
     });
     bury(&env, "inventory.dead", &m, "permanent").await;
@@ -529,7 +529,7 @@ async fn restore_gives_back_every_property_and_header_exactly() {
         .with_app_id("shop".into());
     env.publish("", "inventory.dead", exact.clone(), b"\xff not json")
         .await;
-    let m = Outgoing::of(&messages::ReleaseStock {
+    let m = Outgoing::of(&contract::ReleaseStock {
         order_id: uuid::Uuid::new_v4(),
     });
     bury(&env, "inventory.dead", &m, "permanent").await;
@@ -588,7 +588,7 @@ async fn a_replay_killed_half_way_loses_no_message() {
     let channel = conn.create_channel().await.unwrap();
     channel.confirm_select(Default::default()).await.unwrap();
     for _ in 0..1000 {
-        let m = Outgoing::of(&messages::ReleaseStock {
+        let m = Outgoing::of(&contract::ReleaseStock {
             order_id: uuid::Uuid::new_v4(),
         });
         let mut props: BasicProperties = m.properties();
@@ -668,7 +668,7 @@ async fn two_operators_replaying_at_once_never_replay_a_message_twice() {
     let env = TestEnv::new().await;
     apply(&env).await;
     for _ in 0..300 {
-        let m = Outgoing::of(&messages::ReleaseStock {
+        let m = Outgoing::of(&contract::ReleaseStock {
             order_id: uuid::Uuid::new_v4(),
         });
         bury(&env, "inventory.dead", &m, "permanent").await;
@@ -712,7 +712,7 @@ async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
     let env = TestEnv::new().await;
     apply(&env).await;
     let order_id = uuid::Uuid::new_v4();
-    let m = Outgoing::of(&messages::ReserveStock {
+    let m = Outgoing::of(&contract::ReserveStock {
         order_id,
         items: vec![],
     });
@@ -770,6 +770,9 @@ fn the_inbox_dlq_checks_is_the_one_each_worker_writes() {
         payment_worker::SPEC,
         notification_worker::SPEC,
     ] {
-        assert_eq!(dlq::consumer_of(spec.domain), (spec.schema, spec.name));
+        assert_eq!(
+            (spec.domain.schema(), spec.domain.worker()),
+            (spec.schema, spec.name)
+        );
     }
 }

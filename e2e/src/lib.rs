@@ -371,7 +371,7 @@ impl System {
         .await
         .unwrap();
         assert_eq!(held_by_cancelled, 0, "a cancelled order still holds stock");
-        for domain in topology::Domain::ALL {
+        for domain in contract::Domain::ALL {
             assert_eq!(
                 self.env.depth(&domain.dead_queue()).await,
                 0,

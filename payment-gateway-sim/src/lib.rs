@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use runtime::config::{ConfigError, Source, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -26,18 +27,48 @@ pub struct Trouble {
     pub latency_ms: u64,
 }
 
-impl Trouble {
-    /// From `SIM_ERROR_RATE` and `SIM_LATENCY_MS`.
-    pub fn from_env() -> anyhow::Result<Self> {
-        let error_rate: f64 = runtime::config::env_or("SIM_ERROR_RATE", "0")?;
-        if !(0.0..=1.0).contains(&error_rate) {
-            anyhow::bail!("SIM_ERROR_RATE={error_rate} must be between 0 and 1");
-        }
-        let latency_ms: u64 = runtime::config::env_or("SIM_LATENCY_MS", "0")?;
+const HTTP_ADDR: Var = Var::new("HTTP_ADDR", "127.0.0.1:8090");
+const SIM_ERROR_RATE: Var = Var::new("SIM_ERROR_RATE", "0");
+const SIM_LATENCY_MS: Var = Var::new("SIM_LATENCY_MS", "0");
+
+/// The simulator's settings tree.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `HTTP_ADDR`.
+    pub http_addr: String,
+    /// `SIM_ERROR_RATE` and `SIM_LATENCY_MS`.
+    pub trouble: Trouble,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::read(&Source::environment())
+    }
+
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
         Ok(Self {
-            error_rate,
-            latency_ms,
+            http_addr: source.get(HTTP_ADDR)?,
+            trouble: Trouble {
+                error_rate: source.parse(SIM_ERROR_RATE, |raw| {
+                    let rate: f64 = raw.parse().map_err(|e| format!("{e}"))?;
+                    if (0.0..=1.0).contains(&rate) {
+                        Ok(rate)
+                    } else {
+                        Err("must be between 0 and 1".to_owned())
+                    }
+                })?,
+                latency_ms: source.get(SIM_LATENCY_MS)?,
+            },
         })
+    }
+
+    pub fn log_effective(&self) {
+        tracing::info!(
+            http_addr = %self.http_addr,
+            error_rate = self.trouble.error_rate,
+            latency_ms = self.trouble.latency_ms,
+            "Effective configuration"
+        );
     }
 }
 

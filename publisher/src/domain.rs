@@ -150,7 +150,7 @@ pub struct ItemRequest {
 pub struct NewOrder {
     pub customer_email: CustomerEmail,
     pub currency: Currency,
-    pub items: Vec<messages::Line>,
+    pub items: Vec<contract::Line>,
     pub payment_method: String,
 }
 
@@ -181,7 +181,7 @@ impl NewOrder {
             let price = bounded(item.unit_price_cents, 0, MAX_UNIT_PRICE_CENTS)
                 .map_err(|m| errors.push(field_error(format!("items[{i}].unit_price_cents"), m)));
             if let (Ok(sku), Ok(quantity), Ok(price)) = (sku, quantity, price) {
-                items.push(messages::Line {
+                items.push(contract::Line {
                     sku: sku.0,
                     quantity,
                     unit_price_cents: u64::from(price),
@@ -191,7 +191,7 @@ impl NewOrder {
         let method = req
             .payment_method
             .as_deref()
-            .unwrap_or(messages::DEFAULT_PAYMENT_METHOD);
+            .unwrap_or(contract::DEFAULT_PAYMENT_METHOD);
         let payment_method = PaymentMethod::parse(method)
             .map_err(|m| errors.push(field_error("payment_method", m)))
             .ok();

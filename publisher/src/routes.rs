@@ -16,7 +16,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use messages::{CancelOrder, PlaceOrder, Restock};
+use contract::{CancelOrder, Message, PlaceOrder, Restock};
 use runtime::{Outgoing, Publisher};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -160,10 +160,10 @@ pub async fn place_order(
     // the order queue's inbox then drops; without a key each request is an
     // order of its own and keeps the message's time-ordered id.
     let message = match &key {
-        Some(_) => message.with_message_id(derived_id(&format!("order.place:{order_id}"))),
+        Some(_) => message.with_message_id(derived_id(&format!("{}:{order_id}", PlaceOrder::KIND))),
         None => message,
     };
-    publish(&state, "order.place", &message).await?;
+    publish(&state, PlaceOrder::KIND, &message).await?;
     tracing::info!(order_id = %order_id, "Order accepted");
     Ok(accepted(
         Some(format!("/orders/{order_id}")),
@@ -199,14 +199,14 @@ pub async fn cancel_order(
     }
     // Cancelling is idempotent by nature: one message id per order (or per key).
     let message_id = match &key {
-        Some(k) => derived_id(&format!("order.cancel:{order_id}:{}", k.as_str())),
-        None => derived_id(&format!("order.cancel:{order_id}")),
+        Some(k) => derived_id(&format!("{}:{order_id}:{}", CancelOrder::KIND, k.as_str())),
+        None => derived_id(&format!("{}:{order_id}", CancelOrder::KIND)),
     };
     let message = Outgoing::of(&CancelOrder { order_id })
         .with_message_id(message_id)
         .correlated(order_id)
         .traced_from(traceparent(&headers));
-    publish(&state, "order.cancel", &message).await?;
+    publish(&state, CancelOrder::KIND, &message).await?;
     Ok(accepted(
         Some(format!("/orders/{order_id}")),
         json!({ "order_id": order_id, "cancellation": "requested" }),
@@ -225,7 +225,8 @@ pub async fn restock(
     let quantity = restock_quantity(&request).map_err(ApiError::Invalid)?;
     let message_id = match &key {
         Some(k) => derived_id(&format!(
-            "inventory.restock:{}:{}",
+            "{}:{}:{}",
+            Restock::KIND,
             sku.as_str(),
             k.as_str()
         )),
@@ -237,7 +238,7 @@ pub async fn restock(
     })
     .with_message_id(message_id)
     .traced_from(traceparent(&headers));
-    publish(&state, "inventory.restock", &message).await?;
+    publish(&state, Restock::KIND, &message).await?;
     Ok(accepted(
         Some(format!("/inventory/{}", sku.as_str())),
         json!({ "sku": sku.as_str(), "quantity": quantity }),

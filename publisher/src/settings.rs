@@ -1,8 +1,14 @@
-//! The publisher's settings, from the environment.
+//! The publisher's settings tree, read once at start.
 
 use runtime::SecretUrl;
-use runtime::config::{ConfigError, DEFAULT_DATABASE_URL, amqp_url_from_env, env_or};
+use runtime::config::{ConfigError, Source, Var, amqp_url, database_url};
 use std::time::Duration;
+
+/// `HTTP_ADDR`; port 0 picks a free port (tests).
+const HTTP_ADDR: Var = Var::new("HTTP_ADDR", "127.0.0.1:8080");
+const REQUEST_TIMEOUT_MS: Var = Var::new("REQUEST_TIMEOUT_MS", "10000");
+const MAX_BODY_BYTES: Var = Var::new("MAX_BODY_BYTES", "65536");
+const DATABASE_POOL_SIZE: Var = Var::new("DATABASE_POOL_SIZE", "5");
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
@@ -20,14 +26,19 @@ pub struct PublisherSettings {
 
 impl PublisherSettings {
     pub fn from_env() -> Result<Self, ConfigError> {
-        let timeout_ms: u64 = env_or("REQUEST_TIMEOUT_MS", "10000")?;
+        Self::read(&Source::environment())
+    }
+
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
+        let timeout_ms: u64 = source.get(REQUEST_TIMEOUT_MS)?;
         Ok(Self {
-            http_addr: env_or("HTTP_ADDR", "127.0.0.1:8080")?,
-            amqp_url: amqp_url_from_env()?,
-            database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
+            // Bound at start, where a bad address is reported.
+            http_addr: source.get(HTTP_ADDR)?,
+            amqp_url: amqp_url(source)?,
+            database_url: database_url(source)?,
             request_timeout: Duration::from_millis(timeout_ms),
-            max_body_bytes: env_or("MAX_BODY_BYTES", "65536")?,
-            database_pool_size: env_or("DATABASE_POOL_SIZE", "5")?,
+            max_body_bytes: source.get(MAX_BODY_BYTES)?,
+            database_pool_size: source.get(DATABASE_POOL_SIZE)?,
         })
     }
 
@@ -38,7 +49,38 @@ impl PublisherSettings {
             database_url = %self.database_url,
             request_timeout = ?self.request_timeout,
             max_body_bytes = self.max_body_bytes,
+            database_pool_size = self.database_pool_size,
             "Effective configuration"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_contract_s_local_ones() {
+        let settings = PublisherSettings::read(&Source::default()).expect("defaults");
+        assert_eq!(settings.http_addr, "127.0.0.1:8080");
+        assert_eq!(settings.request_timeout, Duration::from_secs(10));
+        assert_eq!(settings.max_body_bytes, 65536);
+    }
+
+    #[test]
+    fn every_bad_variable_is_refused_naming_it() {
+        for (name, bad) in [
+            ("REQUEST_TIMEOUT_MS", "10s"),
+            ("MAX_BODY_BYTES", "-1"),
+            ("DATABASE_POOL_SIZE", "x"),
+            ("AMQP_URL", "nonsense"),
+        ] {
+            let e = PublisherSettings::read(&Source::from_pairs([(name, bad)])).expect_err(name);
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{name}={bad:?} is not valid: ")),
+                "{e}"
+            );
+        }
     }
 }

@@ -1,115 +1,58 @@
 //! Typed settings read from the environment, with the contract's local defaults.
 //!
-//! Every binary builds its settings here, fails with a message naming the
-//! variable when one is wrong, and logs the effective values with secrets
-//! masked.
+//! Every binary builds one settings tree on the shared reader (`settings`):
+//! each variable is declared once here or beside the settings that use it,
+//! a bad value is refused at start naming the variable, and the effective
+//! values are logged with secrets masked.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::net::SocketAddr;
+use std::time::Duration;
 use topology::RetryDelays;
+use topology::retry::RETRY_DELAYS;
 
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
+pub use settings::{ConfigError, SecretUrl, Source, Var, at_least, mask_password};
 
-/// A value that must never reach a log line in clear, such as a URL with a
-/// password in it. `Debug` and `Display` mask the password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
+pub use topology::addresses::{AMQP_URL, amqp_url};
+pub const DATABASE_URL: Var = Var::new(
+    "DATABASE_URL",
+    "postgres://postgres@127.0.0.1:5432/orderflow",
+);
+pub const INBOX_RETENTION_DAYS: Var = Var::new("INBOX_RETENTION_DAYS", "30");
+pub const DEFAULT_AMQP_URL: &str = AMQP_URL.default;
+pub const DEFAULT_DATABASE_URL: &str = DATABASE_URL.default;
 
-impl SecretUrl {
-    pub fn new(url: impl Into<String>) -> Self {
-        Self(url.into())
-    }
+const PREFETCH: Var = Var::new("PREFETCH", "128");
+/// Defaults to the handler's `DEFAULT_CONCURRENCY`.
+const CONCURRENCY: Var = Var::optional("CONCURRENCY");
+const BATCH_SIZE: Var = Var::new("BATCH_SIZE", "64");
+const BATCH_LINGER_MS: Var = Var::new("BATCH_LINGER_MS", "3");
+/// Defaults to what the concurrency needs (`WorkerSettings::read`).
+const DATABASE_POOL_SIZE: Var = Var::optional("DATABASE_POOL_SIZE");
+const OUTBOX_SWEEP_AFTER_MS: Var = Var::new("OUTBOX_SWEEP_AFTER_MS", "5000");
+const METRICS_ADDR: Var = Var::optional("METRICS_ADDR");
 
-    /// The URL itself, for the one place that connects with it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&mask_password(&self.0))
-    }
-}
-
-impl fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
-    }
-}
-
-/// `scheme://user:secret@host/…` → `scheme://user:****@host/…`.
-pub fn mask_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    // Several URLs where one is expected (refused, but printed): each masked.
-    if let Some(next) = rest.find("://").and_then(|i| rest[..i].rfind(',')) {
-        let split = scheme_end + 3 + next;
-        return format!(
-            "{}{}",
-            mask_password(&url[..split]),
-            mask_password(&url[split..])
-        );
-    }
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    match authority[..at].find(':') {
-        Some(colon) => format!(
-            "{}{}:****{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{name}={value:?} is not valid: {reason}")]
-pub struct ConfigError {
-    pub name: &'static str,
-    pub value: String,
-    pub reason: String,
-}
-
-/// Reads `name` from the environment, or `default` when it is unset or empty.
-pub fn env_or<T>(name: &'static str, default: &str) -> Result<T, ConfigError>
-where
-    T: FromStr,
-    T::Err: fmt::Display,
-{
-    let value = std::env::var(name)
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| default.to_owned());
-    value.trim().parse().map_err(|e: T::Err| ConfigError {
-        name,
-        value,
-        reason: e.to_string(),
+/// `DATABASE_URL`, checked only for its scheme: the pool reports the rest.
+pub fn database_url(source: &Source) -> Result<SecretUrl, ConfigError> {
+    source.secret_url(DATABASE_URL, |url| {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(())
+        } else {
+            Err("not a postgres:// URL".to_owned())
+        }
     })
 }
 
-/// `AMQP_URL`, read and parsed at start: a URL the client cannot read is
-/// bad configuration, reported at once (password masked), not a broker to
-/// wait for.
-pub fn amqp_url_from_env() -> Result<SecretUrl, ConfigError> {
-    check_amqp_url(&env_or::<String>("AMQP_URL", DEFAULT_AMQP_URL)?)
+/// `INBOX_RETENTION_DAYS`: how long an inbox remembers an applied message
+/// (at least a day).
+pub fn inbox_retention(source: &Source) -> Result<Duration, ConfigError> {
+    let days: u64 = source.get(INBOX_RETENTION_DAYS)?;
+    Ok(Duration::from_secs(days.max(1) * 86_400))
 }
 
-fn check_amqp_url(url: &str) -> Result<SecretUrl, ConfigError> {
-    match topology::BrokerAddresses::parse(url) {
-        Ok(_) => Ok(SecretUrl::new(url)),
-        Err(reason) => Err(ConfigError {
-            name: "AMQP_URL",
-            value: mask_password(url),
-            reason: format!("not an AMQP URL: {reason}"),
-        }),
-    }
+/// A `HOST:PORT` to listen on.
+pub fn socket_addr(raw: &str) -> Result<SocketAddr, String> {
+    raw.parse()
+        .map_err(|e| format!("{e} (expected HOST:PORT such as 0.0.0.0:9100)"))
 }
 
 /// Settings shared by every worker binary.
@@ -165,48 +108,42 @@ impl WorkerSettings {
     /// The settings of a worker whose handler is `H`, from the environment;
     /// `CONCURRENCY` defaults to `H::DEFAULT_CONCURRENCY`.
     pub fn from_env_for<H: crate::Handler>() -> Result<Self, ConfigError> {
-        let prefetch: u16 = env_or("PREFETCH", "128")?;
-        if prefetch == 0 {
-            return Err(ConfigError {
-                name: "PREFETCH",
-                value: "0".into(),
-                reason: "must be at least 1 (0 would mean unbounded)".into(),
-            });
-        }
-        let concurrency: usize = env_or("CONCURRENCY", &H::DEFAULT_CONCURRENCY.to_string())?;
-        let concurrency = concurrency.clamp(1, prefetch.into());
-        let batch_size: usize = env_or("BATCH_SIZE", "64")?;
-        let batch_size = batch_size.clamp(1, prefetch.into());
-        let linger_ms: u64 = env_or("BATCH_LINGER_MS", "3")?;
+        Self::read::<H>(&Source::environment())
+    }
+
+    /// The settings of a worker whose handler is `H`, from `source`.
+    pub fn read<H: crate::Handler>(source: &Source) -> Result<Self, ConfigError> {
+        let prefetch: u16 = source.parse(PREFETCH, |raw| {
+            let n: u16 = raw.parse().map_err(|e| format!("{e}"))?;
+            settings::at_least(n, 1).map_err(|e| format!("{e} (0 would mean unbounded)"))
+        })?;
+        let concurrency: usize = source
+            .optional(CONCURRENCY, |raw| raw.parse().map_err(|e| format!("{e}")))?
+            .unwrap_or(H::DEFAULT_CONCURRENCY)
+            .clamp(1, prefetch.into());
+        let batch_size = source.get::<usize>(BATCH_SIZE)?.clamp(1, prefetch.into());
+        let linger_ms: u64 = source.get(BATCH_LINGER_MS)?;
         // One connection per transaction in flight, one for the sweeper and
         // the start counter; at most eight, which keeps four domains times
         // two replicas inside PostgreSQL's default limit of 100.
-        let pool: u32 = env_or("DATABASE_POOL_SIZE", &(concurrency + 2).min(8).to_string())?;
-        let sweep_after_ms: u64 = env_or("OUTBOX_SWEEP_AFTER_MS", "5000")?;
-        let retention_days: u64 = env_or("INBOX_RETENTION_DAYS", "30")?;
-        let metrics_addr = match env_or::<String>("METRICS_ADDR", "")? {
-            addr if addr.is_empty() => None,
-            addr => Some(
-                addr.parse()
-                    .map_err(|e: std::net::AddrParseError| ConfigError {
-                        name: "METRICS_ADDR",
-                        value: addr.clone(),
-                        reason: format!("{e} (expected HOST:PORT such as 0.0.0.0:9100)"),
-                    })?,
-            ),
-        };
+        let pool: u32 = source
+            .optional(DATABASE_POOL_SIZE, |raw| {
+                raw.parse().map_err(|e| format!("{e}"))
+            })?
+            .unwrap_or_else(|| (concurrency as u32 + 2).min(8));
+        let sweep_after_ms: u64 = source.get(OUTBOX_SWEEP_AFTER_MS)?;
         Ok(Self {
-            amqp_url: amqp_url_from_env()?,
-            database_url: SecretUrl::new(env_or::<String>("DATABASE_URL", DEFAULT_DATABASE_URL)?),
-            retry_delays: env_or("RETRY_DELAYS", "1s,5s,30s,2m,10m")?,
+            amqp_url: amqp_url(source)?,
+            database_url: database_url(source)?,
+            retry_delays: source.get(RETRY_DELAYS)?,
             prefetch,
             concurrency,
             batch_size,
             batch_linger: Duration::from_millis(linger_ms),
             database_pool_size: pool.max(2),
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
-            inbox_retention: Duration::from_secs(retention_days.max(1) * 86_400),
-            metrics_addr,
+            inbox_retention: inbox_retention(source)?,
+            metrics_addr: source.optional(METRICS_ADDR, socket_addr)?,
         })
     }
 }
@@ -245,15 +182,41 @@ mod tests {
         }
     }
 
+    fn check_amqp_url(url: &str) -> Result<SecretUrl, ConfigError> {
+        amqp_url(&Source::from_pairs([("AMQP_URL", url)]))
+    }
+
     #[test]
     fn concurrency_defaults_to_what_the_handler_declares() {
-        // The test process sets no CONCURRENCY: the defaults apply.
-        let undeclared = WorkerSettings::from_env_for::<Undeclared>().expect("settings");
-        let mailer = WorkerSettings::from_env_for::<Mailer>().expect("settings");
+        let unset = Source::default();
+        let undeclared = WorkerSettings::read::<Undeclared>(&unset).expect("settings");
+        let mailer = WorkerSettings::read::<Mailer>(&unset).expect("settings");
         assert_eq!(undeclared.concurrency, 2);
         assert_eq!(undeclared.database_pool_size, 4);
         assert_eq!(mailer.concurrency, 6);
         assert_eq!(mailer.database_pool_size, 8);
+    }
+
+    #[test]
+    fn every_bad_worker_variable_is_refused_naming_it() {
+        for (name, bad) in [
+            ("PREFETCH", "0"),
+            ("PREFETCH", "many"),
+            ("CONCURRENCY", "-1"),
+            ("BATCH_SIZE", "x"),
+            ("BATCH_LINGER_MS", "3ms"),
+            ("DATABASE_POOL_SIZE", "big"),
+            ("OUTBOX_SWEEP_AFTER_MS", "soon"),
+            ("INBOX_RETENTION_DAYS", "forever"),
+            ("METRICS_ADDR", "9100"),
+            ("RETRY_DELAYS", "1s,x"),
+            ("DATABASE_URL", "mysql://db/x"),
+        ] {
+            let source = Source::from_pairs([(name, bad)]);
+            let e = WorkerSettings::read::<Undeclared>(&source).expect_err(name);
+            let expected = format!("{name}={bad:?} is not valid: ");
+            assert!(e.to_string().starts_with(&expected), "{e}");
+        }
     }
 
     #[test]
@@ -298,28 +261,5 @@ mod tests {
             assert!(text.contains(why), "{text}");
             assert!(!text.contains("s3cret"), "{text}");
         }
-    }
-
-    #[test]
-    fn passwords_are_masked_and_the_rest_is_kept() {
-        assert_eq!(
-            mask_password("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:****@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            mask_password("postgres://postgres@127.0.0.1:5432/orderflow"),
-            "postgres://postgres@127.0.0.1:5432/orderflow"
-        );
-        assert_eq!(
-            mask_password("postgres://u:p@ss@db/x"),
-            "postgres://u:****@db/x"
-        );
-        assert_eq!(mask_password("not a url"), "not a url");
-        assert_eq!(
-            mask_password("amqp://a:one@h1/%2f,amqp://b:two@h2/%2f"),
-            "amqp://a:****@h1/%2f,amqp://b:****@h2/%2f"
-        );
-        let s = SecretUrl::new("amqp://a:b@h/");
-        assert_eq!(format!("{s:?}"), "\"amqp://a:****@h/\"");
     }
 }

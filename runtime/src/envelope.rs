@@ -5,58 +5,18 @@
 //! mode, and headers `x-attempt` and W3C `traceparent`. Payloads are typed
 //! and named by `type`; see [`Message`] and [`Inbound`].
 
+use contract::headers;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use serde::Serialize;
 use std::time::Duration;
-use topology::headers;
 use uuid::Uuid;
 
 pub const CONTENT_TYPE: &str = "application/json";
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
-/// A payload type that can be sent. `KIND` is both the AMQP `type` and the
-/// routing key (`inventory.reserve`); `EXCHANGE` is `commands` or `events`.
-pub trait Message: Serialize {
-    const KIND: &'static str;
-    const EXCHANGE: &'static str;
-}
-
-/// The set of payloads a consumer accepts, decoded by `type`. A body that
-/// does not decode is a malformed message, not a handler failure.
-pub trait Inbound: Sized + Send {
-    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed>;
-}
-
-/// Why a delivery cannot be turned into a message; it goes to the dead
-/// queue at once with kind `malformed`, since no retry can fix it.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum Malformed {
-    #[error("message_id is missing")]
-    MissingMessageId,
-    #[error("message_id {0:?} is not a UUID")]
-    BadMessageId(String),
-    #[error("type is missing")]
-    MissingType,
-    #[error("content_type is {0:?}, expected application/json")]
-    ContentType(Option<String>),
-    #[error("unknown message type {0:?}")]
-    UnknownType(String),
-    #[error("body of {kind} is not valid: {reason}")]
-    Body { kind: String, reason: String },
-}
-
-/// Decodes a JSON body into `T`, naming the message type in the error.
-pub fn decode_json<T: serde::de::DeserializeOwned>(
-    kind: &str,
-    body: &[u8],
-) -> Result<T, Malformed> {
-    serde_json::from_slice(body).map_err(|e| Malformed::Body {
-        kind: kind.to_owned(),
-        reason: e.to_string(),
-    })
-}
+// The payload traits live with the payloads, in the contract.
+pub use contract::{Inbound, Malformed, Message, decode_json};
 
 /// What the runtime read from a delivery's properties.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +233,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Serialize)]
+    #[derive(serde::Serialize)]
     struct Ping {
         n: u32,
     }

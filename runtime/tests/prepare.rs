@@ -9,6 +9,7 @@
 
 mod support;
 
+use contract::headers;
 use runtime::{Context, Failure, Handler, Worker};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +17,6 @@ use std::time::Duration;
 use support::probe::{Probe, ProbeMessage, probe_spec};
 use support::{apply_topology, count, header_text, prepare, run, send, settings};
 use testkit::{TestEnv, eventually};
-use topology::headers;
 
 const WAIT: Duration = Duration::from_secs(20);
 

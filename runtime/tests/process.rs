@@ -6,13 +6,13 @@
 
 mod support;
 
+use contract::headers;
 use std::process::Stdio;
 use std::time::Duration;
 use support::probe::Probe;
 use support::*;
 use testkit::{TestEnv, eventually};
 use tokio::process::{Child, Command};
-use topology::headers;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -89,7 +89,7 @@ async fn bound_probed_queue(env: &TestEnv) {
     channel
         .queue_bind(
             "probed".into(),
-            topology::EVENTS.into(),
+            contract::EVENTS.into(),
             support::probe::PROBED_KIND.into(),
             lapin::options::QueueBindOptions::default(),
             lapin::types::FieldTable::default(),

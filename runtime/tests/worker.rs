@@ -4,13 +4,13 @@
 
 mod support;
 
+use contract::headers;
 use lapin::BasicProperties;
 use runtime::Outgoing;
 use std::time::Duration;
 use support::probe::Probe;
 use support::*;
 use testkit::{TestEnv, eventually};
-use topology::headers;
 
 // A bound, not a timing: under the full parallel suite on 2 cores one wait
 // can take tens of seconds.

@@ -10,6 +10,7 @@
 
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
+use settings::{ConfigError, SecretUrl, Source, Var};
 use std::fmt;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,6 +22,20 @@ use tracing::{info, warn};
 /// replicas spread their connections over the cluster.
 static PREFERRED: LazyLock<AtomicUsize> =
     LazyLock::new(|| AtomicUsize::new(rand::random::<u16>() as usize));
+
+/// `AMQP_URL`: the broker, or the nodes of a cluster; its path is the vhost.
+pub const AMQP_URL: Var = Var::new("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+
+/// `AMQP_URL`, read and parsed at start: a URL the client cannot read is
+/// bad configuration, reported at once (password masked), not a broker to
+/// wait for.
+pub fn amqp_url(source: &Source) -> Result<SecretUrl, ConfigError> {
+    source.secret_url(AMQP_URL, |url| {
+        BrokerAddresses::parse(url)
+            .map(|_| ())
+            .map_err(|reason| format!("not an AMQP URL: {reason}"))
+    })
+}
 
 /// The nodes an `AMQP_URL` names, in the order it names them.
 #[derive(Clone, Debug)]

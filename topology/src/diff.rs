@@ -2,7 +2,7 @@
 
 use crate::management::{Management, ManagementError, encode_vhost};
 use crate::model::Topology;
-use crate::names::{COMMANDS, Domain, EVENTS};
+use contract::{COMMANDS, Domain, EVENTS};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::fmt;

@@ -1,8 +1,7 @@
 //! The orderflow broker topology as data.
 //!
-//! This crate is the only place that names exchanges, queues and routing
-//! keys. It knows nothing about SQL, HTTP clients of the shop, or domain
-//! rules; its only HTTP is the RabbitMQ management API used by `diff`.
+//! The names it declares come from the `contract` crate. It knows nothing
+//! about SQL, HTTP clients of the shop, or domain rules; its only HTTP is the RabbitMQ management API used by `diff`.
 #![forbid(unsafe_code)]
 
 pub mod addresses;
@@ -10,7 +9,6 @@ pub mod declare;
 pub mod diff;
 pub mod management;
 pub mod model;
-pub mod names;
 pub mod report;
 pub mod retry;
 
@@ -19,5 +17,4 @@ pub use declare::{Mismatch, declare};
 pub use diff::{Drift, diff};
 pub use management::Management;
 pub use model::{DELIVERY_LIMIT, Topology};
-pub use names::{COMMANDS, Domain, EVENTS, headers, keys};
 pub use retry::RetryDelays;

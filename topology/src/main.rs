@@ -2,8 +2,12 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use settings::Source;
 use std::process::ExitCode;
 use std::time::Duration;
+use topology::addresses::{AMQP_URL, amqp_url};
+use topology::management::RABBITMQ_MANAGEMENT_URL;
+use topology::retry::RETRY_DELAYS;
 use topology::{BrokerAddresses, Management, RetryDelays, Topology};
 
 /// How long `apply` waits for each node to accept its connection.
@@ -13,16 +17,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[command(version, about = "The orderflow broker topology: apply, export, diff")]
 struct Cli {
     /// The broker, or the nodes of a cluster (`amqp://user:password@rabbit-1,rabbit-2/vhost`);
-    /// its path is the vhost.
-    #[arg(
-        long,
-        env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    amqp_url: String,
-    /// The retry tiers of every work queue.
-    #[arg(long, env = "RETRY_DELAYS", default_value = "1s,5s,30s,2m,10m")]
-    retry_delays: RetryDelays,
+    /// its path is the vhost. Overrides AMQP_URL [default: amqp://guest:guest@127.0.0.1:5672/%2f].
+    #[arg(long)]
+    amqp_url: Option<String>,
+    /// The retry tiers of every work queue. Overrides RETRY_DELAYS [default: 1s,5s,30s,2m,10m].
+    #[arg(long)]
+    retry_delays: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,9 +43,9 @@ enum Command {
     },
     /// Compare the live broker with the declared topology; exit 1 on any drift.
     Diff {
-        /// The management API; defaults to port 15672 on the broker's host (the
-        /// first node of a cluster's that answers).
-        #[arg(long, env = "RABBITMQ_MANAGEMENT_URL")]
+        /// The management API; overrides RABBITMQ_MANAGEMENT_URL. Unset, port
+        /// 15672 on the broker's host (the first node of a cluster's that answers).
+        #[arg(long)]
         management_url: Option<String>,
     },
 }
@@ -65,12 +65,40 @@ async fn main() -> ExitCode {
     }
 }
 
+/// What `topology` reads: its flags laid over the environment, read like
+/// every binary's settings.
+struct Settings {
+    amqp_url: String,
+    retry_delays: RetryDelays,
+    management_url: Option<String>,
+}
+
+impl Settings {
+    fn read(source: &Source) -> anyhow::Result<Self> {
+        Ok(Self {
+            amqp_url: amqp_url(source)?.expose().to_owned(),
+            retry_delays: source.get(RETRY_DELAYS)?,
+            management_url: source.optional(RABBITMQ_MANAGEMENT_URL, |raw| Ok(raw.to_owned()))?,
+        })
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let declared = Topology::contract(&cli.retry_delays);
+    let management_url = match &cli.command {
+        Command::Diff { management_url } => management_url.clone(),
+        _ => None,
+    };
+    let source = Source::environment()
+        .with(AMQP_URL, cli.amqp_url)
+        .with(RETRY_DELAYS, cli.retry_delays)
+        .with(RABBITMQ_MANAGEMENT_URL, management_url);
+    let cli_settings = Settings::read(&source)?;
+    let declared = Topology::contract(&cli_settings.retry_delays);
+    let amqp_url = &cli_settings.amqp_url;
     match cli.command {
         Command::Apply => {
             let addresses =
-                BrokerAddresses::parse(&cli.amqp_url).context("AMQP_URL is not an AMQP URL")?;
+                BrokerAddresses::parse(amqp_url).context("AMQP_URL is not an AMQP URL")?;
             let connection = addresses
                 .connect("topology", None, CONNECT_TIMEOUT)
                 .await
@@ -93,7 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export { vhost, user } => {
             let vhost = match vhost {
                 Some(v) => v,
-                None => topology::management::Management::for_amqp_url(&cli.amqp_url, None)?.1,
+                None => topology::management::Management::for_amqp_url(amqp_url, None)?.1,
             };
             let mut doc = declared.definitions(&vhost);
             if let Some(user) = user {
@@ -104,10 +132,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Diff { management_url } => {
-            let (api, vhost) =
-                Management::reachable_for_amqp_url(&cli.amqp_url, management_url.as_deref())
-                    .await?;
+        Command::Diff { .. } => {
+            let management_url = cli_settings.management_url.as_deref();
+            let (api, vhost) = Management::reachable_for_amqp_url(amqp_url, management_url).await?;
             let drift = topology::diff(&api, &vhost, &declared).await?;
             if drift.is_empty() {
                 println!("no drift: vhost {vhost:?} matches the declared topology");

@@ -3,6 +3,10 @@
 
 use crate::addresses::{BrokerAddresses, url_host};
 use serde_json::Value;
+use settings::Var;
+
+/// `RABBITMQ_MANAGEMENT_URL`; unset, port 15672 on the broker's host.
+pub const RABBITMQ_MANAGEMENT_URL: Var = Var::optional("RABBITMQ_MANAGEMENT_URL");
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]

@@ -4,14 +4,14 @@
 //! definitions file (`export`) and compared with a live broker (`diff`), so
 //! the three can never disagree about what the contract topology is.
 
-use crate::names::{COMMANDS, Domain, EVENTS, keys};
 use crate::retry::RetryDelays;
+use contract::{BINDINGS, COMMANDS, Domain, EVENTS};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
 /// How often a quorum work queue redelivers one message before the broker
 /// itself dead-letters it. The runtime dead-letters earlier (see
-/// `runtime::worker`, after a few handler starts) with full headers; this
+/// `runtime/src/worker/single.rs`, after a few handler starts) with full headers; this
 /// is the backstop for a message that kills its worker before the runtime
 /// can look at it. It is high because the broker also counts the messages
 /// returned from a stopping worker's prefetch buffer.
@@ -182,20 +182,14 @@ fn dead_queue(domain: Domain) -> Queue {
 }
 
 fn bindings() -> Vec<Binding> {
-    let bind = |exchange, domain: Domain, routing_key| Binding {
-        exchange,
-        queue: domain.queue().to_owned(),
-        routing_key,
-    };
-    let mut all = vec![
-        bind(COMMANDS, Domain::Order, "order.*"),
-        bind(EVENTS, Domain::Order, "inventory.*"),
-        bind(EVENTS, Domain::Order, "payment.*"),
-        bind(COMMANDS, Domain::Inventory, "inventory.*"),
-        bind(COMMANDS, Domain::Payment, "payment.*"),
-        bind(EVENTS, Domain::Notification, keys::ORDER_CONFIRMED),
-        bind(EVENTS, Domain::Notification, keys::ORDER_CANCELLED),
-    ];
+    let mut all: Vec<Binding> = BINDINGS
+        .iter()
+        .map(|b| Binding {
+            exchange: b.exchange,
+            queue: b.domain.queue().to_owned(),
+            routing_key: b.pattern,
+        })
+        .collect();
     all.sort();
     all
 }

@@ -1,6 +1,10 @@
 //! `RETRY_DELAYS`: the retry tiers of every work queue.
 
+use settings::{DurationError, Var};
 use std::{fmt, str::FromStr, time::Duration};
+
+/// `RETRY_DELAYS`, and the contract's example tiers used when it is unset.
+pub const RETRY_DELAYS: Var = Var::new("RETRY_DELAYS", "1s,5s,30s,2m,10m");
 
 /// The delays of the retry tiers, in order: tier 1 holds a message before its
 /// second attempt, tier N before attempt N + 1. After the last tier a further
@@ -25,14 +29,13 @@ impl RetryDelays {
         Self(delays)
     }
 
-    /// The contract's example tiers, used when `RETRY_DELAYS` is unset.
+    /// The contract's example tiers, used when `RETRY_DELAYS` is unset
+    /// (a test holds the default text to parsing).
     pub fn contract_default() -> Self {
-        Self(
-            [1, 5, 30, 120, 600]
-                .into_iter()
-                .map(Duration::from_secs)
-                .collect(),
-        )
+        RETRY_DELAYS
+            .default
+            .parse()
+            .unwrap_or_else(|_| Self(Vec::new()))
     }
 
     pub fn tiers(&self) -> usize {
@@ -83,26 +86,11 @@ impl fmt::Display for RetryDelays {
 }
 
 /// Parses `500ms`, `30s`, `2m` or `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, RetryDelaysError> {
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| RetryDelaysError::NotADuration(s.to_owned()))?;
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| RetryDelaysError::NotADuration(s.to_owned()))?;
-    let millis = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1_000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }
-    .ok_or_else(|| RetryDelaysError::NotADuration(s.to_owned()))?;
-    if millis == 0 {
-        return Err(RetryDelaysError::Zero(s.to_owned()));
-    }
-    Ok(Duration::from_millis(millis))
+fn parse_duration(s: &str) -> Result<Duration, RetryDelaysError> {
+    settings::parse_duration(s).map_err(|e| match e {
+        DurationError::NotADuration(s) => RetryDelaysError::NotADuration(s),
+        DurationError::Zero(s) => RetryDelaysError::Zero(s),
+    })
 }
 
 fn format_duration(d: Duration) -> String {

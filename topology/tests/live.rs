@@ -160,7 +160,10 @@ async fn bad_retry_delays_are_refused_with_the_variable_named() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("soon"), "{stderr}");
+    assert!(
+        stderr.contains(r#"RETRY_DELAYS="1s,soon" is not valid: "#),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,8 +1,7 @@
 //! `probe-worker`: a worker process around the test probe handler, so the
 //! runtime's fault tests can SIGKILL and SIGTERM a real process.
 
-#[path = "../../tests/support/probe.rs"]
-mod probe;
+use runtime::testing::probe;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

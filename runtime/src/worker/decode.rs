@@ -5,8 +5,8 @@ use super::{Inner, failure};
 use crate::envelope::{Envelope, Inbound, header_int};
 use crate::handler::Handler;
 use crate::routing::DeadKind;
+use contract::headers;
 use lapin::message::Delivery;
-use topology::headers;
 
 /// A fresh delivery ready for its handler.
 pub(super) struct Decoded<M> {

@@ -11,11 +11,11 @@ use crate::handler::Failure;
 use crate::metrics::Outcome;
 use crate::routing::{self, DeadKind, Route};
 use backon::{ExponentialBuilder, Retryable};
+use contract::headers;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use std::time::Duration;
-use topology::headers;
 use tracing::{error, warn};
 
 /// The longest error text kept in `x-error`.

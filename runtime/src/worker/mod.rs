@@ -42,11 +42,12 @@ use crate::db;
 use crate::handler::Handler;
 use crate::metrics::{Observer, WorkerMetrics};
 use crate::store::Store;
+use contract::Domain;
 use sqlx::PgPool;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use topology::{Domain, Topology};
+use topology::Topology;
 use tracing::warn;
 
 /// What a worker binary is: its name (inbox consumer, connection names,
@@ -56,6 +57,17 @@ pub struct WorkerSpec {
     pub name: &'static str,
     pub domain: Domain,
     pub schema: &'static str,
+}
+
+impl WorkerSpec {
+    /// The worker of `domain`, named by the contract.
+    pub const fn of(domain: Domain) -> Self {
+        Self {
+            name: domain.worker(),
+            domain,
+            schema: domain.schema(),
+        }
+    }
 }
 
 pub struct Worker<H: Handler> {

@@ -1,6 +1,6 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod probe;
+pub use runtime::testing::probe;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};

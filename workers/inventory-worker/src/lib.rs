@@ -3,47 +3,33 @@
 //! SKUs are locked in SKU order while it is checked and changed, and the
 //! table's CHECK constraints hold the line if code ever gets it wrong.
 
-use messages::{
+use contract::Domain;
+use contract::{
     CommitStock, Item, OutOfStock, ReleaseStock, ReserveStock, Restock, StockReleased,
     StockReserved,
 };
 use runtime::{
-    Context, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
-    WorkerSettings, WorkerSpec, decode_json,
+    Context, Failure, Fresh, Handler, Outgoing, Together, Worker, WorkerSettings, WorkerSpec,
 };
 use sqlx::PgConnection;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use topology::{Domain, keys};
 use tracing::info;
 use uuid::Uuid;
 
-pub const SPEC: WorkerSpec = WorkerSpec {
-    name: "inventory-worker",
-    domain: Domain::Inventory,
-    schema: "inventory",
-};
+pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Inventory);
 
 /// Builds the worker: database pool and migrations; the broker comes in `run`.
 pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker<Inventory>> {
     Worker::build(SPEC, settings, Inventory).await
 }
 
-pub enum InventoryMessage {
-    Reserve(ReserveStock),
-    Release(ReleaseStock),
-    Commit(CommitStock),
-    Restock(Restock),
-}
-
-impl Inbound for InventoryMessage {
-    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
-        Ok(match kind {
-            keys::INVENTORY_RESERVE => Self::Reserve(decode_json(kind, body)?),
-            keys::INVENTORY_RELEASE => Self::Release(decode_json(kind, body)?),
-            keys::INVENTORY_COMMIT => Self::Commit(decode_json(kind, body)?),
-            keys::INVENTORY_RESTOCK => Self::Restock(decode_json(kind, body)?),
-            other => return Err(Malformed::UnknownType(other.to_owned())),
-        })
+contract::inbound! {
+    /// What the inventory worker consumes.
+    pub enum InventoryMessage for Domain::Inventory {
+        Reserve(ReserveStock),
+        Release(ReleaseStock),
+        Commit(CommitStock),
+        Restock(Restock),
     }
 }
 

@@ -7,14 +7,14 @@
 //! others still reserve once.
 #![allow(clippy::unwrap_used)]
 
+use contract::keys;
+use contract::{CommitStock, Item, OutOfStock, ReserveStock, StockReserved};
 use inventory_worker::{Inventory, SPEC};
-use messages::{CommitStock, Item, OutOfStock, ReserveStock, StockReserved};
 use runtime::testing::{one_chunk_settings, run_until};
 use runtime::{Message, Outgoing, Worker};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testkit::{TestEnv, eventually};
-use topology::keys;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -191,7 +191,7 @@ async fn an_invalid_reservation_in_a_chunk_is_dead_lettered_and_the_others_still
     assert_eq!((available, held), (2, 3));
     for (props, _) in env.drain("inventory.dead").await {
         let headers = props.headers().as_ref().unwrap();
-        let kind = headers.inner().get(topology::headers::ERROR_KIND).unwrap();
+        let kind = headers.inner().get(contract::headers::ERROR_KIND).unwrap();
         assert_eq!(kind.as_long_string().unwrap().to_string(), "permanent");
     }
     assert_eq!(env.depth("inventory").await, 0);

@@ -15,27 +15,51 @@
 use lettre::message::{Mailbox, MultiPart, header};
 mod smtp;
 
+use contract::Domain;
+use contract::{OrderCancelled, OrderConfirmed};
 use futures::StreamExt;
 use lettre::Message as Email;
-use messages::{OrderCancelled, OrderConfirmed};
-use runtime::config::env_or;
+use runtime::config::{ConfigError, Source, Var};
 use runtime::{
     Context, Failure, Fresh, Handler, Inbound, Malformed, Together, Worker, WorkerSettings,
-    WorkerSpec, decode_json,
+    WorkerSpec,
 };
 use smtp::{Mailer, SendError};
 use sqlx::PgConnection;
 use std::collections::HashSet;
 use std::time::Duration;
-use topology::{Domain, keys};
 use tracing::{debug, info};
 use uuid::Uuid;
 
-pub const SPEC: WorkerSpec = WorkerSpec {
-    name: "notification-worker",
-    domain: Domain::Notification,
-    schema: "notifications",
-};
+pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Notification);
+
+const SMTP_URL: Var = Var::new("SMTP_URL", "smtp://127.0.0.1:1025");
+const MAIL_FROM: Var = Var::new("MAIL_FROM", "orderflow <orders@orderflow.local>");
+
+/// The notification worker's settings tree.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker: WorkerSettings,
+    pub mail: MailSettings,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::read(&Source::environment())
+    }
+
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            worker: WorkerSettings::read::<Notifications>(source)?,
+            mail: MailSettings::read(source)?,
+        })
+    }
+
+    pub fn log_effective(&self) {
+        self.worker.log_effective(SPEC.name);
+        tracing::info!(smtp_url = %self.mail.smtp_url, from = %self.mail.from, "Effective configuration of the mail");
+    }
+}
 
 /// `SMTP_URL` and `MAIL_FROM`.
 #[derive(Debug, Clone)]
@@ -45,17 +69,15 @@ pub struct MailSettings {
 }
 
 impl MailSettings {
-    pub fn from_env() -> anyhow::Result<Self> {
-        let smtp_url: String = env_or("SMTP_URL", "smtp://127.0.0.1:1025")?;
-        let from_raw: String = env_or("MAIL_FROM", "orderflow <orders@orderflow.local>")?;
-        let from = from_raw
-            .parse()
-            .map_err(|e| anyhow::anyhow!("MAIL_FROM={from_raw:?} is not a mailbox: {e}"))?;
-        // Fail at start, not at the first email.
-        mailer(&smtp_url).map_err(|e| anyhow::anyhow!("SMTP_URL is not valid: {e}"))?;
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
         Ok(Self {
-            smtp_url: runtime::SecretUrl::new(smtp_url),
-            from,
+            // Checked now, to fail at start rather than at the first email.
+            smtp_url: source.secret_url(SMTP_URL, |url| mailer(url).map(|_| ()))?,
+            from: source.parse(MAIL_FROM, |raw| {
+                raw.parse().map_err(|e| {
+                    format!("not a mailbox such as \"Shop <orders@shop.example>\": {e}")
+                })
+            })?,
         })
     }
 }
@@ -78,9 +100,12 @@ pub struct NotificationMessage {
     unsent: Option<Failure>,
 }
 
-enum Outcome {
-    Confirmed(OrderConfirmed),
-    Cancelled(OrderCancelled),
+contract::inbound! {
+    /// The final outcomes of an order, one email each.
+    enum Outcome for Domain::Notification {
+        Confirmed(OrderConfirmed),
+        Cancelled(OrderCancelled),
+    }
 }
 
 impl NotificationMessage {
@@ -101,13 +126,8 @@ impl NotificationMessage {
 
 impl Inbound for NotificationMessage {
     fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
-        let outcome = match kind {
-            keys::ORDER_CONFIRMED => Outcome::Confirmed(decode_json(kind, body)?),
-            keys::ORDER_CANCELLED => Outcome::Cancelled(decode_json(kind, body)?),
-            other => return Err(Malformed::UnknownType(other.to_owned())),
-        };
         Ok(Self {
-            outcome,
+            outcome: Outcome::decode(kind, body)?,
             unsent: None,
         })
     }

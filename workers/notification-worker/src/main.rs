@@ -3,9 +3,8 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env_for::<notification_worker::Notifications>()?;
-    let mail = notification_worker::MailSettings::from_env()?;
-    settings.log_effective(notification_worker::SPEC.name);
-    tracing::info!(smtp_url = %mail.smtp_url, from = %mail.from, "Mail");
-    runtime::worker::run_until_signalled(notification_worker::build(settings, mail)).await
+    let settings = notification_worker::Settings::from_env()?;
+    settings.log_effective();
+    let build = notification_worker::build(settings.worker, settings.mail);
+    runtime::worker::run_until_signalled(build).await
 }

@@ -8,7 +8,7 @@
 //! does not.
 #![allow(clippy::unwrap_used)]
 
-use messages::{Line, OrderCancelled, OrderConfirmed};
+use contract::{Line, OrderCancelled, OrderConfirmed};
 use notification_worker::{MailSettings, Notifications, SPEC};
 use runtime::testing::{one_chunk_settings, run_until};
 use runtime::{Outgoing, Worker};
@@ -147,7 +147,7 @@ async fn a_chunk_is_emailed(pipelining: bool) {
     let mut dead = Vec::new();
     for (props, body) in env.drain("notification.dead").await {
         let headers = props.headers().as_ref().unwrap();
-        let kind = headers.inner().get(topology::headers::ERROR_KIND).unwrap();
+        let kind = headers.inner().get(contract::headers::ERROR_KIND).unwrap();
         assert_eq!(kind.as_long_string().unwrap().to_string(), "permanent");
         let event: OrderConfirmed = serde_json::from_slice(&body).unwrap();
         dead.push(event.order_id);

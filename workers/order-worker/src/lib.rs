@@ -7,33 +7,51 @@
 //! no longer fits the order's state (a payment result after a cancel) is
 //! answered with the compensation it calls for, or ignored, never crashed on.
 
-use messages::{
+use contract::Domain;
+use contract::{
     CancelOrder, ChargePayment, CommitStock, Item, Line, OrderCancelled, OrderConfirmed,
     OutOfStock, PaymentCharged, PaymentDeclined, PaymentRefunded, PaymentTimeout, PlaceOrder,
     RefundPayment, ReleaseStock, ReserveStock, StockReleased, StockReserved,
 };
+use runtime::config::{ConfigError, Source, Var};
 use runtime::{
-    Context, Envelope, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
-    WorkerSettings, WorkerSpec, decode_json,
+    Context, Envelope, Failure, Fresh, Handler, Outgoing, Together, Worker, WorkerSettings,
+    WorkerSpec,
 };
 use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
-use topology::{Domain, keys};
 use tracing::{error, info};
 use uuid::Uuid;
 
-pub const SPEC: WorkerSpec = WorkerSpec {
-    name: "order-worker",
-    domain: Domain::Order,
-    schema: "orders",
-};
+pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Order);
 
-/// How long the saga waits for a payment result (`PAYMENT_TIMEOUT`).
-pub fn payment_timeout_from_env() -> anyhow::Result<Duration> {
-    let raw: String = runtime::config::env_or("PAYMENT_TIMEOUT", "30s")?;
-    topology::retry::parse_duration(&raw)
-        .map_err(|e| anyhow::anyhow!("PAYMENT_TIMEOUT={raw:?} is not valid: {e}"))
+/// `PAYMENT_TIMEOUT`: how long the saga waits for a payment result.
+const PAYMENT_TIMEOUT: Var = Var::new("PAYMENT_TIMEOUT", "30s");
+
+/// The order worker's settings tree.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker: WorkerSettings,
+    pub payment_timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::read(&Source::environment())
+    }
+
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            worker: WorkerSettings::read::<OrderSaga>(source)?,
+            payment_timeout: source.duration(PAYMENT_TIMEOUT)?,
+        })
+    }
+
+    pub fn log_effective(&self) {
+        self.worker.log_effective(SPEC.name);
+        tracing::info!(payment_timeout = ?self.payment_timeout, "Effective configuration of the saga");
+    }
 }
 
 pub async fn build(
@@ -43,32 +61,19 @@ pub async fn build(
     Worker::build(SPEC, settings, OrderSaga { payment_timeout }).await
 }
 
-pub enum OrderMessage {
-    Place(PlaceOrder),
-    Cancel(CancelOrder),
-    PaymentTimeout(PaymentTimeout),
-    StockReserved(StockReserved),
-    OutOfStock(OutOfStock),
-    StockReleased(StockReleased),
-    PaymentCharged(PaymentCharged),
-    PaymentDeclined(PaymentDeclined),
-    PaymentRefunded(PaymentRefunded),
-}
-
-impl Inbound for OrderMessage {
-    fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
-        Ok(match kind {
-            keys::ORDER_PLACE => Self::Place(decode_json(kind, body)?),
-            keys::ORDER_CANCEL => Self::Cancel(decode_json(kind, body)?),
-            keys::ORDER_PAYMENT_TIMEOUT => Self::PaymentTimeout(decode_json(kind, body)?),
-            keys::INVENTORY_RESERVED => Self::StockReserved(decode_json(kind, body)?),
-            keys::INVENTORY_OUT_OF_STOCK => Self::OutOfStock(decode_json(kind, body)?),
-            keys::INVENTORY_RELEASED => Self::StockReleased(decode_json(kind, body)?),
-            keys::PAYMENT_CHARGED => Self::PaymentCharged(decode_json(kind, body)?),
-            keys::PAYMENT_DECLINED => Self::PaymentDeclined(decode_json(kind, body)?),
-            keys::PAYMENT_REFUNDED => Self::PaymentRefunded(decode_json(kind, body)?),
-            other => return Err(Malformed::UnknownType(other.to_owned())),
-        })
+contract::inbound! {
+    /// What the saga consumes: the publisher's commands, its own timeouts,
+    /// and the results of the steps it asked for.
+    pub enum OrderMessage for Domain::Order {
+        Place(PlaceOrder),
+        Cancel(CancelOrder),
+        PaymentTimeout(PaymentTimeout),
+        StockReserved(StockReserved),
+        OutOfStock(OutOfStock),
+        StockReleased(StockReleased),
+        PaymentCharged(PaymentCharged),
+        PaymentDeclined(PaymentDeclined),
+        PaymentRefunded(PaymentRefunded),
     }
 }
 

@@ -11,31 +11,55 @@
 
 pub mod gateway;
 
+use contract::Domain;
+use contract::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
 use futures::StreamExt;
 use gateway::{ChargeOutcome, GatewayClient};
-use messages::{ChargePayment, PaymentCharged, PaymentDeclined, PaymentRefunded, RefundPayment};
-use runtime::config::env_or;
+use runtime::config::{ConfigError, Source, Var};
 use runtime::handler::PREPARES_AT_ONCE;
 use runtime::{
     Context, Failure, Fresh, Handler, Inbound, Malformed, Outgoing, Together, Worker,
-    WorkerSettings, WorkerSpec, decode_json,
+    WorkerSettings, WorkerSpec,
 };
 use sqlx::{PgConnection, PgPool};
 use std::collections::HashSet;
 use std::time::Duration;
-use topology::{Domain, keys};
 use tracing::info;
 use uuid::Uuid;
 
-pub const SPEC: WorkerSpec = WorkerSpec {
-    name: "payment-worker",
-    domain: Domain::Payment,
-    schema: "payments",
-};
+pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Payment);
 
-/// The gateway's address (`PAYMENT_GATEWAY_URL`), request timeout
-/// (`PAYMENT_GATEWAY_TIMEOUT`) and how many requests may be in flight at
-/// once (`PAYMENT_GATEWAY_MAX_IN_FLIGHT`).
+const PAYMENT_GATEWAY_URL: Var = Var::new("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8090");
+const PAYMENT_GATEWAY_TIMEOUT: Var = Var::new("PAYMENT_GATEWAY_TIMEOUT", "5s");
+const PAYMENT_GATEWAY_MAX_IN_FLIGHT: Var = Var::new("PAYMENT_GATEWAY_MAX_IN_FLIGHT", "16");
+
+/// The payment worker's settings tree.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker: WorkerSettings,
+    pub gateway: GatewaySettings,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::read(&Source::environment())
+    }
+
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            worker: WorkerSettings::read::<Payments>(source)?,
+            gateway: GatewaySettings::read(source)?,
+        })
+    }
+
+    pub fn log_effective(&self) {
+        self.worker.log_effective(SPEC.name);
+        let gateway = &self.gateway;
+        tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, max_in_flight = gateway.max_in_flight, "Effective configuration of the payment gateway");
+    }
+}
+
+/// The payment provider and how it is called.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
     pub url: String,
@@ -44,22 +68,20 @@ pub struct GatewaySettings {
 }
 
 impl GatewaySettings {
-    pub fn from_env() -> anyhow::Result<Self> {
-        let url: String = env_or("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8090")?;
-        if !url.starts_with("http://") && !url.starts_with("https://") {
-            anyhow::bail!("PAYMENT_GATEWAY_URL={url:?} must be an http:// or https:// URL");
-        }
-        let raw: String = env_or("PAYMENT_GATEWAY_TIMEOUT", "5s")?;
-        let timeout = topology::retry::parse_duration(&raw)
-            .map_err(|e| anyhow::anyhow!("PAYMENT_GATEWAY_TIMEOUT={raw:?} is not valid: {e}"))?;
-        let max_in_flight: usize = env_or("PAYMENT_GATEWAY_MAX_IN_FLIGHT", "16")?;
-        if max_in_flight == 0 {
-            anyhow::bail!("PAYMENT_GATEWAY_MAX_IN_FLIGHT=0: at least one request must be allowed");
-        }
+    pub fn read(source: &Source) -> Result<Self, ConfigError> {
         Ok(Self {
-            url,
-            timeout,
-            max_in_flight,
+            url: source.parse(PAYMENT_GATEWAY_URL, |url| {
+                if url.starts_with("http://") || url.starts_with("https://") {
+                    Ok(url.to_owned())
+                } else {
+                    Err("must be an http:// or https:// URL".to_owned())
+                }
+            })?,
+            timeout: source.duration(PAYMENT_GATEWAY_TIMEOUT)?,
+            max_in_flight: source.parse(PAYMENT_GATEWAY_MAX_IN_FLIGHT, |raw| {
+                let n: usize = raw.parse().map_err(|e| format!("{e}"))?;
+                runtime::config::at_least(n, 1)
+            })?,
         })
     }
 }
@@ -81,12 +103,19 @@ pub enum PaymentMessage {
     Refund(RefundPayment),
 }
 
+contract::inbound! {
+    /// What the payment worker consumes, as read off the wire.
+    pub enum PaymentCommand for Domain::Payment {
+        Charge(ChargePayment),
+        Refund(RefundPayment),
+    }
+}
+
 impl Inbound for PaymentMessage {
     fn decode(kind: &str, body: &[u8]) -> Result<Self, Malformed> {
-        Ok(match kind {
-            keys::PAYMENT_CHARGE => Self::Charge(decode_json(kind, body)?, None),
-            keys::PAYMENT_REFUND => Self::Refund(decode_json(kind, body)?),
-            other => return Err(Malformed::UnknownType(other.to_owned())),
+        Ok(match PaymentCommand::decode(kind, body)? {
+            PaymentCommand::Charge(charge) => Self::Charge(charge, None),
+            PaymentCommand::Refund(refund) => Self::Refund(refund),
         })
     }
 }

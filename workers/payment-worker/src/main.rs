@@ -3,9 +3,8 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init();
-    let settings = runtime::WorkerSettings::from_env_for::<payment_worker::Payments>()?;
-    let gateway = payment_worker::GatewaySettings::from_env()?;
-    settings.log_effective(payment_worker::SPEC.name);
-    tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, max_in_flight = gateway.max_in_flight, "Payment gateway");
-    runtime::worker::run_until_signalled(payment_worker::build(settings, &gateway)).await
+    let settings = payment_worker::Settings::from_env()?;
+    settings.log_effective();
+    let build = payment_worker::build(settings.worker, &settings.gateway);
+    runtime::worker::run_until_signalled(build).await
 }

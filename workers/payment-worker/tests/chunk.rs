@@ -4,7 +4,7 @@
 //! the gateway; each charge is answered once.
 #![allow(clippy::unwrap_used)]
 
-use messages::{ChargePayment, PaymentCharged, PaymentDeclined};
+use contract::{ChargePayment, PaymentCharged, PaymentDeclined};
 use payment_worker::gateway::GatewayClient;
 use payment_worker::{Payments, SPEC};
 use runtime::testing::{one_chunk_settings, run_until};

@@ -4,11 +4,11 @@
 //! could not read gets a new type name (`order.place.v2`), so that both can
 //! be in flight during a rolling deploy; fields may only be added with a
 //! default.
-#![forbid(unsafe_code)]
+//!
+//! Each type's `type`, routing key and exchange are in the registry
+//! (`registry.rs`).
 
-use runtime::Message;
 use serde::{Deserialize, Serialize};
-use topology::{COMMANDS, EVENTS, keys};
 use uuid::Uuid;
 
 /// Payment method token used when an order names none.
@@ -27,15 +27,6 @@ pub struct Item {
     pub quantity: u32,
 }
 
-macro_rules! message {
-    ($ty:ident, $exchange:expr, $key:expr) => {
-        impl Message for $ty {
-            const KIND: &'static str = $key;
-            const EXCHANGE: &'static str = $exchange;
-        }
-    };
-}
-
 // ---- commands -----------------------------------------------------------
 
 /// Place an order (from the publisher).
@@ -47,21 +38,18 @@ pub struct PlaceOrder {
     pub items: Vec<Line>,
     pub payment_method: String,
 }
-message!(PlaceOrder, COMMANDS, keys::ORDER_PLACE);
 
 /// Cancel an order at whatever stage it is (from the publisher).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelOrder {
     pub order_id: Uuid,
 }
-message!(CancelOrder, COMMANDS, keys::ORDER_CANCEL);
 
 /// The payment of an order did not answer in time (scheduled by the saga).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentTimeout {
     pub order_id: Uuid,
 }
-message!(PaymentTimeout, COMMANDS, keys::ORDER_PAYMENT_TIMEOUT);
 
 /// Reserve every item of an order, or none.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,14 +57,12 @@ pub struct ReserveStock {
     pub order_id: Uuid,
     pub items: Vec<Item>,
 }
-message!(ReserveStock, COMMANDS, keys::INVENTORY_RESERVE);
 
 /// Give back whatever an order holds, reserved or sold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseStock {
     pub order_id: Uuid,
 }
-message!(ReleaseStock, COMMANDS, keys::INVENTORY_RELEASE);
 
 /// Turn an order's reservation into a sale (the order is confirmed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +74,6 @@ pub struct CommitStock {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skus: Vec<String>,
 }
-message!(CommitStock, COMMANDS, keys::INVENTORY_COMMIT);
 
 /// Add stock to a SKU (from the publisher).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +81,6 @@ pub struct Restock {
     pub sku: String,
     pub quantity: u32,
 }
-message!(Restock, COMMANDS, keys::INVENTORY_RESTOCK);
 
 /// Charge an order's total.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,14 +90,12 @@ pub struct ChargePayment {
     pub currency: String,
     pub payment_method: String,
 }
-message!(ChargePayment, COMMANDS, keys::PAYMENT_CHARGE);
 
 /// Make sure no charge of an order stands: refund it, or void it before it happens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundPayment {
     pub order_id: Uuid,
 }
-message!(RefundPayment, COMMANDS, keys::PAYMENT_REFUND);
 
 // ---- events -------------------------------------------------------------
 
@@ -121,7 +103,6 @@ message!(RefundPayment, COMMANDS, keys::PAYMENT_REFUND);
 pub struct StockReserved {
     pub order_id: Uuid,
 }
-message!(StockReserved, EVENTS, keys::INVENTORY_RESERVED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutOfStock {
@@ -129,27 +110,23 @@ pub struct OutOfStock {
     /// The SKUs that lacked stock.
     pub skus: Vec<String>,
 }
-message!(OutOfStock, EVENTS, keys::INVENTORY_OUT_OF_STOCK);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StockReleased {
     pub order_id: Uuid,
 }
-message!(StockReleased, EVENTS, keys::INVENTORY_RELEASED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentCharged {
     pub order_id: Uuid,
     pub charge_id: String,
 }
-message!(PaymentCharged, EVENTS, keys::PAYMENT_CHARGED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentDeclined {
     pub order_id: Uuid,
     pub reason: String,
 }
-message!(PaymentDeclined, EVENTS, keys::PAYMENT_DECLINED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRefunded {
@@ -157,7 +134,6 @@ pub struct PaymentRefunded {
     /// The charges refunded; empty when the payment was voided before any charge.
     pub charge_ids: Vec<String>,
 }
-message!(PaymentRefunded, EVENTS, keys::PAYMENT_REFUNDED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
@@ -167,7 +143,6 @@ pub struct OrderConfirmed {
     pub total_cents: u64,
     pub items: Vec<Line>,
 }
-message!(OrderConfirmed, EVENTS, keys::ORDER_CONFIRMED);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCancelled {
@@ -178,26 +153,4 @@ pub struct OrderCancelled {
     pub reason: String,
     /// Whether a charge was refunded.
     pub refunded: bool,
-}
-message!(OrderCancelled, EVENTS, keys::ORDER_CANCELLED);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn each_message_routes_by_its_kind_on_its_exchange() {
-        let out = runtime::Outgoing::of(&ReserveStock {
-            order_id: Uuid::nil(),
-            items: vec![],
-        });
-        assert_eq!(out.exchange, "commands");
-        assert_eq!(out.routing_key, "inventory.reserve");
-        let out = runtime::Outgoing::of(&OutOfStock {
-            order_id: Uuid::nil(),
-            skus: vec![],
-        });
-        assert_eq!(out.exchange, "events");
-        assert_eq!(out.routing_key, "inventory.out-of-stock");
-    }
 }

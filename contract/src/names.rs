@@ -1,8 +1,10 @@
 //! Every exchange, queue and routing-key name of the contract, defined once.
 //!
-//! Nothing outside this module spells a broker name as a string literal: the
+//! Nothing outside this crate spells a broker name as a string literal: the
 //! names are what operators see in the management UI and what acceptance
 //! tests rely on, so one typo elsewhere would be a silent contract break.
+//! A domain also names the worker that consumes its queue and the database
+//! schema that worker owns, which `dlq` reads to decide what was applied.
 
 use std::fmt;
 
@@ -29,12 +31,33 @@ impl Domain {
     ];
 
     /// The name of the domain's work queue, which is also the domain's name.
-    pub fn queue(self) -> &'static str {
+    pub const fn queue(self) -> &'static str {
         match self {
             Domain::Order => "order",
             Domain::Inventory => "inventory",
             Domain::Payment => "payment",
             Domain::Notification => "notification",
+        }
+    }
+
+    /// The worker binary that consumes the domain's queue; also its inbox
+    /// consumer name and the prefix of its connection names.
+    pub const fn worker(self) -> &'static str {
+        match self {
+            Domain::Order => "order-worker",
+            Domain::Inventory => "inventory-worker",
+            Domain::Payment => "payment-worker",
+            Domain::Notification => "notification-worker",
+        }
+    }
+
+    /// The PostgreSQL schema the domain's worker owns.
+    pub const fn schema(self) -> &'static str {
+        match self {
+            Domain::Order => "orders",
+            Domain::Inventory => "inventory",
+            Domain::Payment => "payments",
+            Domain::Notification => "notifications",
         }
     }
 

@@ -1,6 +1,10 @@
-//! Helpers for the tests of crates built on the runtime (feature
-//! `testing`): a worker run over one chunk of what waits in its queue.
+//! Helpers for the tests of the runtime and of the crates built on it
+//! (feature `testing`): a worker run over one chunk of what waits in its
+//! queue, and the probe handler (`probe`) of the runtime's own tests and
+//! of the `probe-worker` binary they kill and restart.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+pub mod probe;
 
 use crate::{Handler, SecretUrl, Worker, WorkerSettings};
 use std::future::Future;

@@ -3,7 +3,7 @@
 //! process, sleep, emit an event. It records each invocation outside the
 //! transaction and each effect inside it, so tests can count both.
 
-use runtime::{
+use crate::{
     Context, Failure, Fresh, Handler, Inbound, Malformed, Message, Outgoing, Together, decode_json,
 };
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ pub struct Probe {
 
 impl Message for Probe {
     const KIND: &'static str = PROBE_KIND;
-    const EXCHANGE: &'static str = topology::COMMANDS;
+    const EXCHANGE: &'static str = contract::COMMANDS;
 }
 
 #[derive(Debug, Serialize)]
@@ -46,7 +46,7 @@ pub struct Probed {
 
 impl Message for Probed {
     const KIND: &'static str = PROBED_KIND;
-    const EXCHANGE: &'static str = topology::EVENTS;
+    const EXCHANGE: &'static str = contract::EVENTS;
 }
 
 pub enum ProbeMessage {
@@ -178,10 +178,10 @@ impl Probe {
     }
 }
 
-pub fn probe_spec() -> runtime::WorkerSpec {
-    runtime::WorkerSpec {
+pub fn probe_spec() -> crate::WorkerSpec {
+    crate::WorkerSpec {
         name: "probe-worker",
-        domain: topology::Domain::Inventory,
+        domain: contract::Domain::Inventory,
         schema: "inventory",
     }
 }
