@@ -13,11 +13,16 @@ use contract::{
     OutOfStock, PaymentCharged, PaymentDeclined, PaymentRefunded, PaymentTimeout, PlaceOrder,
     RefundPayment, ReleaseStock, ReserveStock, StockReleased, StockReserved,
 };
+pub mod saga;
+
+pub use saga::{Status, reason};
+
 use runtime::config::{ConfigError, Source, Var};
 use runtime::{
     Context, Envelope, Failure, Fresh, Handler, Outgoing, Together, Worker, WorkerSettings,
     WorkerSpec,
 };
+use saga::{Command, Event, decide};
 use sqlx::PgConnection;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -75,51 +80,6 @@ contract::inbound! {
         PaymentDeclined(PaymentDeclined),
         PaymentRefunded(PaymentRefunded),
     }
-}
-
-/// Order statuses of the contract.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Pending,
-    StockReserved,
-    Paid,
-    Confirmed,
-    Cancelled,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "PENDING",
-            Status::StockReserved => "STOCK_RESERVED",
-            Status::Paid => "PAID",
-            Status::Confirmed => "CONFIRMED",
-            Status::Cancelled => "CANCELLED",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Failure> {
-        Ok(match s {
-            "PENDING" => Status::Pending,
-            "STOCK_RESERVED" => Status::StockReserved,
-            "PAID" => Status::Paid,
-            "CONFIRMED" => Status::Confirmed,
-            "CANCELLED" => Status::Cancelled,
-            other => {
-                return Err(Failure::permanent(format!(
-                    "unknown order status {other:?}"
-                )));
-            }
-        })
-    }
-}
-
-/// Why an order was cancelled (`reason` in the API).
-pub mod reason {
-    pub const OUT_OF_STOCK: &str = "out_of_stock";
-    pub const PAYMENT_DECLINED: &str = "payment_declined";
-    pub const CUSTOMER_CANCELLED: &str = "customer_cancelled";
-    pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
 }
 
 /// Orders given up in one deadline scan transaction; a longer backlog is
@@ -324,7 +284,9 @@ async fn lock_order(ctx: &mut Context, id: Uuid) -> Result<Option<Order>, Failur
         |(status, customer_email, currency, total, payment_method)| {
             Ok(Order {
                 id,
-                status: Status::parse(&status)?,
+                status: Status::parse(&status).ok_or_else(|| {
+                    Failure::permanent(format!("unknown order status {status:?}"))
+                })?,
                 customer_email,
                 currency,
                 total_cents: u64::try_from(total).unwrap_or_default(),
@@ -648,17 +610,44 @@ async fn stock_reserved(
         return Ok(());
     }
     let order = existing_order(ctx, id).await?;
-    match order.status {
-        // Not reached: a PENDING order was advanced above, in this
-        // transaction, and no order goes back to PENDING.
-        Status::Pending => {
+    carry_out(ctx, &order, Event::StockReserved).await
+}
+
+/// Carries out what the state machine (`saga.rs`) decides for `event`
+/// about a locked order. The steps along the happy path are taken by their
+/// one-statement path (`advance`) before the order is locked: finding the
+/// order still where such a step starts means it changed under its lock.
+async fn carry_out(ctx: &mut Context, order: &Order, event: Event) -> Result<(), Failure> {
+    let decision = decide(order.status, event);
+    match decision.steps {
+        [] => {}
+        [Status::Cancelled] => {
+            transition(ctx, order, Status::Cancelled, decision.reason).await?;
+        }
+        _ => {
             return Err(Failure::transient(format!(
-                "order {id} is still PENDING after advancing it"
+                "order {} is still {} after advancing it",
+                order.id,
+                order.status.as_str()
             )));
         }
-        // Cancelled while the reservation was on its way: give it back.
-        Status::Cancelled => emit(ctx, id, &ReleaseStock { order_id: id }),
-        Status::StockReserved | Status::Paid | Status::Confirmed => {}
+    }
+    let id = order.id;
+    for command in decision.commands {
+        match command {
+            Command::ReleaseStock => emit(ctx, id, &ReleaseStock { order_id: id }),
+            Command::RefundPayment => emit(ctx, id, &RefundPayment { order_id: id }),
+            Command::AnnounceCancelled { refunded } => {
+                let why = decision.reason.unwrap_or_default();
+                announce_cancellation(ctx, order, why, refunded);
+            }
+            // Sent only by the one-statement steps, with what they return.
+            Command::ChargePayment | Command::Confirm => {
+                return Err(Failure::transient(format!(
+                    "order {id}: {command:?} outside its step"
+                )));
+            }
+        }
     }
     Ok(())
 }
@@ -698,44 +687,26 @@ fn confirmation(order: &Order, lines: Vec<Line>) -> [Outgoing; 2] {
 
 async fn out_of_stock(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
     let order = existing_order(ctx, id).await?;
-    if order.status == Status::Pending {
-        transition(ctx, &order, Status::Cancelled, Some(reason::OUT_OF_STOCK)).await?;
-        announce_cancellation(ctx, &order, reason::OUT_OF_STOCK, false);
-    }
-    Ok(())
+    carry_out(ctx, &order, Event::OutOfStock).await
 }
 
 async fn payment_charged(ctx: &mut Context, ev: PaymentCharged) -> Result<(), Failure> {
     // In one statement: the charge, the status and both history rows.
     let change = Change::confirmed();
     let confirmed = advance(ctx, ev.order_id, Some(ev.charge_id.as_str()), change).await?;
-    let just_confirmed = confirmed.is_some();
-    let (order, lines) = match confirmed {
-        Some(changed) => changed,
-        None => (existing_order(ctx, ev.order_id).await?, Vec::new()),
-    };
-    match order.status {
-        Status::Confirmed if just_confirmed => {
-            for message in confirmation(&order, lines) {
-                ctx.emit(message);
-            }
+    if let Some((order, lines)) = confirmed {
+        for message in confirmation(&order, lines) {
+            ctx.emit(message);
         }
-        // A charge that landed after the order was given up: refund it.
-        Status::Cancelled => emit(ctx, order.id, &RefundPayment { order_id: order.id }),
-        // Not reached: a STOCK_RESERVED order was advanced above.
-        Status::StockReserved => {
-            return Err(Failure::transient(format!(
-                "order {} is still STOCK_RESERVED after advancing it",
-                order.id
-            )));
-        }
-        Status::Pending | Status::Paid | Status::Confirmed => {}
+        return Ok(());
     }
-    Ok(())
+    let order = existing_order(ctx, ev.order_id).await?;
+    carry_out(ctx, &order, Event::PaymentCharged).await
 }
 
 async fn payment_declined(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
-    give_up_on_payment(ctx, id, reason::PAYMENT_DECLINED).await
+    let order = existing_order(ctx, id).await?;
+    carry_out(ctx, &order, Event::PaymentDeclined).await
 }
 
 async fn postpone_payment_deadline(
@@ -753,51 +724,16 @@ async fn postpone_payment_deadline(
     Ok(())
 }
 
+/// Cancels an order still waiting for its payment: the stock goes back and
+/// the payment is voided (or refunded, if the charge lands after all).
 async fn payment_timed_out(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
-    give_up_on_payment(ctx, id, reason::PAYMENT_TIMEOUT).await
-}
-
-/// Cancels an order still waiting for its payment: the stock goes back and,
-/// unless the gateway declined, the payment is voided (or refunded, if the
-/// charge landed after all).
-async fn give_up_on_payment(ctx: &mut Context, id: Uuid, why: &str) -> Result<(), Failure> {
     let order = existing_order(ctx, id).await?;
-    if order.status == Status::StockReserved {
-        transition(ctx, &order, Status::Cancelled, Some(why)).await?;
-        emit(ctx, id, &ReleaseStock { order_id: id });
-        if why != reason::PAYMENT_DECLINED {
-            emit(ctx, id, &RefundPayment { order_id: id });
-        }
-        announce_cancellation(ctx, &order, why, false);
-    }
-    Ok(())
+    carry_out(ctx, &order, Event::PaymentTimedOut).await
 }
 
 async fn cancel_order(ctx: &mut Context, id: Uuid) -> Result<(), Failure> {
     let order = existing_order(ctx, id).await?;
-    let charged = match order.status {
-        Status::Cancelled => return Ok(()),
-        Status::Pending => false,
-        Status::StockReserved => {
-            emit(ctx, id, &RefundPayment { order_id: id });
-            false
-        }
-        Status::Paid | Status::Confirmed => {
-            emit(ctx, id, &RefundPayment { order_id: id });
-            true
-        }
-    };
-    transition(
-        ctx,
-        &order,
-        Status::Cancelled,
-        Some(reason::CUSTOMER_CANCELLED),
-    )
-    .await?;
-    // Also when PENDING: a reservation may be on its way.
-    emit(ctx, id, &ReleaseStock { order_id: id });
-    announce_cancellation(ctx, &order, reason::CUSTOMER_CANCELLED, charged);
-    Ok(())
+    carry_out(ctx, &order, Event::CancelRequested).await
 }
 
 async fn payment_refunded(ctx: &mut Context, ev: PaymentRefunded) -> Result<(), Failure> {
@@ -824,4 +760,24 @@ fn announce_cancellation(ctx: &mut Context, order: &Order, reason: &str, refunde
             refunded,
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one-statement steps take the state machine's path.
+    #[test]
+    fn the_common_steps_are_the_state_machine_s() {
+        let reserved = Change::stock_reserved(Duration::from_secs(30));
+        let decision = decide(reserved.from, Event::StockReserved);
+        assert_eq!(reserved.steps, decision.steps);
+        assert_eq!(reserved.from, Status::Pending);
+        assert_eq!(decision.commands, vec![Command::ChargePayment]);
+        let confirmed = Change::confirmed();
+        let decision = decide(confirmed.from, Event::PaymentCharged);
+        assert_eq!(confirmed.steps, decision.steps);
+        assert_eq!(confirmed.from, Status::StockReserved);
+        assert_eq!(decision.commands, vec![Command::Confirm]);
+    }
 }
