@@ -196,13 +196,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     )
     .await?;
     let json_out = cli.json;
-    let progress = || {
-        if json_out || !std::io::stderr().is_terminal() {
-            indicatif::ProgressBar::hidden()
-        } else {
-            indicatif::ProgressBar::new(0)
-        }
-    };
     match cli.command {
         Command::List {
             queue,
@@ -210,91 +203,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             select,
         } => {
             let (queue, _) = dead_queue(&queue)?;
-            let select = Selectors::from(select);
             let group_by = group_by.map(GroupBy::from);
-            let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
-            {
-                let now = Utc::now();
-                let chosen = snapshot.chosen(&select);
-                match (group_by, json_out) {
-                    (Some(by), true) => {
-                        let groups: Vec<_> = group(&chosen, by)
-                            .into_iter()
-                            .map(|(k, n)| json!({"group": k, "count": n}))
-                            .collect();
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&groups).unwrap_or_default()
-                        );
-                    }
-                    (Some(by), false) => {
-                        let mut table = Table::new();
-                        table
-                            .load_preset(UTF8_BORDERS_ONLY)
-                            .set_header(vec!["count", "group"]);
-                        for (k, n) in group(&chosen, by) {
-                            table.add_row(vec![n.to_string(), k]);
-                        }
-                        println!("{table}\n{} message(s) in {queue}", chosen.len());
-                    }
-                    (None, true) => {
-                        let list: Vec<_> = chosen.iter().map(|m| m.summary(now)).collect();
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&list).unwrap_or_default()
-                        );
-                    }
-                    (None, false) => {
-                        let mut table = Table::new();
-                        table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
-                            "message id",
-                            "type",
-                            "order id",
-                            "kind",
-                            "error",
-                            "attempts",
-                            "first failed",
-                            "age",
-                        ]);
-                        for m in &chosen {
-                            let error: String = m.error.chars().take(60).collect();
-                            table.add_row(vec![
-                                m.message_id.clone(),
-                                m.kind.clone(),
-                                m.correlation_id.clone(),
-                                m.error_kind.clone(),
-                                error,
-                                m.attempts.map(|a| a.to_string()).unwrap_or_default(),
-                                m.first_failed_at
-                                    .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                                    .unwrap_or_default(),
-                                m.age(now).map(human_age).unwrap_or_default(),
-                            ]);
-                        }
-                        println!("{table}\n{} message(s) in {queue}", chosen.len());
-                    }
-                }
-            }
-            // Nothing was acked: every message goes back to its place.
-            snapshot.release().await;
-            Ok(true)
+            list(&dlq, &queue, &select.into(), group_by, json_out).await?;
         }
-        Command::Show { queue, id } => {
-            let (queue, _) = dead_queue(&queue)?;
-            let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
-            let found = snapshot
-                .messages
-                .iter()
-                .find(|m| m.message_id == id)
-                .map(|m| m.details());
-            snapshot.release().await;
-            let details = found.with_context(|| format!("no message {id} in {queue}"))?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&details).unwrap_or_default()
-            );
-            Ok(true)
-        }
+        Command::Show { queue, id } => show(&dlq, &queue, &id).await?,
         Command::Replay {
             queue,
             select,
@@ -307,12 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             force,
         } => {
             let (queue, domain) = dead_queue(&queue)?;
-            let select = Selectors::from(select);
-            if select.is_empty() {
-                bail!(
-                    "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"
-                );
-            }
+            let select = chosen_by(select)?;
             let new_body = match (set_body, edit) {
                 (Some(path), _) => Some(
                     std::fs::read(&path)
@@ -330,11 +237,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 force,
                 inbox_retention: settings.inbox_retention,
             };
-            let bar = progress();
+            let bar = progress(json_out);
             let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;
             bar.finish_and_clear();
             report(&outcomes, json_out);
-            Ok(true)
         }
         Command::Purge {
             queue,
@@ -344,39 +250,154 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             reason,
         } => {
             let (queue, _) = dead_queue(&queue)?;
-            let select = Selectors::from(select);
-            if select.is_empty() {
-                bail!(
-                    "choose messages: --id, --type, --error-contains, --older-than, --kind or --all"
-                );
-            }
+            let select = chosen_by(select)?;
             let confirm = |n: usize| {
-                if yes {
-                    return true;
-                }
-                eprint!(
-                    "Purge {n} message(s) from {queue}? They are archived and can be restored. Type yes: "
-                );
-                let _ = std::io::stderr().flush();
-                let mut answer = String::new();
-                std::io::stdin().lock().read_line(&mut answer).is_ok() && answer.trim() == "yes"
+                yes || confirmed(&format!(
+                    "Purge {n} message(s) from {queue}? They are archived and can be restored."
+                ))
             };
             let outcomes = dlq
                 .purge(&queue, &select, reason.as_deref(), dry_run, confirm)
                 .await?;
             report(&outcomes, json_out);
-            Ok(true)
         }
         Command::Restore { queue, ids, all } => {
             let (queue, _) = dead_queue(&queue)?;
             let outcomes = dlq.restore(&queue, &ids, all).await?;
             report(&outcomes, json_out);
-            Ok(true)
         }
+    }
+    Ok(true)
+}
+
+/// The selectors of an operation that changes the queue, which must choose
+/// something explicitly.
+fn chosen_by(select: SelectorArgs) -> anyhow::Result<Selectors> {
+    let select = Selectors::from(select);
+    if select.is_empty() {
+        bail!("choose messages: --id, --type, --error-contains, --older-than, --kind or --all");
+    }
+    Ok(select)
+}
+
+/// Asks on the terminal; only `yes` agrees.
+fn confirmed(question: &str) -> bool {
+    eprint!("{question} Type yes: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer).is_ok() && answer.trim() == "yes"
+}
+
+/// A progress bar on a terminal, none for `--json` or a pipe.
+fn progress(json_out: bool) -> indicatif::ProgressBar {
+    if json_out || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
     }
 }
 
-/// Opens the one selected message's body in `$EDITOR` and returns the result.
+/// Lists the chosen messages of `queue`, or counts them by group; the
+/// queue is left exactly as it was.
+async fn list(
+    dlq: &Dlq,
+    queue: &str,
+    select: &Selectors,
+    group_by: Option<GroupBy>,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let snapshot = Snapshot::take(&dlq.connection, queue).await?;
+    let chosen = snapshot.chosen(select);
+    match (group_by, json_out) {
+        (Some(by), true) => {
+            let groups: Vec<_> = group(&chosen, by)
+                .into_iter()
+                .map(|(k, n)| json!({"group": k, "count": n}))
+                .collect();
+            print_json(&groups);
+        }
+        (Some(by), false) => {
+            let mut table = Table::new();
+            table
+                .load_preset(UTF8_BORDERS_ONLY)
+                .set_header(vec!["count", "group"]);
+            for (k, n) in group(&chosen, by) {
+                table.add_row(vec![n.to_string(), k]);
+            }
+            println!("{table}\n{} message(s) in {queue}", chosen.len());
+        }
+        (None, true) => {
+            let now = Utc::now();
+            let list: Vec<_> = chosen.iter().map(|m| m.summary(now)).collect();
+            print_json(&list);
+        }
+        (None, false) => {
+            println!(
+                "{}\n{} message(s) in {queue}",
+                table_of(&chosen),
+                chosen.len()
+            );
+        }
+    }
+    // Nothing was acked: every message goes back to its place.
+    snapshot.release().await;
+    Ok(())
+}
+
+/// One row per message, the error cut to 60 characters.
+fn table_of(chosen: &[&crate::message::DeadMessage]) -> Table {
+    let now = Utc::now();
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+        "message id",
+        "type",
+        "order id",
+        "kind",
+        "error",
+        "attempts",
+        "first failed",
+        "age",
+    ]);
+    for m in chosen {
+        let error: String = m.error.chars().take(60).collect();
+        table.add_row(vec![
+            m.message_id.clone(),
+            m.kind.clone(),
+            m.correlation_id.clone(),
+            m.error_kind.clone(),
+            error,
+            m.attempts.map(|a| a.to_string()).unwrap_or_default(),
+            m.first_failed_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            m.age(now).map(human_age).unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
+/// Prints one message: properties, headers and body.
+async fn show(dlq: &Dlq, queue: &str, id: &str) -> anyhow::Result<()> {
+    let (queue, _) = dead_queue(queue)?;
+    let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
+    let found = snapshot
+        .messages
+        .iter()
+        .find(|m| m.message_id == id)
+        .map(|m| m.details());
+    snapshot.release().await;
+    let details = found.with_context(|| format!("no message {id} in {queue}"))?;
+    print_json(&details);
+    Ok(())
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
 async fn edit_body(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result<Vec<u8>> {
     let snapshot = Snapshot::take(&dlq.connection, queue).await?;
     let chosen = snapshot.chosen(select);

@@ -31,6 +31,20 @@ use std::time::Duration;
 /// How often a message may be replayed before `dlq` refuses (`--max-replays`).
 pub const DEFAULT_MAX_REPLAYS: i64 = 5;
 
+/// Where a replay of `m` goes: `--to-queue` through the default
+/// exchange, else where it was first published; `None` when unknown.
+fn destination(m: &DeadMessage, options: &ReplayOptions) -> Option<(String, String)> {
+    match (
+        &options.to_queue,
+        &m.original_exchange,
+        &m.original_routing_key,
+    ) {
+        (Some(q), _, _) => Some((String::new(), q.clone())),
+        (None, Some(e), Some(k)) => Some((e.clone(), k.clone())),
+        _ => None,
+    }
+}
+
 /// A dead queue name, checked: `Q.dead` of a known domain.
 pub fn dead_queue(name: &str) -> anyhow::Result<(String, Domain)> {
     let work = contract::names::work_queue_of_dead(name).with_context(|| {
@@ -286,44 +300,15 @@ impl Dlq {
                 action: "skipped",
                 detail: why,
             };
-            if m.replays >= options.max_replays {
-                outcomes.push(skip(format!(
-                    "replayed {} times already (budget {}); fix the cause or purge it",
-                    m.replays, options.max_replays
-                )));
+            if let Some(why) = self.refusal(m, domain, options).await? {
+                outcomes.push(skip(why));
                 continue;
             }
-            let dead_for = m.age(Utc::now()).and_then(|a| a.to_std().ok());
-            if !options.force && dead_for.is_some_and(|a| a > options.inbox_retention) {
-                let consumer = domain.worker();
-                let days = |d: std::time::Duration| d.as_secs() / 86_400;
-                outcomes.push(skip(format!(
-                    "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then --force)",
-                    dead_for.map(days).unwrap_or_default(),
-                    days(options.inbox_retention)
-                )));
+            let Some((exchange, routing_key)) = destination(m, options) else {
+                outcomes.push(skip(
+                    "no original exchange and routing key; use --to-queue".into(),
+                ));
                 continue;
-            }
-            if !options.force && self.already_applied(domain, &m.message_id).await? {
-                let consumer = domain.worker();
-                outcomes.push(skip(format!(
-                    "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or --force)"
-                )));
-                continue;
-            }
-            let (exchange, routing_key) = match (
-                &options.to_queue,
-                &m.original_exchange,
-                &m.original_routing_key,
-            ) {
-                (Some(q), _, _) => (String::new(), q.clone()),
-                (None, Some(e), Some(k)) => (e.clone(), k.clone()),
-                _ => {
-                    outcomes.push(skip(
-                        "no original exchange and routing key; use --to-queue".into(),
-                    ));
-                    continue;
-                }
             };
             let target = format!(
                 "{}/{}",
@@ -374,6 +359,42 @@ impl Dlq {
         }
         snapshot.release().await;
         result.map(|()| outcomes)
+    }
+
+    /// Why `m` must not be replayed, if it must not: its replay budget is
+    /// spent, or (unless `--force`) it died longer ago than the consumer's
+    /// inbox remembers, or the inbox says its effect was applied.
+    async fn refusal(
+        &self,
+        m: &DeadMessage,
+        domain: Domain,
+        options: &ReplayOptions,
+    ) -> anyhow::Result<Option<String>> {
+        if m.replays >= options.max_replays {
+            return Ok(Some(format!(
+                "replayed {} times already (budget {}); fix the cause or purge it",
+                m.replays, options.max_replays
+            )));
+        }
+        if options.force {
+            return Ok(None);
+        }
+        let consumer = domain.worker();
+        let dead_for = m.age(Utc::now()).and_then(|a| a.to_std().ok());
+        if dead_for.is_some_and(|a| a > options.inbox_retention) {
+            let days = |d: std::time::Duration| d.as_secs() / 86_400;
+            return Ok(Some(format!(
+                "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then --force)",
+                dead_for.map(days).unwrap_or_default(),
+                days(options.inbox_retention)
+            )));
+        }
+        if self.already_applied(domain, &m.message_id).await? {
+            return Ok(Some(format!(
+                "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or --force)"
+            )));
+        }
+        Ok(None)
     }
 
     /// Archives, then removes, the selected messages of `queue`.
