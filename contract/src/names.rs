@@ -99,28 +99,10 @@ pub fn work_queue_of_dead(dead: &str) -> Option<&str> {
     dead.strip_suffix(".dead")
 }
 
-/// Routing keys, `<domain>.<verb>`. Commands travel on [`COMMANDS`], events on [`EVENTS`].
-pub mod keys {
-    pub const ORDER_PLACE: &str = "order.place";
-    pub const ORDER_CANCEL: &str = "order.cancel";
-    pub const ORDER_PAYMENT_TIMEOUT: &str = "order.payment-timeout";
-    pub const ORDER_CONFIRMED: &str = "order.confirmed";
-    pub const ORDER_CANCELLED: &str = "order.cancelled";
-
-    pub const INVENTORY_RESERVE: &str = "inventory.reserve";
-    pub const INVENTORY_RELEASE: &str = "inventory.release";
-    pub const INVENTORY_RESTOCK: &str = "inventory.restock";
-    pub const INVENTORY_COMMIT: &str = "inventory.commit";
-    pub const INVENTORY_RESERVED: &str = "inventory.reserved";
-    pub const INVENTORY_OUT_OF_STOCK: &str = "inventory.out-of-stock";
-    pub const INVENTORY_RELEASED: &str = "inventory.released";
-
-    pub const PAYMENT_CHARGE: &str = "payment.charge";
-    pub const PAYMENT_REFUND: &str = "payment.refund";
-    pub const PAYMENT_CHARGED: &str = "payment.charged";
-    pub const PAYMENT_DECLINED: &str = "payment.declined";
-    pub const PAYMENT_REFUNDED: &str = "payment.refunded";
-}
+/// Routing keys, `<domain>.<verb>`, defined with their message types in
+/// the registry (`registry.rs`). Commands travel on [`COMMANDS`], events on
+/// [`EVENTS`].
+pub use crate::registry::keys;
 
 /// Message headers of the contract.
 pub mod headers {

@@ -1,11 +1,12 @@
-//! The message-type registry: every payload type with its `type` (which is
-//! also its routing key) and its exchange, in one table. [`Message`] is
+//! The message-type registry: every payload type with its exchange and its
+//! `type` (which is also its routing key), in one table; the routing-key
+//! constants (`keys`) are made from it. [`Message`] is
 //! implemented from this table and nowhere else, and `dlq` lists the
 //! known types from it.
 
 use crate::bindings::consumers;
 use crate::message::Message;
-use crate::names::{COMMANDS, Domain, EVENTS, keys};
+use crate::names::{COMMANDS, Domain, EVENTS};
 use crate::payloads::*;
 
 /// One registered message type.
@@ -26,41 +27,46 @@ impl MessageType {
 }
 
 macro_rules! registry {
-    ($( $ty:ident: $exchange:expr, $kind:expr; )+) => {
+    ($( $ty:ident: $exchange:ident, $key:ident = $kind:literal; )+) => {
+        /// Routing keys, `<domain>.<verb>`: each message type's `type`.
+        pub mod keys {
+            $( pub const $key: &str = $kind; )+
+        }
+
         $(
             impl Message for $ty {
-                const KIND: &'static str = $kind;
+                const KIND: &'static str = keys::$key;
                 const EXCHANGE: &'static str = $exchange;
             }
         )+
 
         /// Every message type of the contract.
         pub const MESSAGE_TYPES: &[MessageType] = &[
-            $( MessageType { name: stringify!($ty), kind: $kind, exchange: $exchange }, )+
+            $( MessageType { name: stringify!($ty), kind: keys::$key, exchange: $exchange }, )+
         ];
     };
 }
 
 registry! {
     // Commands: "do this".
-    PlaceOrder: COMMANDS, keys::ORDER_PLACE;
-    CancelOrder: COMMANDS, keys::ORDER_CANCEL;
-    PaymentTimeout: COMMANDS, keys::ORDER_PAYMENT_TIMEOUT;
-    ReserveStock: COMMANDS, keys::INVENTORY_RESERVE;
-    ReleaseStock: COMMANDS, keys::INVENTORY_RELEASE;
-    CommitStock: COMMANDS, keys::INVENTORY_COMMIT;
-    Restock: COMMANDS, keys::INVENTORY_RESTOCK;
-    ChargePayment: COMMANDS, keys::PAYMENT_CHARGE;
-    RefundPayment: COMMANDS, keys::PAYMENT_REFUND;
+    PlaceOrder: COMMANDS, ORDER_PLACE = "order.place";
+    CancelOrder: COMMANDS, ORDER_CANCEL = "order.cancel";
+    PaymentTimeout: COMMANDS, ORDER_PAYMENT_TIMEOUT = "order.payment-timeout";
+    ReserveStock: COMMANDS, INVENTORY_RESERVE = "inventory.reserve";
+    ReleaseStock: COMMANDS, INVENTORY_RELEASE = "inventory.release";
+    CommitStock: COMMANDS, INVENTORY_COMMIT = "inventory.commit";
+    Restock: COMMANDS, INVENTORY_RESTOCK = "inventory.restock";
+    ChargePayment: COMMANDS, PAYMENT_CHARGE = "payment.charge";
+    RefundPayment: COMMANDS, PAYMENT_REFUND = "payment.refund";
     // Events: "this happened".
-    StockReserved: EVENTS, keys::INVENTORY_RESERVED;
-    OutOfStock: EVENTS, keys::INVENTORY_OUT_OF_STOCK;
-    StockReleased: EVENTS, keys::INVENTORY_RELEASED;
-    PaymentCharged: EVENTS, keys::PAYMENT_CHARGED;
-    PaymentDeclined: EVENTS, keys::PAYMENT_DECLINED;
-    PaymentRefunded: EVENTS, keys::PAYMENT_REFUNDED;
-    OrderConfirmed: EVENTS, keys::ORDER_CONFIRMED;
-    OrderCancelled: EVENTS, keys::ORDER_CANCELLED;
+    StockReserved: EVENTS, INVENTORY_RESERVED = "inventory.reserved";
+    OutOfStock: EVENTS, INVENTORY_OUT_OF_STOCK = "inventory.out-of-stock";
+    StockReleased: EVENTS, INVENTORY_RELEASED = "inventory.released";
+    PaymentCharged: EVENTS, PAYMENT_CHARGED = "payment.charged";
+    PaymentDeclined: EVENTS, PAYMENT_DECLINED = "payment.declined";
+    PaymentRefunded: EVENTS, PAYMENT_REFUNDED = "payment.refunded";
+    OrderConfirmed: EVENTS, ORDER_CONFIRMED = "order.confirmed";
+    OrderCancelled: EVENTS, ORDER_CANCELLED = "order.cancelled";
 }
 
 /// The registered type named `kind`.

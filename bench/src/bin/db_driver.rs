@@ -51,7 +51,7 @@ async fn with_sqlx(url: &str, n: usize, concurrency: usize) -> anyhow::Result<f6
                     .await?;
                 sqlx::query(OUTBOX)
                     .bind(Uuid::new_v4())
-                    .bind("inventory.reserved")
+                    .bind(contract::keys::INVENTORY_RESERVED)
                     .bind(br#"{"order_id":"x"}"#.to_vec())
                     .execute(&mut *tx)
                     .await?;
@@ -94,7 +94,7 @@ async fn with_tokio_postgres(url: &str, n: usize, concurrency: usize) -> anyhow:
                 let body = br#"{"order_id":"x"}"#.to_vec();
                 // The three statements go out back to back, one round trip.
                 let consumer = "bench";
-                let key = "inventory.reserved";
+                let key = contract::keys::INVENTORY_RESERVED;
                 let p1: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&consumer, &id];
                 let p2: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&sku];
                 let p3: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&out_id, &key, &body];
