@@ -5,8 +5,13 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber_init();
-    match dlq::cli::run(dlq::cli::Cli::parse()).await {
+    let cli = dlq::cli::Cli::parse();
+    // Logs only warnings by default: the output is for the operator.
+    let run = async {
+        runtime::telemetry::init_with_default("warn")?;
+        dlq::cli::run(cli).await
+    };
+    match run.await {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -14,9 +19,4 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
-}
-
-/// Logs only warnings by default: the output is for the operator.
-fn tracing_subscriber_init() {
-    runtime::telemetry::init_with_default("warn");
 }

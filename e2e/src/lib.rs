@@ -53,7 +53,7 @@ pub struct System {
 
 impl System {
     pub async fn start(options: Options) -> Self {
-        runtime::telemetry::init();
+        runtime::telemetry::init().ok();
         let env = TestEnv::new().await;
         let retry: topology::RetryDelays = options.retry_delays.parse().unwrap();
         env.declare_topology(options.retry_delays).await;

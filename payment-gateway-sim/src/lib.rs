@@ -47,7 +47,7 @@ impl Settings {
 
     pub fn read(source: &Source) -> Result<Self, ConfigError> {
         Ok(Self {
-            http_addr: source.get(HTTP_ADDR)?,
+            http_addr: source.parse(HTTP_ADDR, runtime::config::host_port)?,
             trouble: Trouble {
                 error_rate: source.parse(SIM_ERROR_RATE, |raw| {
                     let rate: f64 = raw.parse().map_err(|e| format!("{e}"))?;

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init()?;
     let settings = payment_gateway_sim::Settings::from_env()?;
     settings.log_effective();
     let addr = &settings.http_addr;

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init()?;
     let settings = publisher::PublisherSettings::from_env()?;
     settings.log_effective();
     let app = publisher::Application::build(settings).await?;

@@ -32,8 +32,8 @@ impl PublisherSettings {
     pub fn read(source: &Source) -> Result<Self, ConfigError> {
         let timeout_ms: u64 = source.get(REQUEST_TIMEOUT_MS)?;
         Ok(Self {
-            // Bound at start, where a bad address is reported.
-            http_addr: source.get(HTTP_ADDR)?,
+            // Bound at start, where an address taken is reported.
+            http_addr: source.parse(HTTP_ADDR, runtime::config::host_port)?,
             amqp_url: amqp_url(source)?,
             database_url: database_url(source)?,
             request_timeout: Duration::from_millis(timeout_ms),
@@ -70,6 +70,7 @@ mod tests {
     #[test]
     fn every_bad_variable_is_refused_naming_it() {
         for (name, bad) in [
+            ("HTTP_ADDR", "localhost"),
             ("REQUEST_TIMEOUT_MS", "10s"),
             ("MAX_BODY_BYTES", "-1"),
             ("DATABASE_POOL_SIZE", "x"),

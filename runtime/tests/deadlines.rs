@@ -74,7 +74,7 @@ async fn start(env: &TestEnv, fail_once: Arc<AtomicBool>) -> Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_act_on_each_passed_deadline_once_and_a_failed_scan_is_repeated() {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms").await;
     let pool = prepare(&env).await;

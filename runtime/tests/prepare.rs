@@ -62,7 +62,7 @@ impl Handler for SlowOutside {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deliveries_waiting_together_prepare_at_once_and_a_refusal_is_dead_lettered() {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms").await;
     let pool = prepare(&env).await;
@@ -188,7 +188,7 @@ async fn run_one_chunk<H: Handler<Message = ProbeMessage>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chunk_is_prepared_in_one_call_and_if_that_panics_each_message_is_prepared_alone() {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     apply_topology(&env, "100ms").await;
     let pool = prepare(&env).await;

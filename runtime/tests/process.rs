@@ -334,6 +334,8 @@ async fn a_garbage_setting_stops_the_worker_at_start_with_the_variable_named() {
         ("BATCH_SIZE", "many"),
         ("PREFETCH", "70000"),
         ("RETRY_DELAYS", "1s,fast"),
+        ("LOG_FORMAT", "yaml"),
+        ("DATABASE_URL", "mysql://db/orders"),
         // Not a broker to wait for: a URL the client cannot read.
         ("AMQP_URL", "garbage"),
         ("AMQP_URL", "amqp://127.0.0.1:99999/%2f"),

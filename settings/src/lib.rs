@@ -158,6 +158,15 @@ pub fn at_least<T: PartialOrd + fmt::Display>(value: T, min: T) -> Result<T, Str
     }
 }
 
+/// A `HOST:PORT` to listen on or connect to: a name or address, and a port.
+pub fn host_port(raw: &str) -> Result<String, String> {
+    let expected = "expected HOST:PORT such as 127.0.0.1:8080";
+    match raw.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(raw.to_owned()),
+        _ => Err(expected.to_owned()),
+    }
+}
+
 /// Why a text is not a duration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
@@ -236,6 +245,16 @@ mod tests {
         assert_eq!(none, Ok(None));
         let some = Source::from_pairs([("METRICS_ADDR", "x")]).optional(var, |s| Ok(s.to_owned()));
         assert_eq!(some, Ok(Some("x".to_owned())));
+    }
+
+    #[test]
+    fn addresses_need_a_host_and_a_port() {
+        assert_eq!(host_port("0.0.0.0:8080"), Ok("0.0.0.0:8080".to_owned()));
+        assert_eq!(host_port("localhost:0"), Ok("localhost:0".to_owned()));
+        assert!(host_port("[::1]:9100").is_ok());
+        for bad in ["nowhere", ":8080", "host:", "host:99999", "host:http"] {
+            assert!(host_port(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -359,8 +359,8 @@ pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
     let run = tokio::process::Command::new(binary)
         .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
         .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
-        .env(name, value)
         .env("RUST_LOG", "off")
+        .env(name, value)
         .kill_on_drop(true)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(60), run)
@@ -369,10 +369,9 @@ pub async fn assert_setting_refused(binary: &str, name: &str, value: &str) {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{name}={value} was accepted");
-    assert!(
-        stderr.contains(name) && stderr.contains(value),
-        "{name}={value}: {stderr}"
-    );
+    // Every binary refuses every variable in the same words.
+    let refusal = format!("{name}={value:?} is not valid: ");
+    assert!(stderr.contains(&refusal), "{name}={value}: {stderr}");
 }
 
 /// The real SMTP server process of the tests (`scripts/smtp_sink.py`) on a

@@ -5,7 +5,7 @@ use runtime::testing::probe;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init()?;
     let settings = runtime::WorkerSettings::from_env_for::<probe::ProbeHandler>()?;
     let spec = probe::probe_spec();
     let pool = runtime::db::connect(

@@ -70,7 +70,7 @@ async fn start_probe<const OUTSIDE_EFFECTS: bool>(
     env: &TestEnv,
     settings: WorkerSettings,
 ) -> Running {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     apply_topology(env, &settings.retry_delays.to_string()).await;
     let pool = prepare(env).await;
     // The probe records invocations outside the handler's transaction: on

@@ -37,7 +37,7 @@ async fn send(env: &TestEnv, out: &Outgoing) {
 
 /// The contract topology and a migrated database of the test's own.
 async fn setup() -> (TestEnv, sqlx::PgPool) {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     env.declare_topology("100ms").await;
     let pool = env.pool().await;

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init()?;
     let settings = notification_worker::Settings::from_env()?;
     settings.log_effective();
     let build = notification_worker::build(settings.worker, settings.mail);

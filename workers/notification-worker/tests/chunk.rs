@@ -57,7 +57,7 @@ async fn the_same_chunk_to_a_server_without_pipelining() {
 }
 
 async fn a_chunk_is_emailed(pipelining: bool) {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     env.declare_topology("100ms").await;
     let pool = env.pool().await;

@@ -2,7 +2,7 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    runtime::telemetry::init();
+    runtime::telemetry::init()?;
     let settings = order_worker::Settings::from_env()?;
     settings.log_effective();
     let build = order_worker::build(settings.worker, settings.payment_timeout);

@@ -28,7 +28,7 @@ fn charge(order_id: Uuid) -> Outgoing {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chunk_of_charges_asks_the_gateway_only_for_payments_not_yet_settled() {
-    runtime::telemetry::init();
+    runtime::telemetry::init().ok();
     let env = TestEnv::new().await;
     env.declare_topology("100ms").await;
     let pool = env.pool().await;
