@@ -107,12 +107,12 @@ impl WorkerSettings {
 
     /// The settings of a worker whose handler is `H`, from the environment;
     /// `CONCURRENCY` defaults to `H::DEFAULT_CONCURRENCY`.
-    pub fn from_env_for<H: crate::Handler>() -> Result<Self, ConfigError> {
+    pub fn from_env_for<H: crate::handler::Handler>() -> Result<Self, ConfigError> {
         Self::read::<H>(&Source::environment())
     }
 
     /// The settings of a worker whose handler is `H`, from `source`.
-    pub fn read<H: crate::Handler>(source: &Source) -> Result<Self, ConfigError> {
+    pub fn read<H: crate::handler::Handler>(source: &Source) -> Result<Self, ConfigError> {
         let prefetch: u16 = source.parse(PREFETCH, |raw| {
             let n: u16 = raw.parse().map_err(|e| format!("{e}"))?;
             settings::at_least(n, 1).map_err(|e| format!("{e} (0 would mean unbounded)"))
