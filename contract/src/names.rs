@@ -115,6 +115,9 @@ pub mod headers {
     pub const FIRST_FAILED_AT: &str = "x-first-failed-at";
     pub const ORIGINAL_EXCHANGE: &str = "x-original-exchange";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-original-routing-key";
+    /// A dead copy's original `expiration`: the copy itself has none, so
+    /// that it cannot expire out of the dead queue unseen.
+    pub const ORIGINAL_EXPIRATION: &str = "x-original-expiration";
     /// How many times `dlq replay` has put this message back.
     pub const REPLAYS: &str = "x-replays";
     pub const TRACEPARENT: &str = "traceparent";

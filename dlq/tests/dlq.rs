@@ -230,6 +230,7 @@ async fn an_order_whose_payment_died_while_the_gateway_was_down_completes_after_
         trouble: Trouble {
             error_rate: 1.0,
             latency_ms: 0,
+            ..Trouble::default()
         },
         payment_timeout: Duration::from_secs(300),
         ..Options::default()

@@ -355,8 +355,17 @@ impl System {
     }
 
     /// Asserts the system-wide invariants: no stock reserved by a cancelled
-    /// order, no negative stock, empty work, retry and dead queues.
+    /// order, no negative stock, no charge standing on a cancelled order and
+    /// exactly one on each confirmed one, empty dead queues.
     pub async fn assert_quiet_and_consistent(&self) {
+        // Refunds may still be on their way: the money settles within a while.
+        eventually(Duration::from_secs(30), "charges settled", || async {
+            self.charges_settled().await.is_ok()
+        })
+        .await;
+        if let Err(wrong) = self.charges_settled().await {
+            panic!("{wrong}");
+        }
         let negative: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM inventory.stock WHERE available < 0 OR reserved < 0 OR sold < 0",
         )
@@ -379,6 +388,45 @@ impl System {
                 domain.dead_queue()
             );
         }
+    }
+
+    /// `Err` naming the first order whose money is wrong: a charge standing
+    /// on a cancelled order, or a confirmed order without exactly one.
+    async fn charges_settled(&self) -> Result<(), String> {
+        let orders: Vec<(String, String)> =
+            sqlx::query_as("SELECT id::text, status FROM orders.orders")
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        let body: Value = self
+            .http
+            .get(format!("{}/charges", self.gateway))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut standing: std::collections::HashMap<String, usize> = Default::default();
+        for charge in body["data"].as_array().into_iter().flatten() {
+            if charge["status"] == "succeeded" && charge["refunded"] == false {
+                let order = charge["order_id"].as_str().unwrap_or_default().to_owned();
+                *standing.entry(order).or_default() += 1;
+            }
+        }
+        for (id, status) in orders {
+            let n = standing.get(&id).copied().unwrap_or(0);
+            match status.as_str() {
+                "CANCELLED" if n != 0 => {
+                    return Err(format!("{n} charge(s) stand on cancelled order {id}"));
+                }
+                "CONFIRMED" if n != 1 => {
+                    return Err(format!("{n} charge(s) stand on confirmed order {id}"));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub async fn stop(mut self) {

@@ -225,6 +225,7 @@ async fn a_flaky_gateway_still_gets_every_order_final_and_charges_each_at_most_o
         trouble: Trouble {
             error_rate: 0.3,
             latency_ms: 0,
+            ..Trouble::default()
         },
         payment_timeout: Duration::from_secs(5),
         ..Options::default()
@@ -375,6 +376,7 @@ async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() 
         trouble: Trouble {
             error_rate: 0.0,
             latency_ms: 1500,
+            ..Trouble::default()
         },
         payment_timeout: Duration::from_millis(500),
         ..Options::default()
@@ -398,6 +400,50 @@ async fn a_payment_that_never_answers_times_out_and_leaves_no_charge_standing() 
     system.stop().await;
 }
 
+/// A charge whose answer is lost (the gateway times out) lands after the
+/// order was cancelled and its payment voided; its retry finds the payment
+/// voided. The charge that landed must not stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_charge_that_lands_after_the_void_is_refunded_when_its_retry_comes() {
+    let system = System::start(Options {
+        trouble: Trouble {
+            late_charge_ms: 1500,
+            ..Trouble::default()
+        },
+        gateway_timeout: Duration::from_millis(300),
+        // The retry comes after the charge has landed.
+        retry_delays: "3s,3s",
+        ..Options::default()
+    })
+    .await;
+    system.stock("SKU-L", 2).await;
+
+    let id = system.place("SKU-L", 1, "pm_card_visa").await;
+    system.wait_status(&id, "STOCK_RESERVED").await;
+    // The charge is on its way, its answer lost; the customer gives up.
+    let (status, _) = system
+        .post(
+            &format!("/orders/{id}/cancel"),
+            &serde_json::json!({}),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CANCELLED");
+    testkit::eventually(
+        Duration::from_secs(30),
+        "the late charge landed and was refunded",
+        || async {
+            !system.charges(&id).await.is_empty() && system.standing_charges(&id).await == 0
+        },
+    )
+    .await;
+    system.wait_stock("SKU-L", 2).await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
 /// An order whose cancellation fails for good (here a trigger refuses it)
 /// must not hold back the payment deadlines of the orders after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -406,6 +452,7 @@ async fn an_order_that_cannot_be_timed_out_does_not_hold_back_the_other_deadline
         trouble: Trouble {
             error_rate: 0.0,
             latency_ms: 3000,
+            ..Trouble::default()
         },
         payment_timeout: Duration::from_millis(500),
         ..Options::default()

@@ -25,11 +25,17 @@ pub struct Trouble {
     pub error_rate: f64,
     /// Added to every answer.
     pub latency_ms: u64,
+    /// A charge lands this long after its request, whether or not the
+    /// caller still waits for the answer (a provider that completes a
+    /// charge whose answer was lost); 0: at once.
+    #[serde(default)]
+    pub late_charge_ms: u64,
 }
 
 const HTTP_ADDR: Var = Var::new("HTTP_ADDR", "127.0.0.1:8090");
 const SIM_ERROR_RATE: Var = Var::new("SIM_ERROR_RATE", "0");
 const SIM_LATENCY_MS: Var = Var::new("SIM_LATENCY_MS", "0");
+const SIM_LATE_CHARGE_MS: Var = Var::new("SIM_LATE_CHARGE_MS", "0");
 
 /// The simulator's settings tree.
 #[derive(Debug, Clone)]
@@ -58,6 +64,7 @@ impl Settings {
                     }
                 })?,
                 latency_ms: source.get(SIM_LATENCY_MS)?,
+                late_charge_ms: source.get(SIM_LATE_CHARGE_MS)?,
             },
         })
     }
@@ -67,6 +74,7 @@ impl Settings {
             http_addr = %self.http_addr,
             error_rate = self.trouble.error_rate,
             latency_ms = self.trouble.latency_ms,
+            late_charge_ms = self.trouble.late_charge_ms,
             "Effective configuration"
         );
     }
@@ -182,6 +190,23 @@ async fn create_charge(
             "amount must be positive and currency a 3-letter code",
         );
     }
+    let late = gateway.trouble().late_charge_ms;
+    if late == 0 {
+        return record_charge(&gateway, key, req);
+    }
+    // Spawned: the charge lands even if the caller stops waiting.
+    let landing = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(late)).await;
+        record_charge(&gateway, key, req)
+    });
+    landing
+        .await
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "charge lost"))
+}
+
+/// Charges (or declines) once per idempotency key; a repeated key gets the
+/// first answer again.
+fn record_charge(gateway: &Gateway, key: String, req: ChargeRequest) -> Response {
     let Ok(mut ledger) = gateway.ledger.lock() else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -216,9 +216,19 @@ impl Publisher {
         self.publish_all(std::slice::from_ref(message)).await
     }
 
-    /// Publishes several messages back to back and then waits for all the
-    /// confirms, so a batch costs one round trip rather than one each.
+    /// Publishes every message with one confirm each; the first failure.
     pub async fn publish_all(&self, messages: &[Outgoing]) -> Result<(), PublishError> {
+        self.publish_each(messages).await?.into_iter().collect()
+    }
+
+    /// Publishes every message and returns each one's own outcome: a
+    /// message the broker cannot route or refuses does not fail the others.
+    /// `Err` when the channel itself failed (the broker away, no confirm in
+    /// time): then nothing is known of any of them.
+    pub async fn publish_each(
+        &self,
+        messages: &[Outgoing],
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
         self.send(|| {
             messages
                 .iter()
@@ -244,7 +254,9 @@ impl Publisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         self.send(|| vec![(exchange, routing_key, body, properties.clone())])
-            .await
+            .await?
+            .into_iter()
+            .collect()
     }
 
     /// The one send path: publish all, then await all confirms. A broken or
@@ -256,10 +268,13 @@ impl Publisher {
     /// answers, rather than failing a caller who could not have known. A
     /// message of the batch that reached the broker before is then there
     /// twice, with one `message_id`, which consumers' inboxes absorb.
-    async fn send<'a>(&self, batch: impl Fn() -> Vec<Publication<'a>>) -> Result<(), PublishError> {
+    async fn send<'a>(
+        &self,
+        batch: impl Fn() -> Vec<Publication<'a>>,
+    ) -> Result<Vec<Result<(), PublishError>>, PublishError> {
         let first = batch();
         if first.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let result = async {
             let (channel, opened) = self.channel().await?;
@@ -293,8 +308,12 @@ impl Publisher {
 /// Exchange, routing key, body and properties of one message to send.
 type Publication<'a> = (&'a str, &'a str, &'a [u8], BasicProperties);
 
-/// Publishes all on `channel`, then awaits all confirms.
-async fn publish_on(channel: &Channel, batch: Vec<Publication<'_>>) -> Result<(), PublishError> {
+/// Publishes all on `channel`, then awaits all confirms: each message's
+/// outcome, or `Err` when the channel failed.
+async fn publish_on(
+    channel: &Channel,
+    batch: Vec<Publication<'_>>,
+) -> Result<Vec<Result<(), PublishError>>, PublishError> {
     // Started together: each publish hands its frames to lapin's I/O loop
     // and waits until they are written, so one after the other would cost
     // a wake-up and a socket write each. Polled in order, they queue their
@@ -306,10 +325,14 @@ async fn publish_on(channel: &Channel, batch: Vec<Publication<'_>>) -> Result<()
         },
     ))
     .await?;
+    let mut outcomes = Vec::with_capacity(pending.len());
     for (exchange, routing_key, confirm) in pending {
-        await_confirm(confirm, exchange, routing_key).await?;
+        match await_confirm(confirm, exchange, routing_key).await {
+            Err(e @ (PublishError::Unavailable(_) | PublishError::Timeout(_))) => return Err(e),
+            outcome => outcomes.push(outcome),
+        }
     }
-    Ok(())
+    Ok(outcomes)
 }
 
 async fn start_publish(

@@ -71,6 +71,7 @@ pub struct WorkerMetrics {
     dead_letters: Family<KindLabels, Counter>,
     relayed: Counter,
     swept: Counter,
+    unroutable: Counter,
     transaction_seconds: Histogram,
     consuming: Gauge,
 }
@@ -91,6 +92,7 @@ impl WorkerMetrics {
         let dead_letters = Family::<KindLabels, Counter>::default();
         let relayed = Counter::default();
         let swept = Counter::default();
+        let unroutable = Counter::default();
         let transaction_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let consuming = Gauge::default();
         registry.register(
@@ -114,6 +116,11 @@ impl WorkerMetrics {
             swept.clone(),
         );
         registry.register(
+            "outbox_unroutable",
+            "Attempts to relay an outbox row the broker could not route or refused; the row is kept and tried again at each sweep",
+            unroutable.clone(),
+        );
+        registry.register(
             "transaction_seconds",
             "Time from a chunk's first statement to its commit",
             transaction_seconds.clone(),
@@ -129,6 +136,7 @@ impl WorkerMetrics {
             dead_letters,
             relayed,
             swept,
+            unroutable,
             transaction_seconds,
             consuming,
         }
@@ -159,6 +167,10 @@ impl WorkerMetrics {
 
     pub fn swept(&self, count: usize) {
         self.swept.inc_by(count as u64);
+    }
+
+    pub fn unroutable(&self, count: usize) {
+        self.unroutable.inc_by(count as u64);
     }
 
     pub fn transaction(&self, took: Duration) {

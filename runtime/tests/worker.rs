@@ -130,6 +130,46 @@ async fn permanent_failure_goes_to_the_dead_queue_at_once() {
     env.cleanup().await;
 }
 
+/// A message published with a TTL (`expiration`) would take it into the
+/// dead queue and expire out of it unseen; the dead copy keeps the TTL
+/// only as a header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_copy_does_not_expire_out_of_the_dead_queue() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let mortal = Outgoing::of(&Probe {
+        fail: Some("permanent".into()),
+        ..probe("mortal")
+    });
+    let properties = mortal.properties().with_expiration("1500".into());
+    env.publish(
+        &mortal.exchange,
+        &mortal.routing_key,
+        properties,
+        &mortal.body,
+    )
+    .await;
+    eventually(WAIT, "the message is dead", || async {
+        env.depth("inventory.dead").await == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        env.depth("inventory.dead").await,
+        1,
+        "the dead copy expired with the message's TTL"
+    );
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(dead[0].0.expiration(), &None);
+    assert_eq!(
+        header_text(&dead[0].0, headers::ORIGINAL_EXPIRATION),
+        "1500"
+    );
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "permanent");
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn garbage_is_dead_lettered_as_malformed_while_valid_messages_keep_flowing() {
     let env = TestEnv::new().await;
@@ -642,6 +682,104 @@ async fn the_sweeper_relays_outbox_rows_that_a_crash_left_behind() {
         .map(|(p, _)| p.message_id().as_ref().unwrap().to_string())
         .collect();
     assert!(left.iter().all(|m| ids.contains(&m.message_id.to_string())));
+    env.cleanup().await;
+}
+
+/// One outbox row no queue binds (a rolling deploy that emits a new type
+/// before its consumer is there) neither stops the sweeper nor makes it
+/// send its neighbours again at every tick: they go out once, it is kept,
+/// counted and tried again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unroutable_outbox_row_is_kept_and_its_neighbours_go_out_once() {
+    let env = TestEnv::new().await;
+    let pool = prepare(&env).await;
+    let store = runtime::store::Store::new("inventory", "probe-worker");
+    let mut left: Vec<Outgoing> = (0..10)
+        .map(|i| {
+            let id = format!("good-{i}");
+            Outgoing::of(&support::probe::Probed { id: id.clone() }).correlated(&id)
+        })
+        .collect();
+    let mut nowhere = Outgoing::of(&support::probe::Probed { id: "lost".into() });
+    nowhere.routing_key = "nowhere.x".into();
+    left.insert(5, nowhere);
+    commit_outbox(&pool, &store, &[], &left).await;
+    let metrics_port = testkit::free_port();
+    let mut settings = settings(&env, "100ms");
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let worker = start_worker_with(&env, settings).await;
+
+    eventually(WAIT, "the good rows relayed", || async {
+        env.depth("order").await >= 10
+    })
+    .await;
+    // Several sweeps (every 250 ms) go by.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.depth("order").await, 10, "good rows were sent again");
+    let kept: Vec<String> = sqlx::query_scalar("SELECT routing_key FROM inventory.outbox")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, ["nowhere.x"]);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unroutable: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("orderflow_worker_outbox_unroutable_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(unroutable >= 2, "{metrics}");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A message that cannot be moved to its retry tier (the tier deleted by
+/// hand) goes back to its queue, again and again: those returns are not
+/// crashes, so it is never dead-lettered as `delivery-limit`, and once the
+/// tier is back it goes through it as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_returned_for_want_of_its_retry_tier_is_not_counted_as_a_crash() {
+    let env = TestEnv::new().await;
+    let worker = start_worker(&env, "100ms").await;
+    let conn = env.connection().await;
+    let channel = conn.create_channel().await.unwrap();
+    channel
+        .queue_delete("inventory.retry.1".into(), Default::default())
+        .await
+        .unwrap();
+    send(
+        &env,
+        &Probe {
+            fail: Some("transient".into()),
+            succeed_at_attempt: Some(2),
+            ..probe("homeless")
+        },
+    )
+    .await;
+    let pool = env.pool().await;
+    // Each return takes about a second: more than `MAX_STARTS` of them.
+    eventually(WAIT, "several attempts", || async {
+        count(&pool, "SELECT count(*) FROM probe_invocations").await >= 6
+    })
+    .await;
+    assert_eq!(
+        env.depth("inventory.dead").await,
+        0,
+        "dead-lettered as a crash"
+    );
+    env.declare_topology("100ms").await;
+    eventually(WAIT, "applied once its tier is back", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 1
+    })
+    .await;
+    assert_eq!(env.depth("inventory.dead").await, 0);
+    worker.stop().await;
+    let _ = conn.close(200, "done".into()).await;
     env.cleanup().await;
 }
 

@@ -78,7 +78,7 @@ async fn retry<H>(
             inner.acks.ack(&[delivery]).await;
             inner.metrics.settled(Outcome::Retried, 1);
         }
-        Err(e) => requeue(inner, delivery, &e).await,
+        Err(e) => requeue(inner, delivery, &target, &e).await,
     }
 }
 
@@ -102,6 +102,7 @@ pub(super) async fn dead_letter<H>(
             (headers::ATTEMPTS, AMQPValue::LongLongInt(attempts.into())),
         ],
     );
+    let properties = immortal(properties);
     let target = inner.spec.domain.dead_queue();
     match publish_with_retries(inner, &target, &delivery.data, properties).await {
         Ok(()) => {
@@ -123,14 +124,23 @@ pub(super) async fn dead_letter<H>(
             inner.acks.ack(&[delivery]).await;
             inner.metrics.dead_lettered(kind);
         }
-        Err(e) => requeue(inner, delivery, &e).await,
+        Err(e) => requeue(inner, delivery, &target, &e).await,
     }
 }
 
 /// Gives the delivery back to the broker after a failed move, so it is not
 /// held unacked while the publisher is away.
-async fn requeue<H>(inner: &Inner<H>, delivery: &Delivery, error: &PublishError) {
-    warn!(error = %error, "Could not move the message; returning it to its queue");
+async fn requeue<H>(inner: &Inner<H>, delivery: &Delivery, target: &str, error: &PublishError) {
+    let why = match error {
+        PublishError::Unroutable { .. } => format!("queue {target:?} does not exist"),
+        other => other.to_string(),
+    };
+    warn!(
+        queue = inner.spec.domain.queue(),
+        target,
+        error = why,
+        "Could not move the message; returning it to its queue"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     inner.acks.requeue(delivery).await;
     inner.metrics.settled(Outcome::Requeued, 1);
@@ -209,6 +219,62 @@ fn failure_properties(
         .properties
         .clone()
         .with_headers(FieldTable::from(table))
+}
+
+/// The properties without `expiration`, which is kept in the header
+/// `x-original-expiration`: a dead copy with a TTL would expire out of the
+/// dead queue before anyone saw it. The broker does the same for the
+/// messages it dead-letters itself.
+fn immortal(properties: BasicProperties) -> BasicProperties {
+    let Some(expiration) = properties.expiration().clone() else {
+        return properties;
+    };
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(headers::ORIGINAL_EXPIRATION),
+        AMQPValue::LongString(expiration.as_str().into()),
+    );
+    // Rebuilt field by field: the properties cannot unset one.
+    let p = &properties;
+    let mut copy = BasicProperties::default().with_headers(headers);
+    let text = |v: &Option<ShortString>| v.clone();
+    if let Some(v) = text(p.content_type()) {
+        copy = copy.with_content_type(v);
+    }
+    if let Some(v) = text(p.content_encoding()) {
+        copy = copy.with_content_encoding(v);
+    }
+    if let Some(v) = *p.delivery_mode() {
+        copy = copy.with_delivery_mode(v);
+    }
+    if let Some(v) = *p.priority() {
+        copy = copy.with_priority(v);
+    }
+    if let Some(v) = text(p.correlation_id()) {
+        copy = copy.with_correlation_id(v);
+    }
+    if let Some(v) = text(p.reply_to()) {
+        copy = copy.with_reply_to(v);
+    }
+    if let Some(v) = text(p.message_id()) {
+        copy = copy.with_message_id(v);
+    }
+    if let Some(v) = *p.timestamp() {
+        copy = copy.with_timestamp(v);
+    }
+    if let Some(v) = text(p.kind()) {
+        copy = copy.with_type(v);
+    }
+    if let Some(v) = text(p.user_id()) {
+        copy = copy.with_user_id(v);
+    }
+    if let Some(v) = text(p.app_id()) {
+        copy = copy.with_app_id(v);
+    }
+    if let Some(v) = text(p.cluster_id()) {
+        copy = copy.with_cluster_id(v);
+    }
+    copy
 }
 
 /// `text` cut to at most `max` bytes, on a character boundary.

@@ -136,21 +136,47 @@ pub(super) async fn flush_relayed<H>(inner: &Inner<H>) -> Result<(), sqlx::Error
 }
 
 /// Sends what the handler emitted, right after commit. A failure here loses
-/// nothing: the rows stay and the sweeper sends them.
+/// nothing: the rows stay and the sweeper sends them. Rows confirmed are
+/// marked relayed even when others of the batch failed, so the sweeper
+/// does not send them a second time.
 pub(super) async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
     if messages.is_empty() {
         return;
     }
     let _relaying = Relaying::new(&inner.relays, &ids);
-    match inner.publisher.publish_all(&messages).await {
-        Ok(()) => {
-            inner.relays.mark_relayed(&ids);
-            inner.metrics.relayed(messages.len());
+    match inner.publisher.publish_each(&messages).await {
+        Ok(outcomes) => {
+            let (sent, failed) = split(&ids, &messages, &outcomes);
+            inner.relays.mark_relayed(&sent);
+            inner.metrics.relayed(sent.len());
+            for (message, e) in failed {
+                warn!(worker = inner.spec.name, message_id = %message.message_id, routing_key = message.routing_key, error = %e, "Outbox relay failed for this message; the sweeper will try it again");
+            }
         }
         Err(e) => {
             warn!(worker = inner.spec.name, error = %e, "Outbox relay failed; the sweeper will send these rows")
         }
     }
+}
+
+/// The row ids confirmed, and the messages that failed with why.
+fn split<'a>(
+    ids: &[i64],
+    messages: &'a [Outgoing],
+    outcomes: &'a [Result<(), crate::broker::PublishError>],
+) -> (
+    Vec<i64>,
+    Vec<(&'a Outgoing, &'a crate::broker::PublishError)>,
+) {
+    let mut sent = Vec::with_capacity(ids.len());
+    let mut failed = Vec::new();
+    for ((id, message), outcome) in ids.iter().zip(messages).zip(outcomes) {
+        match outcome {
+            Ok(()) => sent.push(*id),
+            Err(e) => failed.push((message, e)),
+        }
+    }
+    (sent, failed)
 }
 
 /// Relays outbox rows that the post-commit relay did not. Also prunes the
@@ -205,11 +231,17 @@ async fn prune<H>(inner: &Inner<H>) {
 }
 
 /// Relays every outbox row older than `age`, in batches; returns how many.
+/// Each row is settled on its own: one the broker cannot route (a type no
+/// queue binds yet, during a rolling deploy) is kept, counted and logged
+/// with its message id, and tried again at the next sweep; the rows beside
+/// it go out once and are deleted.
 pub(super) async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Result<usize> {
     let mut total = 0;
+    let mut stuck = Vec::new();
     loop {
         let mut tx = inner.pool.begin().await?;
-        let skip = inner.relays.not_to_sweep();
+        let mut skip = inner.relays.not_to_sweep();
+        skip.extend_from_slice(&stuck);
         let rows = inner
             .store
             .lock_stale_outbox(&mut tx, age, 500, &skip)
@@ -218,10 +250,16 @@ pub(super) async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Re
             return Ok(total);
         }
         let (ids, messages): (Vec<i64>, Vec<_>) = rows.into_iter().unzip();
-        inner.publisher.publish_all(&messages).await?;
-        inner.store.delete_outbox(&mut tx, &ids).await?;
+        let outcomes = inner.publisher.publish_each(&messages).await?;
+        let (sent, failed) = split(&ids, &messages, &outcomes);
+        for (message, e) in &failed {
+            warn!(worker = inner.spec.name, message_id = %message.message_id, routing_key = message.routing_key, error = %e, "Outbox row not relayed; it is kept and tried again at the next sweep");
+        }
+        inner.metrics.unroutable(failed.len());
+        stuck.extend(ids.iter().filter(|id| !sent.contains(id)).copied());
+        inner.store.delete_outbox(&mut tx, &sent).await?;
         tx.commit().await?;
-        inner.metrics.swept(ids.len());
-        total += ids.len();
+        inner.metrics.swept(sent.len());
+        total += sent.len();
     }
 }

@@ -49,7 +49,10 @@ pub(super) async fn process<H: Handler>(
     };
     let message = match run_prepare(inner, message).await {
         Ok(message) => message,
-        Err(failure) => return settle_failure(inner, &delivery, &envelope, failure).await,
+        Err(failure) => {
+            settle_failure(inner, &delivery, &envelope, failure).await;
+            return reached_an_outcome(inner, &envelope, redelivered).await;
+        }
     };
     let Some(mut tx) = begin(inner, token, None).await else {
         // Shutting down while the database is away: leave it to the broker.
@@ -62,7 +65,7 @@ pub(super) async fn process<H: Handler>(
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Duplicate, already applied");
             inner.acks.ack(&[&delivery]).await;
             inner.metrics.settled(Outcome::Duplicate, 1);
-            return;
+            return reached_an_outcome(inner, &envelope, redelivered).await;
         }
         Ok(true) => {
             let mut ctx = Context::new(envelope.clone(), tx);
@@ -82,15 +85,22 @@ pub(super) async fn process<H: Handler>(
             let acked = [&delivery];
             futures::join!(inner.acks.ack(&acked), outbox::relay(inner, committed));
             inner.metrics.settled(Outcome::Applied, 1);
-            if redelivered {
-                let _ = inner
-                    .store
-                    .forget_starts(&inner.pool, envelope.message_id)
-                    .await;
-            }
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
         }
         Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,
+    }
+    reached_an_outcome(inner, &envelope, redelivered).await;
+}
+
+/// A start that reached an outcome (applied, retried, dead, or returned to
+/// its queue because it could not be moved) was no crash: its count goes,
+/// so that only starts without an outcome add up to [`MAX_STARTS`].
+async fn reached_an_outcome<H>(inner: &Inner<H>, envelope: &Envelope, redelivered: bool) {
+    if redelivered {
+        let _ = inner
+            .store
+            .forget_starts(&inner.pool, envelope.message_id)
+            .await;
     }
 }
 

@@ -439,16 +439,22 @@ impl Payments {
             }
             // The order gave up on this payment while the charge was on its
             // way: a charge that landed is refunded now.
-            "refunded" | "voided" => match prepared {
-                Some(ChargeOutcome::Charged { charge_id }) => {
-                    let refunded = self.refund_standing(id, &row).await?;
-                    if !refunded.is_empty() {
-                        info!(order_id = %id, charge_id, "Charge landed after the payment was voided; refunded");
-                        record_refund(ctx, id, "refunded", &row, refunded).await?;
-                    }
+            // Without an answer (a retry, or a charge that found the payment
+            // voided at its unlocked look), an earlier attempt may still have
+            // landed at the gateway after the void: the gateway is asked.
+            "refunded" | "voided" => {
+                let refunded = self.refund_standing(id, &row).await?;
+                if refunded.is_empty() {
+                    info!(order_id = %id, "Charge skipped: payment already voided");
+                } else {
+                    let landed = match &prepared {
+                        Some(ChargeOutcome::Charged { charge_id }) => charge_id.as_str(),
+                        _ => "an earlier attempt",
+                    };
+                    info!(order_id = %id, charge = landed, refunded = ?refunded, "Charge landed after the payment was voided; refunded");
+                    record_refund(ctx, id, "refunded", &row, refunded).await?;
                 }
-                _ => info!(order_id = %id, "Charge skipped: payment already voided"),
-            },
+            }
             // Pending: recorded above when prepared. Settled at the
             // unlocked look, pending under the lock: nothing returns to
             // pending, so this is not reached; if it were, a retry prepares
