@@ -219,15 +219,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             force,
         } => {
             let (queue, domain) = dead_queue(&queue)?;
-            let select = chosen_by(select)?;
+            let mut select = chosen_by(select)?;
+            // A new body belongs to the message read now: whatever the
+            // selectors match by the time it is replayed (another operator
+            // may purge, replay or restore meanwhile), only that message,
+            // by its id, may carry it.
             let new_body = match (set_body, edit) {
-                (Some(path), _) => Some(
-                    std::fs::read(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?,
-                ),
+                (Some(path), _) => {
+                    let (id, _) = read_one(&dlq, &queue, &select).await?;
+                    let body = std::fs::read(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    Some((id, body))
+                }
                 (None, true) => Some(edit_body(&dlq, &queue, &select).await?),
                 (None, false) => None,
             };
+            let new_body = new_body.map(|(id, body)| {
+                select = Selectors {
+                    ids: vec![id],
+                    ..Selectors::default()
+                };
+                body
+            });
             let options = ReplayOptions {
                 dry_run,
                 rate,
@@ -398,18 +411,30 @@ fn print_json(value: &impl serde::Serialize) {
     );
 }
 
-async fn edit_body(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result<Vec<u8>> {
+/// The id and body of the one message `select` chooses in `queue`.
+async fn read_one(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result<(String, Vec<u8>)> {
     let snapshot = Snapshot::take(&dlq.connection, queue).await?;
     let chosen = snapshot.chosen(select);
-    let body = match chosen.as_slice() {
-        [one] => one.body.clone(),
+    let one = match chosen.as_slice() {
+        [one] => (one.message_id.clone(), one.body.clone()),
         other => {
             let n = other.len();
             snapshot.release().await;
-            bail!("--edit replays exactly one message; the selectors chose {n}");
+            bail!("--edit and --set-body replay exactly one message; the selectors chose {n}");
         }
     };
     snapshot.release().await;
+    Ok(one)
+}
+
+/// The id of the one message `select` chooses, and its body as edited in
+/// `$EDITOR`.
+async fn edit_body(
+    dlq: &Dlq,
+    queue: &str,
+    select: &Selectors,
+) -> anyhow::Result<(String, Vec<u8>)> {
+    let (id, body) = read_one(dlq, queue, select).await?;
     let pretty = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| serde_json::to_vec_pretty(&v).ok())
@@ -431,7 +456,7 @@ async fn edit_body(dlq: &Dlq, queue: &str, select: &Selectors) -> anyhow::Result
     }
     serde_json::from_slice::<serde_json::Value>(&edited)
         .context("the edited body is not valid JSON; nothing replayed")?;
-    Ok(edited)
+    Ok((id, edited))
 }
 
 fn human_age(age: chrono::Duration) -> String {

@@ -288,6 +288,11 @@ impl Dlq {
             let n = chosen.len();
             drop(chosen);
             snapshot.release().await;
+            if let ([id], 0) = (selectors.ids.as_slice(), n) {
+                bail!(
+                    "message {id} is no longer in {queue} (replayed or purged meanwhile); the new body was for it, nothing replayed"
+                );
+            }
             bail!("--edit and --set-body replay exactly one message; the selectors chose {n}");
         }
         progress.start(chosen.len());

@@ -763,6 +763,62 @@ async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
     env.cleanup().await;
 }
 
+/// Two operators: while one edits a message, the other purges it and
+/// restores another that the first one's selectors also match. The edited
+/// body must not go out under the other message's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_is_bound_to_the_message_read_and_refused_once_it_is_gone() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let edited = Outgoing::of(&contract::ReleaseStock {
+        order_id: uuid::Uuid::new_v4(),
+    });
+    let other = Outgoing::of(&contract::ReleaseStock {
+        order_id: uuid::Uuid::new_v4(),
+    });
+    bury(&env, "inventory.dead", &other, "permanent").await;
+    let other_id = other.message_id.to_string();
+    let (code, _, stderr) = dlq(
+        &env,
+        &["purge", "inventory.dead", "--id", &other_id, "--yes"],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    bury(&env, "inventory.dead", &edited, "permanent").await;
+    let edited_id = edited.message_id.to_string();
+    // The second operator acts while the first one's editor is open.
+    let editor = format!(
+        r#""$DLQ" purge inventory.dead --id {edited_id} --yes >/dev/null; "$DLQ" restore inventory.dead --id {other_id} >/dev/null; sed -i -e 's/order_id/order_id/'"#
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+        .args([
+            "replay",
+            "inventory.dead",
+            "--type",
+            "inventory.release",
+            "--edit",
+            "--to-queue",
+            "inventory",
+        ])
+        .env("AMQP_URL", &env.amqp_url)
+        .env("DATABASE_URL", &env.database_url)
+        .env("DLQ", env!("CARGO_BIN_EXE_dlq"))
+        .env("EDITOR", editor)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the edit was replayed: {stderr}");
+    assert!(stderr.contains(&edited_id), "{stderr}");
+    assert_eq!(env.depth("inventory").await, 0, "something was replayed");
+    let left = env.drain("inventory.dead").await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(
+        left[0].0.message_id().as_ref().unwrap().to_string(),
+        other_id,
+        "the other message is left as it was"
+    );
+    env.cleanup().await;
+}
+
 #[test]
 fn the_inbox_dlq_checks_is_the_one_each_worker_writes() {
     for spec in [
