@@ -130,6 +130,7 @@ impl System {
             url: gateway.clone(),
             timeout: options.gateway_timeout,
             max_in_flight: 8,
+            ca_file: None,
         };
         let mail = notification_worker::MailSettings {
             smtp_url: runtime::SecretUrl::new(smtp.url()),

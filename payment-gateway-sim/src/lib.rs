@@ -9,6 +9,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+pub mod tls;
+
 use runtime::config::{ConfigError, Source, Var};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,6 +19,41 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const DECLINED_METHOD: &str = "pm_card_chargeDeclined";
+
+/// `SIM_TLS_CERT` and `SIM_TLS_KEY`: both, read and checked now, or neither.
+fn tls_files(source: &Source) -> Result<Option<tls::TlsFiles>, ConfigError> {
+    let path = |raw: &str| Ok(std::path::PathBuf::from(raw));
+    let cert = source.optional(SIM_TLS_CERT, path)?;
+    let key = source.optional(SIM_TLS_KEY, path)?;
+    let files = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => tls::TlsFiles { cert, key },
+        (Some(_), None) => {
+            return Err(settings_error(
+                SIM_TLS_KEY,
+                source,
+                "SIM_TLS_CERT is set: set its key too",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(settings_error(
+                SIM_TLS_CERT,
+                source,
+                "SIM_TLS_KEY is set: set its certificate too",
+            ));
+        }
+    };
+    source.parse(SIM_TLS_CERT, |_| files.server_config().map(|_| ()))?;
+    Ok(Some(files))
+}
+
+fn settings_error(var: Var, source: &Source, reason: &str) -> ConfigError {
+    ConfigError {
+        name: var.name,
+        value: source.raw(var).to_owned(),
+        reason: reason.to_owned(),
+    }
+}
 
 /// Trouble to inject.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -36,6 +73,9 @@ const HTTP_ADDR: Var = Var::new("HTTP_ADDR", "127.0.0.1:8090");
 const SIM_ERROR_RATE: Var = Var::new("SIM_ERROR_RATE", "0");
 const SIM_LATENCY_MS: Var = Var::new("SIM_LATENCY_MS", "0");
 const SIM_LATE_CHARGE_MS: Var = Var::new("SIM_LATE_CHARGE_MS", "0");
+/// A PEM certificate chain and its key: set both to serve HTTPS.
+const SIM_TLS_CERT: Var = Var::optional("SIM_TLS_CERT");
+const SIM_TLS_KEY: Var = Var::optional("SIM_TLS_KEY");
 
 /// The simulator's settings tree.
 #[derive(Debug, Clone)]
@@ -44,6 +84,9 @@ pub struct Settings {
     pub http_addr: String,
     /// `SIM_ERROR_RATE` and `SIM_LATENCY_MS`.
     pub trouble: Trouble,
+    /// HTTPS with these (`SIM_TLS_CERT`, `SIM_TLS_KEY`), checked at start;
+    /// plain HTTP without.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl Settings {
@@ -66,12 +109,14 @@ impl Settings {
                 latency_ms: source.get(SIM_LATENCY_MS)?,
                 late_charge_ms: source.get(SIM_LATE_CHARGE_MS)?,
             },
+            tls: tls_files(source)?,
         })
     }
 
     pub fn log_effective(&self) {
         tracing::info!(
             http_addr = %self.http_addr,
+            tls = ?self.tls,
             error_rate = self.trouble.error_rate,
             latency_ms = self.trouble.latency_ms,
             late_charge_ms = self.trouble.late_charge_ms,

@@ -7,6 +7,7 @@
 pub mod addresses;
 pub mod declare;
 pub mod diff;
+pub mod https;
 pub mod management;
 pub mod model;
 pub mod report;

@@ -49,7 +49,7 @@ impl std::fmt::Debug for Management {
 
 impl Management {
     pub fn new(base: &str, user: &str, password: &str) -> Self {
-        let http = reqwest::Client::builder()
+        let http = crate::https::client_builder()
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap_or_default();

@@ -8,7 +8,7 @@
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
+
 use tokio::sync::{Semaphore, SemaphorePermit};
 use uuid::Uuid;
 
@@ -51,15 +51,20 @@ pub struct GatewayClient {
 }
 
 impl GatewayClient {
-    pub fn new(base: &str, timeout: Duration, max_in_flight: usize) -> anyhow::Result<Self> {
-        let max_in_flight = max_in_flight.max(1);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .pool_max_idle_per_host(max_in_flight)
-            .build()?;
+    /// A client of the provider at `settings.url`, over HTTP or HTTPS,
+    /// trusting the platform's roots and the CAs of `settings.ca_file`.
+    pub fn new(settings: &crate::GatewaySettings) -> anyhow::Result<Self> {
+        let max_in_flight = settings.max_in_flight.max(1);
+        let mut builder = topology::https::client_builder()
+            .timeout(settings.timeout)
+            .pool_max_idle_per_host(max_in_flight);
+        if let Some(ca_file) = &settings.ca_file {
+            let roots = topology::https::extra_roots(ca_file).map_err(anyhow::Error::msg)?;
+            builder = builder.tls_certs_merge(roots);
+        }
         Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http,
+            base: settings.url.trim_end_matches('/').to_owned(),
+            http: builder.build()?,
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
         })
     }

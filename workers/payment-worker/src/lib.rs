@@ -32,6 +32,8 @@ pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Payment);
 const PAYMENT_GATEWAY_URL: Var = Var::new("PAYMENT_GATEWAY_URL", "http://127.0.0.1:8090");
 const PAYMENT_GATEWAY_TIMEOUT: Var = Var::new("PAYMENT_GATEWAY_TIMEOUT", "5s");
 const PAYMENT_GATEWAY_MAX_IN_FLIGHT: Var = Var::new("PAYMENT_GATEWAY_MAX_IN_FLIGHT", "16");
+/// A PEM file of CAs to trust for the provider, beside the platform's roots.
+const PAYMENT_GATEWAY_CA_FILE: Var = Var::optional("PAYMENT_GATEWAY_CA_FILE");
 
 /// The payment worker's settings tree.
 #[derive(Debug, Clone)]
@@ -55,7 +57,7 @@ impl Settings {
     pub fn log_effective(&self) {
         self.worker.log_effective(SPEC.name);
         let gateway = &self.gateway;
-        tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, max_in_flight = gateway.max_in_flight, "Effective configuration of the payment gateway");
+        tracing::info!(gateway = %gateway.url, timeout = ?gateway.timeout, max_in_flight = gateway.max_in_flight, ca_file = ?gateway.ca_file, "Effective configuration of the payment gateway");
     }
 }
 
@@ -65,22 +67,26 @@ pub struct GatewaySettings {
     pub url: String,
     pub timeout: Duration,
     pub max_in_flight: usize,
+    /// CAs to trust beside the platform's roots (`PAYMENT_GATEWAY_CA_FILE`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl GatewaySettings {
     pub fn read(source: &Source) -> Result<Self, ConfigError> {
         Ok(Self {
             url: source.parse(PAYMENT_GATEWAY_URL, |url| {
-                if url.starts_with("http://") || url.starts_with("https://") {
-                    Ok(url.to_owned())
-                } else {
-                    Err("must be an http:// or https:// URL".to_owned())
-                }
+                topology::https::check_url(url).map(|()| url.to_owned())
             })?,
             timeout: source.duration(PAYMENT_GATEWAY_TIMEOUT)?,
             max_in_flight: source.parse(PAYMENT_GATEWAY_MAX_IN_FLIGHT, |raw| {
                 let n: usize = raw.parse().map_err(|e| format!("{e}"))?;
                 runtime::config::at_least(n, 1)
+            })?,
+            // Read now: a CA file that cannot be used stops the worker at
+            // start, not at its first charge.
+            ca_file: source.optional(PAYMENT_GATEWAY_CA_FILE, |raw| {
+                let path = std::path::PathBuf::from(raw);
+                topology::https::extra_roots(&path).map(|_| path)
             })?,
         })
     }
@@ -91,7 +97,7 @@ pub async fn build(
     gateway: &GatewaySettings,
 ) -> anyhow::Result<Worker<Payments>> {
     let handler = Payments {
-        gateway: GatewayClient::new(&gateway.url, gateway.timeout, gateway.max_in_flight)?,
+        gateway: GatewayClient::new(gateway)?,
     };
     Worker::build(SPEC, settings, handler).await
 }

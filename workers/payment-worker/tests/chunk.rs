@@ -61,7 +61,13 @@ async fn a_chunk_of_charges_asks_the_gateway_only_for_payments_not_yet_settled()
     }
 
     let settings = one_chunk_settings(&env.amqp_url, &env.database_url);
-    let client = || GatewayClient::new(&gateway_url, Duration::from_secs(5), 8).unwrap();
+    let gateway_settings = payment_worker::GatewaySettings {
+        url: gateway_url.clone(),
+        timeout: Duration::from_secs(5),
+        max_in_flight: 8,
+        ca_file: None,
+    };
+    let client = || GatewayClient::new(&gateway_settings).unwrap();
     let handler = Payments { gateway: client() };
     // A pool of its own: the worker closes it when it stops.
     let worker = Worker::with_pool(SPEC, settings, env.pool().await, handler);
