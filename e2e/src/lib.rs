@@ -125,6 +125,7 @@ impl System {
             outbox_sweep_after: Duration::from_millis(1000),
             inbox_retention: Duration::from_secs(30 * 86_400),
             metrics_addr: None,
+            handler_timeout: Duration::from_secs(60),
         };
         let gateway_settings = payment_worker::GatewaySettings {
             url: gateway.clone(),
@@ -157,7 +158,7 @@ impl System {
             env,
             api,
             gateway,
-            http: reqwest::Client::new(),
+            http: topology::https::client(),
             pool,
             smtp,
             nodes,

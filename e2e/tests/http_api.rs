@@ -441,7 +441,7 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     )
     .await;
     let api = publisher.api.clone();
-    let http = reqwest::Client::new();
+    let http = topology::https::client();
 
     let response = http
         .post(format!("{api}/orders"))
@@ -534,7 +534,7 @@ async fn a_command_continues_the_trace_of_the_request_that_sent_it() {
     env.declare_topology("1s").await;
     let publisher = LonePublisher::start(&env.amqp_url, &env.database_url).await;
     let api = publisher.api.clone();
-    let http = reqwest::Client::new();
+    let http = topology::https::client();
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for traceparent in [
         format!("00-{trace}-00f067aa0ba902b7-01"),

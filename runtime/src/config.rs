@@ -30,6 +30,9 @@ const BATCH_LINGER_MS: Var = Var::new("BATCH_LINGER_MS", "3");
 const DATABASE_POOL_SIZE: Var = Var::optional("DATABASE_POOL_SIZE");
 const OUTBOX_SWEEP_AFTER_MS: Var = Var::new("OUTBOX_SWEEP_AFTER_MS", "5000");
 const METRICS_ADDR: Var = Var::optional("METRICS_ADDR");
+/// How long a handler (its preparation, its handling, a deadline scan) may
+/// take before it is given up on as a transient failure.
+const HANDLER_TIMEOUT: Var = Var::new("HANDLER_TIMEOUT", "60s");
 
 /// `DATABASE_URL`, checked only for its scheme: the pool reports the rest.
 pub fn database_url(source: &Source) -> Result<SecretUrl, ConfigError> {
@@ -83,6 +86,10 @@ pub struct WorkerSettings {
     /// Where the worker serves `/metrics`, `/healthz` and `/readyz`
     /// (`METRICS_ADDR`, such as `0.0.0.0:9100`); unset, it serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The longest a handler may take on a message or a chunk, and its
+    /// transaction's statements and lock waits (`HANDLER_TIMEOUT`); past
+    /// it the work is given up on as a transient failure.
+    pub handler_timeout: Duration,
 }
 
 impl WorkerSettings {
@@ -101,6 +108,7 @@ impl WorkerSettings {
             outbox_sweep_after = ?self.outbox_sweep_after,
             inbox_retention = ?self.inbox_retention,
             metrics_addr = ?self.metrics_addr,
+            handler_timeout = ?self.handler_timeout,
             "Effective configuration"
         );
     }
@@ -144,6 +152,7 @@ impl WorkerSettings {
             outbox_sweep_after: Duration::from_millis(sweep_after_ms),
             inbox_retention: inbox_retention(source)?,
             metrics_addr: source.optional(METRICS_ADDR, socket_addr)?,
+            handler_timeout: source.duration(HANDLER_TIMEOUT)?,
         })
     }
 }
@@ -209,6 +218,7 @@ mod tests {
             ("OUTBOX_SWEEP_AFTER_MS", "soon"),
             ("INBOX_RETENTION_DAYS", "forever"),
             ("METRICS_ADDR", "9100"),
+            ("HANDLER_TIMEOUT", "forever"),
             ("RETRY_DELAYS", "1s,x"),
             ("DATABASE_URL", "mysql://db/x"),
         ] {

@@ -29,7 +29,7 @@ async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
     settings.metrics_addr = Some(([127, 0, 0, 1], port).into());
     let worker = start_worker_with(&env, settings).await;
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = topology::https::client();
     let get = |path: &str| {
         let request = http.get(format!("{base}{path}"));
         async move {

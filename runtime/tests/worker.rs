@@ -721,7 +721,9 @@ async fn an_unroutable_outbox_row_is_kept_and_its_neighbours_go_out_once() {
         .await
         .unwrap();
     assert_eq!(kept, ["nowhere.x"]);
-    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+    let metrics = topology::https::client()
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -780,6 +782,60 @@ async fn a_message_returned_for_want_of_its_retry_tier_is_not_counted_as_a_crash
     assert_eq!(env.depth("inventory.dead").await, 0);
     worker.stop().await;
     let _ = conn.close(200, "done".into()).await;
+    env.cleanup().await;
+}
+
+/// A handler that never returns for one message among fifty: the fifty
+/// apply, the one is given up on at each attempt (`HANDLER_TIMEOUT`) and
+/// ends in the dead queue with the reason, and the worker keeps consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_never_returns_is_given_up_on_and_the_worker_keeps_consuming() {
+    let env = TestEnv::new().await;
+    let mut settings = settings(&env, "100ms,100ms");
+    settings.handler_timeout = Duration::from_millis(800);
+    let worker = start_worker_with(&env, settings).await;
+    let mut probes: Vec<Probe> = (0..50).map(|i| probe(&format!("fine-{i}"))).collect();
+    probes.insert(
+        17,
+        Probe {
+            // An hour: for this test, for ever.
+            sleep_ms: 3_600_000,
+            ..probe("stuck")
+        },
+    );
+    send_many(&env, probes).await;
+    let pool = env.pool().await;
+    eventually(WAIT, "the fifty applied", || async {
+        count(&pool, "SELECT count(*) FROM probe_effects").await == 50
+    })
+    .await;
+    eventually(WAIT, "the stuck one dead", || async {
+        env.depth("inventory.dead").await == 1
+    })
+    .await;
+    send(&env, &probe("after")).await;
+    eventually(WAIT, "still consuming", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 'after'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    worker.stop().await;
+    let dead = env.drain("inventory.dead").await;
+    assert_eq!(header_text(&dead[0].0, headers::ERROR_KIND), "exhausted");
+    let error = header_text(&dead[0].0, headers::ERROR);
+    assert!(error.contains("HANDLER_TIMEOUT"), "{error}");
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 'stuck'"
+        )
+        .await,
+        0
+    );
     env.cleanup().await;
 }
 

@@ -7,9 +7,15 @@ use std::path::Path;
 
 /// A client builder for `http://` and `https://` URLs. Installs ring as the
 /// process's rustls provider first (once; one installed before stays).
+#[allow(clippy::disallowed_methods, reason = "the one place that may")]
 pub fn client_builder() -> reqwest::ClientBuilder {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+}
+
+/// A client with reqwest's defaults, built as [`client_builder`] builds.
+pub fn client() -> reqwest::Client {
+    client_builder().build().unwrap_or_default()
 }
 
 /// The certificates of a PEM file, to trust beside the platform's roots

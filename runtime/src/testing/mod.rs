@@ -27,6 +27,7 @@ pub fn one_chunk_settings(amqp_url: &str, database_url: &str) -> WorkerSettings 
         outbox_sweep_after: Duration::from_secs(5),
         inbox_retention: Duration::from_secs(86_400),
         metrics_addr: None,
+        handler_timeout: Duration::from_secs(60),
     }
 }
 

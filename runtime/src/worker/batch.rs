@@ -10,7 +10,7 @@
 
 use super::decode::Decoded;
 use super::failure::dead_letter;
-use super::guard::{begin, run_handler, unless_panicked};
+use super::guard::{begin, guarded, run_handler};
 use super::{Inner, outbox};
 use crate::envelope::{Envelope, Outgoing};
 use crate::handler::{Context, Failure, Fresh, Handler, Together};
@@ -19,16 +19,16 @@ use crate::routing::DeadKind;
 use lapin::message::Delivery;
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// How a batch's transaction begins, in the same round trip as its `BEGIN`:
-/// a batch bounds its lock waits, so a deadlock the key order could not
-/// prevent (a message locking rows its key does not name) costs the batch
-/// a short wait rather than PostgreSQL's deadlock timeout, and the message
-/// that waited runs again alone.
-const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '200ms'";
+/// A batch bounds its lock waits (set in the same round trip as its
+/// `BEGIN`), so a deadlock the key order could not prevent (a message
+/// locking rows its key does not name) costs the batch a short wait rather
+/// than PostgreSQL's deadlock timeout, and the message that waited runs
+/// again alone.
+const BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 /// The savepoint each message of a batch runs under, so that a failing
 /// handler takes back only its own statements.
 const FIRST_SAVEPOINT: &str = "SAVEPOINT message";
@@ -48,7 +48,7 @@ pub(super) async fn process_batch<H: Handler>(
 ) -> Vec<Delivery> {
     let started = Instant::now();
     let mut batch = Batch::new(ready);
-    let Some(tx) = begin(inner, token, Some(BEGIN_BATCH)).await else {
+    let Some(tx) = begin(inner, token, Some(BATCH_LOCK_TIMEOUT)).await else {
         // Shutting down while the database is away: leave them to the broker.
         return Vec::new();
     };
@@ -193,8 +193,9 @@ impl<M> Batch<M> {
             }
         }
         let mut ctx = Together::new(tx);
-        let left = unless_panicked(
-            "handler panicked applying messages together",
+        let left = guarded(
+            inner,
+            "applying messages together",
             inner.handler.handle_together(&mut ctx, fresh),
         )
         .await?;

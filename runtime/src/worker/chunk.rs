@@ -84,16 +84,23 @@ async fn prepare<H: Handler>(
         .into_iter()
         .map(|d| ((d.delivery, d.envelope), d.message))
         .unzip();
-    let prepared = AssertUnwindSafe(inner.handler.prepare_many(&inner.pool, messages))
-        .catch_unwind()
-        .await;
-    let mut prepared = match prepared {
+    let limit = inner.settings.handler_timeout;
+    let prepared =
+        AssertUnwindSafe(inner.handler.prepare_many(&inner.pool, messages)).catch_unwind();
+    let why = match tokio::time::timeout(limit, prepared).await {
+        Ok(Ok(prepared)) => Ok(prepared),
+        Ok(Err(panic)) => Err(format!("panicked: {}", panic_text(&panic))),
+        Err(_) => Err(format!(
+            "gave no outcome within {limit:?} (HANDLER_TIMEOUT)"
+        )),
+    };
+    let mut prepared = match why {
         Ok(prepared) => prepared.into_iter(),
-        Err(panic) => {
+        Err(why) => {
             warn!(
                 queue = inner.spec.domain.queue(),
-                panic = panic_text(&panic),
-                "Handler panicked preparing a chunk; preparing its messages alone"
+                error = why,
+                "Handler failed preparing a chunk; preparing its messages alone"
             );
             alone.extend(held.into_iter().map(|(delivery, _)| delivery));
             return Vec::new();

@@ -48,8 +48,9 @@ async fn expire_deadlines<H: Handler>(
         return Ok(0);
     };
     let mut ctx = Context::new(Envelope::started_here("deadlines"), tx);
-    let expired = guard::unless_panicked(
-        "deadline scan panicked",
+    let expired = guard::guarded(
+        inner,
+        "scanning deadlines",
         inner.handler.expire_deadlines(&mut ctx),
     )
     .await?;

@@ -18,12 +18,19 @@ use tracing::{error, warn};
 /// waits between attempts, never an attempt: an attempt dropped after its
 /// `BEGIN` was sent would return its connection to the pool inside a
 /// transaction. An attempt is bounded by the pool's acquire timeout.
-/// `statement` replaces the plain `BEGIN` (it must begin the transaction).
+/// The transaction's statements may take no longer than `HANDLER_TIMEOUT`,
+/// and its lock waits no longer than `lock_timeout` (or that): the server
+/// cancels a stuck statement itself, with an error classed transient.
 pub(super) async fn begin<H>(
     inner: &Inner<H>,
     token: &CancellationToken,
-    statement: Option<&'static str>,
+    lock_timeout: Option<Duration>,
 ) -> Option<Transaction<'static, Postgres>> {
+    let limit = inner.settings.handler_timeout.as_millis();
+    let lock = lock_timeout.map_or(limit, |d| d.as_millis());
+    let statement = format!(
+        "BEGIN; SET LOCAL statement_timeout = '{limit}ms'; SET LOCAL lock_timeout = '{lock}ms'"
+    );
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -31,10 +38,10 @@ pub(super) async fn begin<H>(
         .without_max_times()
         .build();
     loop {
-        let attempt = match statement {
-            Some(statement) => inner.pool.begin_with(AssertSqlSafe(statement)).await,
-            None => inner.pool.begin().await,
-        };
+        let attempt = inner
+            .pool
+            .begin_with(AssertSqlSafe(statement.clone()))
+            .await;
         match attempt {
             Ok(tx) => return Some(tx),
             Err(e) if is_transient(&e) => {
@@ -53,25 +60,54 @@ pub(super) async fn begin<H>(
     }
 }
 
-/// Runs the handler's outside work, turning a panic into a permanent failure.
+/// Runs the handler's outside work, turning a panic into a permanent
+/// failure and an overrun of `HANDLER_TIMEOUT` into a transient one.
 pub(super) async fn run_prepare<H: Handler>(
     inner: &Inner<H>,
     message: H::Message,
 ) -> Result<H::Message, Failure> {
-    unless_panicked(
-        "handler panicked preparing",
+    guarded(
+        inner,
+        "preparing",
         inner.handler.prepare(&inner.pool, message),
     )
     .await
 }
 
-/// Runs the handler, turning a panic into a permanent failure.
+/// Runs the handler, turning a panic into a permanent failure and an
+/// overrun of `HANDLER_TIMEOUT` into a transient one.
 pub(super) async fn run_handler<H: Handler>(
     inner: &Inner<H>,
     ctx: &mut Context,
     message: H::Message,
 ) -> Result<(), Failure> {
-    unless_panicked("handler panicked", inner.handler.handle(ctx, message)).await
+    guarded(inner, "handling", inner.handler.handle(ctx, message)).await
+}
+
+/// Awaits handler code within `HANDLER_TIMEOUT`: a panic is a permanent
+/// failure ("handler panicked <doing>"), an overrun a transient one, so a
+/// handler that hangs on one message goes through the retry tiers (and,
+/// hanging each time, to the dead queue as `exhausted`) while its worker
+/// keeps consuming. Dropping the work rolls back what it did in its
+/// transaction.
+pub(super) async fn guarded<H, T>(
+    inner: &Inner<H>,
+    doing: &str,
+    work: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let limit = inner.settings.handler_timeout;
+    let what = format!("handler panicked {doing}");
+    match tokio::time::timeout(limit, unless_panicked(&what, work)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(overran(doing, limit)),
+    }
+}
+
+/// The failure of handler code that took longer than `limit`.
+pub(super) fn overran(doing: &str, limit: Duration) -> Failure {
+    Failure::Transient(format!(
+        "handler gave no outcome {doing} within {limit:?} (HANDLER_TIMEOUT)"
+    ))
 }
 
 /// Awaits handler code; a panic becomes a permanent failure whose text

@@ -23,6 +23,7 @@ pub fn settings(env: &TestEnv, retry_delays: &str) -> WorkerSettings {
         outbox_sweep_after: Duration::from_millis(500),
         inbox_retention: Duration::from_secs(30 * 86_400),
         metrics_addr: None,
+        handler_timeout: Duration::from_secs(60),
     }
 }
 

@@ -59,7 +59,7 @@ async fn stop_with_sigterm(mut worker: tokio::process::Child) {
 async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consumes() {
     let env = TestEnv::new().await;
     let (mut worker, database_port, metrics_port) = start_before_its_database(&env);
-    let http = reqwest::Client::new();
+    let http = topology::https::client();
     let url = |path: &str| format!("http://127.0.0.1:{metrics_port}{path}");
 
     eventually(WAIT, "alive while the database is down", || async {
@@ -99,7 +99,7 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
 async fn sigterm_while_waiting_for_the_database_ends_the_worker_with_zero() {
     let env = TestEnv::new().await;
     let (worker, _, metrics_port) = start_before_its_database(&env);
-    let http = reqwest::Client::new();
+    let http = topology::https::client();
     // Alive: the process is up and waiting.
     eventually(WAIT, "alive while the database is down", || async {
         get(&http, format!("http://127.0.0.1:{metrics_port}/healthz"))

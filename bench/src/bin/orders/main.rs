@@ -110,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
             ("SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}")),
         ],
     )?;
-    let http = reqwest::Client::builder()
+    let http = topology::https::client_builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
     system::ready(&http).await?;
