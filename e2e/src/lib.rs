@@ -303,10 +303,15 @@ impl System {
 
     /// The gateway's charges of an order.
     pub async fn charges(&self, order_id: &str) -> Vec<Value> {
+        self.gateway_charges(&[("order_id", order_id)]).await
+    }
+
+    /// The gateway's charges, filtered by `query`.
+    async fn gateway_charges(&self, query: &[(&str, &str)]) -> Vec<Value> {
         let body: Value = self
             .http
             .get(format!("{}/charges", self.gateway))
-            .query(&[("order_id", order_id)])
+            .query(query)
             .send()
             .await
             .unwrap()
@@ -400,17 +405,8 @@ impl System {
                 .fetch_all(&self.pool)
                 .await
                 .unwrap();
-        let body: Value = self
-            .http
-            .get(format!("{}/charges", self.gateway))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
         let mut standing: std::collections::HashMap<String, usize> = Default::default();
-        for charge in body["data"].as_array().into_iter().flatten() {
+        for charge in self.gateway_charges(&[]).await {
             if charge["status"] == "succeeded" && charge["refunded"] == false {
                 let order = charge["order_id"].as_str().unwrap_or_default().to_owned();
                 *standing.entry(order).or_default() += 1;
