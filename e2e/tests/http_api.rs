@@ -47,6 +47,48 @@ fn order_body() -> Value {
     })
 }
 
+/// A key names one order: reused with another body it is refused with a
+/// `409` naming the problem, not answered with the first order; the same
+/// body again is still the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_reused_with_another_body_is_a_conflict() {
+    let system = System::start(Options::default()).await;
+    system.stock("SKU-I", 10).await;
+    let (status, first) = system
+        .post("/orders", &order_body(), Some("checkout-77"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let id = first["order_id"].as_str().unwrap();
+    system.wait_final(id).await;
+
+    let mut other = order_body();
+    other["items"][0]["quantity"] = json!(3);
+    let (status, body) = system.post("/orders", &other, Some("checkout-77")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("Idempotency-Key"),
+        "{body}"
+    );
+    let mut other_email = order_body();
+    other_email["customer_email"] = json!("eve@example.com");
+    let (status, _) = system
+        .post("/orders", &other_email, Some("checkout-77"))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    let (status, again) = system
+        .post("/orders", &order_body(), Some("checkout-77"))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(again["order_id"], first["order_id"]);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_same_idempotency_key_places_one_order_and_answers_the_same_id() {
     let system = System::start(Options::default()).await;

@@ -24,6 +24,10 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The request contradicts an earlier one (an idempotency key reused
+    /// with another body).
+    #[error("{0}")]
+    Conflict(String),
     /// The broker or the database cannot take the request now; retry later.
     #[error("{0}")]
     Unavailable(String),
@@ -42,6 +46,7 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, json!([])),
             ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!([])),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, json!([])),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, json!([])),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, json!([])),
         };
         let mut response = (

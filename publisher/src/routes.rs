@@ -153,6 +153,9 @@ pub async fn place_order(
         items: order.items,
         payment_method: order.payment_method,
     };
+    if key.is_some() {
+        refuse_another_body(&state, &command).await?;
+    }
     let message = Outgoing::of(&command)
         .correlated(order_id)
         .traced_from(traceparent(&headers));
@@ -169,6 +172,64 @@ pub async fn place_order(
         Some(format!("/orders/{order_id}")),
         json!({ "order_id": order_id, "status": "PENDING" }),
     ))
+}
+
+/// A key names one order: once the order it names is stored, a request
+/// with that key and another body (email, currency, payment method or
+/// lines) is refused with `409` rather than answered with the first order.
+/// The check reads the order the saga stored; before it is stored (a few
+/// milliseconds after the first `202`) the second body cannot be told
+/// apart, and its command is dropped as a duplicate. With the read side
+/// unavailable the request goes on unchecked: placing orders does not wait
+/// for the read model.
+async fn refuse_another_body(state: &AppState, command: &PlaceOrder) -> Result<(), ApiError> {
+    let id = command.order_id;
+    let stored = async {
+        let order: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT customer_email, currency, payment_method FROM orders.orders WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await?;
+        let Some(order) = order else {
+            return Ok(None);
+        };
+        let lines: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
+        )
+        .bind(id)
+        .fetch_all(&state.pool)
+        .await?;
+        Ok::<_, sqlx::Error>(Some((order, lines)))
+    };
+    let ((email, currency, method), lines) = match stored.await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::warn!(order_id = %id, error = %e, "Idempotency key not checked against the stored order");
+            return Ok(());
+        }
+    };
+    let same_lines = lines.len() == command.items.len()
+        && lines
+            .iter()
+            .zip(&command.items)
+            .all(|((sku, quantity, price), l)| {
+                *sku == l.sku
+                    && i64::from(*quantity) == i64::from(l.quantity)
+                    && u64::try_from(*price).ok() == Some(l.unit_price_cents)
+            });
+    let same = email == command.customer_email
+        && currency == command.currency
+        && method == command.payment_method
+        && same_lines;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::Conflict(format!(
+            "Idempotency-Key was used for order {id} with another body; use a new key for a new order"
+        )))
+    }
 }
 
 fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
