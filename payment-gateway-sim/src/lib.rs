@@ -142,6 +142,9 @@ struct Ledger {
     charges: Vec<Charge>,
     /// Idempotency key → the answer given the first time.
     answers: HashMap<String, (u16, Value)>,
+    /// Keys of requests still being processed (a late charge): a second
+    /// request with one is answered `409`, as real providers do.
+    in_flight: std::collections::HashSet<String>,
 }
 
 #[derive(Clone)]
@@ -239,14 +242,45 @@ async fn create_charge(
     if late == 0 {
         return record_charge(&gateway, key, req);
     }
+    if let Some(refused) = hold_key(&gateway, &key) {
+        return refused;
+    }
     // Spawned: the charge lands even if the caller stops waiting.
     let landing = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(late)).await;
-        record_charge(&gateway, key, req)
+        let answer = record_charge(&gateway, key.clone(), req);
+        if let Ok(mut ledger) = gateway.ledger.lock() {
+            ledger.in_flight.remove(&key);
+        }
+        answer
     });
     landing
         .await
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "charge lost"))
+}
+
+/// Marks `key` as being processed; `409` when a request with it is already
+/// in flight, the first answer when one was given.
+fn hold_key(gateway: &Gateway, key: &str) -> Option<Response> {
+    let Ok(mut ledger) = gateway.ledger.lock() else {
+        return Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "ledger unavailable",
+        ));
+    };
+    if let Some((status, body)) = ledger.answers.get(key) {
+        let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+        return Some((status, Json(body.clone())).into_response());
+    }
+    if !ledger.in_flight.insert(key.to_owned()) {
+        return Some(error(
+            StatusCode::CONFLICT,
+            "idempotency_key_in_use",
+            "a request with this Idempotency-Key is still being processed; retry later",
+        ));
+    }
+    None
 }
 
 /// Charges (or declines) once per idempotency key; a repeated key gets the

@@ -163,7 +163,10 @@ fn unavailable(e: reqwest::Error) -> GatewayError {
 
 fn classify(code: u16, body: &serde_json::Value) -> GatewayError {
     let detail = format!("HTTP {code} {}", body["error"].as_str().unwrap_or(""));
-    if code >= 500 || code == 429 || code == 408 {
+    // 409: the provider is still processing a request with the same
+    // idempotency key (an earlier attempt whose answer was lost); asking
+    // again later gets that request's answer.
+    if code >= 500 || code == 429 || code == 408 || code == 409 {
         GatewayError::Unavailable(detail)
     } else {
         GatewayError::Rejected(detail)
