@@ -15,14 +15,18 @@ use testkit::{TestEnv, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn dlq(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
-        .args(args)
+/// The `dlq` binary, pointed at the test's broker and database.
+fn dlq_command(env: &TestEnv) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"));
+    command
         .env("AMQP_URL", &env.amqp_url)
         .env("DATABASE_URL", &env.database_url)
-        .env("USER", "on-call")
-        .output()
-        .unwrap();
+        .env("USER", "on-call");
+    command
+}
+
+fn dlq(env: &TestEnv, args: &[&str]) -> (i32, String, String) {
+    let out = dlq_command(env).args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -615,7 +619,7 @@ async fn a_replay_killed_half_way_loses_no_message() {
     // Migrate the database before timing the kill.
     dlq_json(&env, &["list", "inventory.dead", "--type", "none"]);
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+    let mut child = tokio::process::Command::from(dlq_command(&env))
         .args([
             "replay",
             "inventory.dead",
@@ -625,8 +629,6 @@ async fn a_replay_killed_half_way_loses_no_message() {
             "--rate",
             "1000",
         ])
-        .env("AMQP_URL", &env.amqp_url)
-        .env("DATABASE_URL", &env.database_url)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -677,7 +679,7 @@ async fn two_operators_replaying_at_once_never_replay_a_message_twice() {
     dlq_json(&env, &["list", "inventory.dead", "--type", "none"]);
 
     let replay = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+        tokio::process::Command::from(dlq_command(&env))
             .args([
                 "replay",
                 "inventory.dead",
@@ -686,8 +688,6 @@ async fn two_operators_replaying_at_once_never_replay_a_message_twice() {
                 "inventory",
                 "--json",
             ])
-            .env("AMQP_URL", &env.amqp_url)
-            .env("DATABASE_URL", &env.database_url)
             .output()
     };
     let (a, b) = tokio::join!(replay(), replay());
@@ -718,7 +718,7 @@ async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
         items: vec![],
     });
     bury(&env, "inventory.dead", &m, "permanent").await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+    let out = dlq_command(&env)
         .args([
             "replay",
             "inventory.dead",
@@ -728,8 +728,6 @@ async fn edit_opens_the_body_in_the_editor_and_replays_the_result() {
             "inventory",
             "--json",
         ])
-        .env("AMQP_URL", &env.amqp_url)
-        .env("DATABASE_URL", &env.database_url)
         // An "editor" that fixes the empty item list in place.
         .env(
             "EDITOR",
@@ -789,7 +787,7 @@ async fn an_edit_is_bound_to_the_message_read_and_refused_once_it_is_gone() {
     let editor = format!(
         r#""$DLQ" purge inventory.dead --id {edited_id} --yes >/dev/null; "$DLQ" restore inventory.dead --id {other_id} >/dev/null; sed -i -e 's/order_id/order_id/'"#
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dlq"))
+    let out = dlq_command(&env)
         .args([
             "replay",
             "inventory.dead",
@@ -799,8 +797,6 @@ async fn an_edit_is_bound_to_the_message_read_and_refused_once_it_is_gone() {
             "--to-queue",
             "inventory",
         ])
-        .env("AMQP_URL", &env.amqp_url)
-        .env("DATABASE_URL", &env.database_url)
         .env("DLQ", env!("CARGO_BIN_EXE_dlq"))
         .env("EDITOR", editor)
         .output()
