@@ -276,6 +276,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Restore { queue, ids, all } => {
             let (queue, _) = dead_queue(&queue)?;
+            if ids.is_empty() && !all {
+                bail!("name the messages to restore with --id, or --all");
+            }
             let outcomes = dlq.restore(&queue, &ids, all).await?;
             report(&outcomes, json_out);
         }
@@ -479,6 +482,11 @@ fn report(outcomes: &[Outcome], json_out: bool) {
     }
     for o in outcomes {
         println!("{:<13} {}  {}", o.action, o.message_id, o.detail);
+    }
+    if outcomes.iter().any(|o| o.action == "skipped") {
+        println!(
+            "(--force replays skipped messages anyway; --to-queue Q sends them to queue Q by name)"
+        );
     }
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
     for o in outcomes {

@@ -31,7 +31,7 @@ use std::time::Duration;
 /// How often a message may be replayed before `dlq` refuses (`--max-replays`).
 pub const DEFAULT_MAX_REPLAYS: i64 = 5;
 
-/// Where a replay of `m` goes: `--to-queue` through the default
+/// Where a replay of `m` goes: `options.to_queue` through the default
 /// exchange, else where it was first published; `None` when unknown.
 fn destination(m: &DeadMessage, options: &ReplayOptions) -> Option<(String, String)> {
     match (
@@ -293,7 +293,7 @@ impl Dlq {
                     "message {id} is no longer in {queue} (replayed or purged meanwhile); the new body was for it, nothing replayed"
                 );
             }
-            bail!("--edit and --set-body replay exactly one message; the selectors chose {n}");
+            bail!("a new body replays exactly one message; the selectors chose {n}");
         }
         progress.start(chosen.len());
         let mut outcomes = Vec::new();
@@ -311,7 +311,7 @@ impl Dlq {
             }
             let Some((exchange, routing_key)) = destination(m, options) else {
                 outcomes.push(skip(
-                    "no original exchange and routing key; use --to-queue".into(),
+                    "no original exchange and routing key; replay it to a queue by name".into(),
                 ));
                 continue;
             };
@@ -367,7 +367,7 @@ impl Dlq {
     }
 
     /// Why `m` must not be replayed, if it must not: its replay budget is
-    /// spent, or (unless `--force`) it died longer ago than the consumer's
+    /// spent, or (unless forced) it died longer ago than the consumer's
     /// inbox remembers, or the inbox says its effect was applied.
     async fn refusal(
         &self,
@@ -389,14 +389,14 @@ impl Dlq {
         if dead_for.is_some_and(|a| a > options.inbox_retention) {
             let days = |d: std::time::Duration| d.as_secs() / 86_400;
             return Ok(Some(format!(
-                "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then --force)",
+                "dead for {} days, longer than the inbox retention ({} days): {consumer} may have forgotten whether it applied it, so a replay could apply it twice (check its effect, then force the replay)",
                 dead_for.map(days).unwrap_or_default(),
                 days(options.inbox_retention)
             )));
         }
         if self.already_applied(domain, &m.message_id).await? {
             return Ok(Some(format!(
-                "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or --force)"
+                "already applied: {consumer}'s inbox has it; replaying would change nothing (purge it, or force the replay)"
             )));
         }
         Ok(None)
@@ -480,7 +480,7 @@ impl Dlq {
         all: bool,
     ) -> anyhow::Result<Vec<Outcome>> {
         if ids.is_empty() && !all {
-            bail!("name the messages to restore with --id, or --all");
+            bail!("name the messages to restore by id, or restore all");
         }
         let rows: Vec<ArchiveRow> = sqlx::query_as(
             "SELECT id, message_id, properties, properties_encoded, body FROM dlq.archive \
