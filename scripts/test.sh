@@ -45,8 +45,9 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
 fi
 python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml
 
-# Tests that stop the shared broker run alone, after the others.
-serial='binary(broker_restart)'
+# Tests that stop the shared broker, or raise its memory alarm, run alone,
+# after the others.
+serial='binary(broker_restart) | binary(broker_alarm)'
 if command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&1; then
     log "cargo nextest (parallel)"
     cargo nextest run --workspace --locked --no-tests=fail -E "not ($serial)"
@@ -54,8 +55,8 @@ if command -v cargo-nextest >/dev/null || cargo nextest --version >/dev/null 2>&
     cargo nextest run --workspace --locked -E "$serial" -j 1
 else
     log "cargo test (cargo-nextest not found)"
-    cargo test --workspace --locked -- --skip a_broker_restart
-    cargo test --workspace --locked --test broker_restart
+    cargo test --workspace --locked -- --skip a_broker_restart --skip while_the_broker_blocks
+    cargo test --workspace --locked --test broker_restart --test broker_alarm -- --test-threads 1
 fi
 
 ./scripts/clean-test-leftovers.sh

@@ -381,19 +381,21 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         tokio::time::timeout(wait, state.publisher.ensure_connected()).await,
         Ok(Ok(()))
     );
+    let blocked = broker && state.publisher.is_blocked().await;
     let database = matches!(
         tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(&state.pool)).await,
         Ok(Ok(_))
     );
-    let status = if broker && database {
+    let status = if broker && database && !blocked {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let broker = if blocked { "blocked" } else { word(broker) };
     (
         status,
-        Json(json!({ "broker": word(broker), "database": word(database) })),
+        Json(json!({ "broker": broker, "database": word(database) })),
     )
         .into_response()
 }

@@ -55,6 +55,10 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("the broker refused the message (nack)")]
     Nacked,
+    /// The broker blocks publishers (a memory or disk alarm): a publish
+    /// would wait until the alarm clears, so none is started.
+    #[error("the broker is blocking publishers (a memory or disk alarm)")]
+    Blocked,
     /// No queue is bound for this exchange and routing key: a topology bug,
     /// or a queue deleted by hand.
     #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}")]
@@ -172,6 +176,14 @@ impl Publisher {
             .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
     }
 
+    /// Whether the broker has blocked this publisher's connection (a memory
+    /// or disk alarm, `connection.blocked`): a publish would wait until the
+    /// alarm clears.
+    pub async fn is_blocked(&self) -> bool {
+        let guard = self.channel.lock().await;
+        guard.as_ref().is_some_and(|(c, _)| c.status().blocked())
+    }
+
     /// Connects now if not connected (readiness checks, warm-up).
     pub async fn ensure_connected(&self) -> Result<(), PublishError> {
         self.channel().await.map(drop)
@@ -276,6 +288,11 @@ impl Publisher {
         if first.is_empty() {
             return Ok(Vec::new());
         }
+        // Refused at once: a publish on a blocked connection would hang
+        // until the alarm clears, and go out long after its caller gave up.
+        if self.is_blocked().await {
+            return Err(PublishError::Blocked);
+        }
         let result = async {
             let (channel, opened) = self.channel().await?;
             match publish_on(&channel, first).await {
@@ -289,6 +306,14 @@ impl Publisher {
             }
         }
         .await;
+        // A broker that blocks publishers (a resource alarm) stops reading
+        // a connection when it publishes and tells it so: the confirm then
+        // times out on a connection that is fine. It is kept, blocked, so
+        // that the next publishes are refused at once until the alarm
+        // clears, instead of each waiting for its confirm on a new one.
+        if matches!(result, Err(PublishError::Timeout(_))) && self.is_blocked().await {
+            return Err(PublishError::Blocked);
+        }
         if matches!(
             result,
             Err(PublishError::Unavailable(_) | PublishError::Timeout(_))
