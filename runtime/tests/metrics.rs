@@ -13,14 +13,6 @@ use testkit::{TestEnv, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The value of the sample of `metric` whose labels include `label`.
-fn sample(text: &str, metric: &str, label: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
     let env = TestEnv::new().await;

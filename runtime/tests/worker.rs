@@ -729,13 +729,12 @@ async fn an_unroutable_outbox_row_is_kept_and_its_neighbours_go_out_once() {
         .text()
         .await
         .unwrap();
-    let unroutable: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("orderflow_worker_outbox_unroutable_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(unroutable >= 2, "{metrics}");
+    let unroutable = sample(
+        &metrics,
+        "orderflow_worker_outbox_unroutable_total",
+        "worker=\"probe-worker\"",
+    );
+    assert!(unroutable >= 2.0, "{metrics}");
     worker.stop().await;
     env.cleanup().await;
 }

@@ -28,7 +28,7 @@ use tracing::debug;
 /// locking rows its key does not name) costs the batch a short wait rather
 /// than PostgreSQL's deadlock timeout, and the message that waited runs
 /// again alone.
-const BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
+pub(super) const BATCH_LOCK_TIMEOUT: Duration = Duration::from_millis(200);
 /// The savepoint each message of a batch runs under, so that a failing
 /// handler takes back only its own statements.
 const FIRST_SAVEPOINT: &str = "SAVEPOINT message";
@@ -48,7 +48,7 @@ pub(super) async fn process_batch<H: Handler>(
 ) -> Vec<Delivery> {
     let started = Instant::now();
     let mut batch = Batch::new(ready);
-    let Some(tx) = begin(inner, token, Some(BATCH_LOCK_TIMEOUT)).await else {
+    let Some(tx) = begin(inner, token, &inner.begin.batch).await else {
         // Shutting down while the database is away: leave them to the broker.
         return Vec::new();
     };
@@ -195,6 +195,7 @@ impl<M> Batch<M> {
         let mut ctx = Together::new(tx);
         let left = guarded(
             inner,
+            "handler panicked applying messages together",
             "applying messages together",
             inner.handler.handle_together(&mut ctx, fresh),
         )

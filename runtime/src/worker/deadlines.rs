@@ -44,12 +44,13 @@ async fn expire_deadlines<H: Handler>(
     inner: &Inner<H>,
     token: &CancellationToken,
 ) -> Result<usize, Failure> {
-    let Some(tx) = guard::begin(inner, token, None).await else {
+    let Some(tx) = guard::begin(inner, token, &inner.begin.one).await else {
         return Ok(0);
     };
     let mut ctx = Context::new(Envelope::started_here("deadlines"), tx);
     let expired = guard::guarded(
         inner,
+        "deadline scan panicked",
         "scanning deadlines",
         inner.handler.expire_deadlines(&mut ctx),
     )

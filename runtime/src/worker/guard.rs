@@ -9,28 +9,51 @@ use futures::FutureExt;
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
-/// Opens the handler's transaction, waiting out a database outage rather
-/// than spending the message's attempts on it. Shutdown interrupts only the
-/// waits between attempts, never an attempt: an attempt dropped after its
-/// `BEGIN` was sent would return its connection to the pool inside a
-/// transaction. An attempt is bounded by the pool's acquire timeout.
-/// The transaction's statements may take no longer than `HANDLER_TIMEOUT`,
-/// and its lock waits no longer than `lock_timeout` (or that): the server
+/// How a handler transaction begins, in the same round trip as its
+/// `BEGIN`: its statements may take no longer than `HANDLER_TIMEOUT` and
+/// its lock waits no longer than that (a batch's: less), so the server
 /// cancels a stuck statement itself, with an error classed transient.
+/// Written once per worker.
+pub(super) struct BeginStatements {
+    /// A transaction of one message, or of a deadline scan.
+    pub one: Arc<str>,
+    /// A batch's, with the shorter lock wait of `batch::BATCH_LOCK_TIMEOUT`.
+    pub batch: Arc<str>,
+}
+
+impl BeginStatements {
+    pub fn new(handler_timeout: Duration, batch_lock_timeout: Duration) -> Self {
+        let statement = |lock: Duration| -> Arc<str> {
+            format!(
+                "BEGIN; SET LOCAL statement_timeout = '{}ms'; SET LOCAL lock_timeout = '{}ms'",
+                handler_timeout.as_millis(),
+                lock.as_millis()
+            )
+            .into()
+        };
+        Self {
+            one: statement(handler_timeout),
+            batch: statement(batch_lock_timeout),
+        }
+    }
+}
+
+/// Opens the handler's transaction with `statement` (one of
+/// [`BeginStatements`]), waiting out a database outage rather than spending
+/// the message's attempts on it. Shutdown interrupts only the waits between
+/// attempts, never an attempt: an attempt dropped after its `BEGIN` was
+/// sent would return its connection to the pool inside a transaction. An
+/// attempt is bounded by the pool's acquire timeout.
 pub(super) async fn begin<H>(
     inner: &Inner<H>,
     token: &CancellationToken,
-    lock_timeout: Option<Duration>,
+    statement: &Arc<str>,
 ) -> Option<Transaction<'static, Postgres>> {
-    let limit = inner.settings.handler_timeout.as_millis();
-    let lock = lock_timeout.map_or(limit, |d| d.as_millis());
-    let statement = format!(
-        "BEGIN; SET LOCAL statement_timeout = '{limit}ms'; SET LOCAL lock_timeout = '{lock}ms'"
-    );
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -40,7 +63,7 @@ pub(super) async fn begin<H>(
     loop {
         let attempt = inner
             .pool
-            .begin_with(AssertSqlSafe(statement.clone()))
+            .begin_with(AssertSqlSafe(Arc::clone(statement)))
             .await;
         match attempt {
             Ok(tx) => return Some(tx),
@@ -66,12 +89,8 @@ pub(super) async fn run_prepare<H: Handler>(
     inner: &Inner<H>,
     message: H::Message,
 ) -> Result<H::Message, Failure> {
-    guarded(
-        inner,
-        "preparing",
-        inner.handler.prepare(&inner.pool, message),
-    )
-    .await
+    let work = inner.handler.prepare(&inner.pool, message);
+    guarded(inner, "handler panicked preparing", "preparing", work).await
 }
 
 /// Runs the handler, turning a panic into a permanent failure and an
@@ -81,23 +100,24 @@ pub(super) async fn run_handler<H: Handler>(
     ctx: &mut Context,
     message: H::Message,
 ) -> Result<(), Failure> {
-    guarded(inner, "handling", inner.handler.handle(ctx, message)).await
+    let work = inner.handler.handle(ctx, message);
+    guarded(inner, "handler panicked", "handling", work).await
 }
 
 /// Awaits handler code within `HANDLER_TIMEOUT`: a panic is a permanent
-/// failure ("handler panicked <doing>"), an overrun a transient one, so a
-/// handler that hangs on one message goes through the retry tiers (and,
-/// hanging each time, to the dead queue as `exhausted`) while its worker
-/// keeps consuming. Dropping the work rolls back what it did in its
-/// transaction.
+/// failure whose text starts with `panicked`, an overrun a transient one
+/// naming what it was `doing`, so a handler that hangs on one message goes
+/// through the retry tiers (and, hanging each time, to the dead queue as
+/// `exhausted`) while its worker keeps consuming. Dropping the work rolls
+/// back what it did in its transaction.
 pub(super) async fn guarded<H, T>(
     inner: &Inner<H>,
+    panicked: &str,
     doing: &str,
     work: impl Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
     let limit = inner.settings.handler_timeout;
-    let what = format!("handler panicked {doing}");
-    match tokio::time::timeout(limit, unless_panicked(&what, work)).await {
+    match tokio::time::timeout(limit, unless_panicked(panicked, work)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(overran(doing, limit)),
     }

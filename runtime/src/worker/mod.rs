@@ -98,6 +98,8 @@ struct Inner<H> {
     suspects: tokio::sync::Mutex<()>,
     /// Outbox rows being relayed or relayed and not yet deleted.
     relays: outbox::Relays,
+    /// How its handler transactions begin.
+    begin: guard::BeginStatements,
     /// The consumer channel's deliveries, settled through one place.
     acks: Acks,
     /// What `/metrics` shows (`METRICS_ADDR`).
@@ -165,6 +167,8 @@ impl<H: Handler> Worker<H> {
             Publisher::lazy(url, &format!("{} publisher", spec.name)).own_messages_only();
         let republisher = Publisher::lazy(url, &format!("{} republisher", spec.name));
         let store = Store::new(spec.schema, spec.name);
+        let begin =
+            guard::BeginStatements::new(settings.handler_timeout, batch::BATCH_LOCK_TIMEOUT);
         Self {
             inner: Arc::new(Inner {
                 spec,
@@ -177,6 +181,7 @@ impl<H: Handler> Worker<H> {
                 handler,
                 suspects: tokio::sync::Mutex::new(()),
                 relays: outbox::Relays::default(),
+                begin,
                 acks: Acks::default(),
                 metrics,
             }),

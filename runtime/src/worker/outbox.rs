@@ -5,6 +5,7 @@
 //! transaction, which saves each relay a commit of its own.
 
 use super::Inner;
+use crate::broker::PublishError;
 use crate::envelope::Outgoing;
 use crate::handler::{Context, Failure};
 use sqlx::{Postgres, Transaction};
@@ -149,7 +150,7 @@ pub(super) async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
             let (sent, failed) = split(&ids, &messages, &outcomes);
             inner.relays.mark_relayed(&sent);
             inner.metrics.relayed(sent.len());
-            for (message, e) in failed {
+            for (_, message, e) in failed {
                 warn!(worker = inner.spec.name, message_id = %message.message_id, routing_key = message.routing_key, error = %e, "Outbox relay failed for this message; the sweeper will try it again");
             }
         }
@@ -159,25 +160,25 @@ pub(super) async fn relay<H>(inner: &Inner<H>, (ids, messages): Committed) {
     }
 }
 
-/// The row ids confirmed, and the messages that failed with why.
+/// The row ids confirmed, and the rows that failed: id, message and why.
 fn split<'a>(
     ids: &[i64],
     messages: &'a [Outgoing],
-    outcomes: &'a [Result<(), crate::broker::PublishError>],
-) -> (
-    Vec<i64>,
-    Vec<(&'a Outgoing, &'a crate::broker::PublishError)>,
-) {
+    outcomes: &'a [Result<(), PublishError>],
+) -> (Vec<i64>, Vec<Failed<'a>>) {
     let mut sent = Vec::with_capacity(ids.len());
     let mut failed = Vec::new();
     for ((id, message), outcome) in ids.iter().zip(messages).zip(outcomes) {
         match outcome {
             Ok(()) => sent.push(*id),
-            Err(e) => failed.push((message, e)),
+            Err(e) => failed.push((*id, message, e)),
         }
     }
     (sent, failed)
 }
+
+/// An outbox row the broker did not take: its id, its message and why.
+type Failed<'a> = (i64, &'a Outgoing, &'a PublishError);
 
 /// Relays outbox rows that the post-commit relay did not. Also prunes the
 /// inbox: rows older than `INBOX_RETENTION_DAYS`, checked at the first tick
@@ -252,11 +253,11 @@ pub(super) async fn sweep_once<H>(inner: &Inner<H>, age: Duration) -> anyhow::Re
         let (ids, messages): (Vec<i64>, Vec<_>) = rows.into_iter().unzip();
         let outcomes = inner.publisher.publish_each(&messages).await?;
         let (sent, failed) = split(&ids, &messages, &outcomes);
-        for (message, e) in &failed {
+        for (_, message, e) in &failed {
             warn!(worker = inner.spec.name, message_id = %message.message_id, routing_key = message.routing_key, error = %e, "Outbox row not relayed; it is kept and tried again at the next sweep");
         }
         inner.metrics.unroutable(failed.len());
-        stuck.extend(ids.iter().filter(|id| !sent.contains(id)).copied());
+        stuck.extend(failed.iter().map(|(id, _, _)| *id));
         inner.store.delete_outbox(&mut tx, &sent).await?;
         tx.commit().await?;
         inner.metrics.swept(sent.len());

@@ -54,7 +54,7 @@ pub(super) async fn process<H: Handler>(
             return reached_an_outcome(inner, &envelope, redelivered).await;
         }
     };
-    let Some(mut tx) = begin(inner, token, None).await else {
+    let Some(mut tx) = begin(inner, token, &inner.begin.one).await else {
         // Shutting down while the database is away: leave it to the broker.
         return;
     };

@@ -182,3 +182,12 @@ pub fn header_number(props: &BasicProperties, name: &str) -> Option<i64> {
         .as_ref()
         .and_then(|h| runtime::envelope::header_int(h, name))
 }
+
+/// The value of the sample of `metric` whose labels include `label`, in a
+/// worker's `/metrics` text; 0 when there is none.
+pub fn sample(text: &str, metric: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{metric}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
