@@ -47,32 +47,7 @@ enum Command {
     /// Show one message: properties, headers (with x-death) and body.
     Show { queue: String, id: String },
     /// Publish messages back to where they came from.
-    Replay {
-        queue: String,
-        #[command(flatten)]
-        select: SelectorArgs,
-        /// Print what would happen and change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// At most this many messages per second.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Publish to this queue instead of the original exchange.
-        #[arg(long)]
-        to_queue: Option<String>,
-        /// Edit the body in $EDITOR first (one message).
-        #[arg(long)]
-        edit: bool,
-        /// Replace the body with this file's content first (one message).
-        #[arg(long)]
-        set_body: Option<std::path::PathBuf>,
-        /// Refuse messages replayed this often already.
-        #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS)]
-        max_replays: i64,
-        /// Replay even when the consumer's inbox says it was applied.
-        #[arg(long)]
-        force: bool,
-    },
+    Replay(ReplayArgs),
     /// Remove messages, archiving each in PostgreSQL first.
     Purge {
         queue: String,
@@ -95,6 +70,35 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// The arguments of `dlq replay`.
+#[derive(clap::Args)]
+struct ReplayArgs {
+    queue: String,
+    #[command(flatten)]
+    select: SelectorArgs,
+    /// Print what would happen and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// At most this many messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Publish to this queue instead of the original exchange.
+    #[arg(long)]
+    to_queue: Option<String>,
+    /// Edit the body in $EDITOR first (one message).
+    #[arg(long)]
+    edit: bool,
+    /// Replace the body with this file's content first (one message).
+    #[arg(long)]
+    set_body: Option<std::path::PathBuf>,
+    /// Refuse messages replayed this often already.
+    #[arg(long, default_value_t = DEFAULT_MAX_REPLAYS)]
+    max_replays: i64,
+    /// Replay even when the consumer's inbox says it was applied.
+    #[arg(long)]
+    force: bool,
 }
 
 /// What `dlq` reads: its flags laid over the environment, read like every
@@ -207,54 +211,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             list(&dlq, &queue, &select.into(), group_by, json_out).await?;
         }
         Command::Show { queue, id } => show(&dlq, &queue, &id).await?,
-        Command::Replay {
-            queue,
-            select,
-            dry_run,
-            rate,
-            to_queue,
-            edit,
-            set_body,
-            max_replays,
-            force,
-        } => {
-            let (queue, domain) = dead_queue(&queue)?;
-            let mut select = chosen_by(select)?;
-            // A new body belongs to the message read now: whatever the
-            // selectors match by the time it is replayed (another operator
-            // may purge, replay or restore meanwhile), only that message,
-            // by its id, may carry it.
-            let new_body = match (set_body, edit) {
-                (Some(path), _) => {
-                    let (id, _) = read_one(&dlq, &queue, &select).await?;
-                    let body = std::fs::read(&path)
-                        .with_context(|| format!("cannot read {}", path.display()))?;
-                    Some((id, body))
-                }
-                (None, true) => Some(edit_body(&dlq, &queue, &select).await?),
-                (None, false) => None,
-            };
-            let new_body = new_body.map(|(id, body)| {
-                select = Selectors {
-                    ids: vec![id],
-                    ..Selectors::default()
-                };
-                body
-            });
-            let options = ReplayOptions {
-                dry_run,
-                rate,
-                to_queue,
-                new_body,
-                max_replays,
-                force,
-                inbox_retention: settings.inbox_retention,
-            };
-            let bar = progress(json_out);
-            let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;
-            bar.finish_and_clear();
-            report(&outcomes, json_out);
-        }
+        Command::Replay(args) => replay(&dlq, args, settings.inbox_retention, json_out).await?,
         Command::Purge {
             queue,
             select,
@@ -284,6 +241,64 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `dlq replay`: an edited or replaced body is bound to the id of the
+/// message it was read from.
+async fn replay(
+    dlq: &Dlq,
+    args: ReplayArgs,
+    inbox_retention: std::time::Duration,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let ReplayArgs {
+        queue,
+        select,
+        dry_run,
+        rate,
+        to_queue,
+        edit,
+        set_body,
+        max_replays,
+        force,
+    } = args;
+    let (queue, domain) = dead_queue(&queue)?;
+    let mut select = chosen_by(select)?;
+    // A new body belongs to the message read now: whatever the
+    // selectors match by the time it is replayed (another operator
+    // may purge, replay or restore meanwhile), only that message,
+    // by its id, may carry it.
+    let new_body = match (set_body, edit) {
+        (Some(path), _) => {
+            let (id, _) = read_one(dlq, &queue, &select).await?;
+            let body =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            Some((id, body))
+        }
+        (None, true) => Some(edit_body(dlq, &queue, &select).await?),
+        (None, false) => None,
+    };
+    let new_body = new_body.map(|(id, body)| {
+        select = Selectors {
+            ids: vec![id],
+            ..Selectors::default()
+        };
+        body
+    });
+    let options = ReplayOptions {
+        dry_run,
+        rate,
+        to_queue,
+        new_body,
+        max_replays,
+        force,
+        inbox_retention,
+    };
+    let bar = progress(json_out);
+    let outcomes = dlq.replay(&queue, domain, &select, &options, &bar).await?;
+    bar.finish_and_clear();
+    report(&outcomes, json_out);
+    Ok(())
 }
 
 /// The selectors of an operation that changes the queue, which must choose
