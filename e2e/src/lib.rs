@@ -24,6 +24,11 @@ pub struct Options {
     /// each a forwarder to the one broker: the nodes of a cluster as the
     /// system sees them, which a test can take down one by one.
     pub broker_nodes: usize,
+    /// Every worker's circuit breakers.
+    pub breaker: runtime::BreakerSettings,
+    /// Serve the (first) payment worker's `/metrics` and `/readyz`, at
+    /// [`System::payment_metrics`].
+    pub payment_metrics: bool,
 }
 
 impl Default for Options {
@@ -35,6 +40,13 @@ impl Default for Options {
             gateway_timeout: Duration::from_secs(5),
             retry_delays: RETRY_DELAYS,
             broker_nodes: 1,
+            // The default threshold, a short cooldown: an outage in a test
+            // is seconds long.
+            breaker: runtime::BreakerSettings {
+                cooldown: Duration::from_secs(1),
+                ..runtime::BreakerSettings::default()
+            },
+            payment_metrics: false,
         }
     }
 }
@@ -44,6 +56,9 @@ pub struct System {
     pub api: String,
     pub gateway: String,
     pub http: reqwest::Client,
+    /// The first payment worker's `/metrics` and `/readyz`, with
+    /// `Options::payment_metrics`.
+    pub payment_metrics: Option<String>,
     pub pool: sqlx::PgPool,
     smtp: SmtpSink,
     nodes: Vec<Forwarder>,
@@ -126,6 +141,7 @@ impl System {
             inbox_retention: Duration::from_secs(30 * 86_400),
             metrics_addr: None,
             handler_timeout: Duration::from_secs(60),
+            breaker: options.breaker,
         };
         let gateway_settings = payment_worker::GatewaySettings {
             url: gateway.clone(),
@@ -137,12 +153,20 @@ impl System {
             smtp_url: runtime::SecretUrl::new(smtp.url()),
             from: "orderflow <orders@orderflow.local>".parse().unwrap(),
         };
-        for _ in 0..options.replicas {
+        let payment_metrics = options
+            .payment_metrics
+            .then(|| format!("127.0.0.1:{}", testkit::free_port()));
+        for replica in 0..options.replicas {
             let order = order_worker::build(worker_settings(), options.payment_timeout)
                 .await
                 .unwrap();
             let inventory = inventory_worker::build(worker_settings()).await.unwrap();
-            let payment = payment_worker::build(worker_settings(), &gateway_settings)
+            let mut payment_settings = worker_settings();
+            if replica == 0 {
+                payment_settings.metrics_addr =
+                    payment_metrics.as_ref().map(|a| a.parse().unwrap());
+            }
+            let payment = payment_worker::build(payment_settings, &gateway_settings)
                 .await
                 .unwrap();
             let notification = notification_worker::build(worker_settings(), mail.clone())
@@ -159,6 +183,7 @@ impl System {
             api,
             gateway,
             http: topology::https::client(),
+            payment_metrics: payment_metrics.map(|a| format!("http://{a}")),
             pool,
             smtp,
             nodes,

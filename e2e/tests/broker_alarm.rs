@@ -8,46 +8,7 @@ use e2e::{Options, System};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-fn set_watermark(fraction: &str) {
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(["set_vm_memory_high_watermark", fraction])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "rabbitmqctl set_vm_memory_high_watermark {fraction}"
-    );
-}
-
-/// A memory alarm for as long as it lives.
-struct MemoryAlarm {
-    was: String,
-}
-
-impl MemoryAlarm {
-    fn raise() -> Self {
-        let out = std::process::Command::new("rabbitmqctl")
-            .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
-            .output()
-            .unwrap();
-        let was = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let was = if was.parse::<f64>().is_ok() {
-            was
-        } else {
-            "0.4".to_owned()
-        };
-        set_watermark("0.0001");
-        Self { was }
-    }
-}
-
-impl Drop for MemoryAlarm {
-    fn drop(&mut self) {
-        set_watermark(&self.was);
-    }
-}
+use testkit::MemoryAlarm;
 
 fn order() -> serde_json::Value {
     json!({

@@ -312,6 +312,94 @@ async fn an_smtp_outage_delays_emails_but_every_one_is_sent_once() {
     system.stop().await;
 }
 
+/// A gateway outage longer than every retry tier together: the payment
+/// worker's circuit breaker opens, the charges wait in their queue instead
+/// of spending their tiers, and nothing is dead-lettered; once the gateway
+/// answers again a probe closes the breaker and every order completes,
+/// charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_outage_longer_than_every_retry_tier_dead_letters_nothing() {
+    let system = System::start(Options {
+        trouble: Trouble {
+            error_rate: 1.0,
+            latency_ms: 0,
+            ..Trouble::default()
+        },
+        // 0.7 s all together; the outage lasts seven times that.
+        retry_delays: "100ms,200ms,400ms",
+        breaker: runtime::BreakerSettings {
+            threshold: 3,
+            cooldown: Duration::from_millis(500),
+        },
+        payment_timeout: Duration::from_secs(120),
+        payment_metrics: true,
+        ..Options::default()
+    })
+    .await;
+    let observed = system.payment_metrics.clone().unwrap();
+    system.stock("SKU-O", 100).await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(system.place("SKU-O", 1, "pm_card_visa").await);
+    }
+    testkit::eventually(
+        Duration::from_secs(30),
+        "the gateway's breaker open",
+        || async {
+            let (status, body) = get_json(&system, &format!("{observed}/readyz")).await;
+            status == StatusCode::SERVICE_UNAVAILABLE
+                && body["breakers"]["payment-gateway"] != "closed"
+                && body["breakers"]["payment-gateway"].is_string()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        system.env.depth("payment.dead").await,
+        0,
+        "a charge died in the outage"
+    );
+    for id in &ids {
+        let (_, order) = system.get(&format!("/orders/{id}")).await;
+        assert_eq!(order["status"], "STOCK_RESERVED", "{order}");
+    }
+
+    system.set_trouble(Trouble::default()).await;
+    for id in &ids {
+        assert_eq!(system.wait_final(id).await["status"], "CONFIRMED");
+        assert_eq!(system.standing_charges(id).await, 1);
+    }
+    let (status, ready) = get_json(&system, &format!("{observed}/readyz")).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    assert_eq!(ready["breakers"]["payment-gateway"], "closed");
+    let metrics = system
+        .http
+        .get(format!("{observed}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"orderflow_worker_breaker_open{worker="payment-worker",dependency="payment-gateway"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"outcome="held_back""#),
+        "no charge was held back: {metrics}"
+    );
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+/// The status and JSON body of a GET to `url`.
+async fn get_json(system: &System, url: &str) -> (StatusCode, serde_json::Value) {
+    let response = system.http.get(url).send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or_default())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_of_every_worker_on_a_hot_sku_keep_the_invariants() {
     let system = System::start(Options {

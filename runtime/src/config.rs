@@ -33,6 +33,10 @@ const METRICS_ADDR: Var = Var::optional("METRICS_ADDR");
 /// How long a handler (its preparation, its handling, a deadline scan) may
 /// take before it is given up on as a transient failure.
 const HANDLER_TIMEOUT: Var = Var::new("HANDLER_TIMEOUT", "60s");
+/// Failures of one dependency in a row that open its circuit breaker; 0: off.
+const BREAKER_THRESHOLD: Var = Var::new("BREAKER_THRESHOLD", "5");
+/// How long an open breaker waits before one message goes through as a probe.
+const BREAKER_COOLDOWN: Var = Var::new("BREAKER_COOLDOWN", "10s");
 
 /// `DATABASE_URL`, checked only for its scheme: the pool reports the rest.
 pub fn database_url(source: &Source) -> Result<SecretUrl, ConfigError> {
@@ -90,6 +94,9 @@ pub struct WorkerSettings {
     /// transaction's statements and lock waits (`HANDLER_TIMEOUT`); past
     /// it the work is given up on as a transient failure.
     pub handler_timeout: Duration,
+    /// When a dependency's circuit breaker opens, and for how long
+    /// (`BREAKER_THRESHOLD`, `BREAKER_COOLDOWN`).
+    pub breaker: crate::BreakerSettings,
 }
 
 impl WorkerSettings {
@@ -109,6 +116,8 @@ impl WorkerSettings {
             inbox_retention = ?self.inbox_retention,
             metrics_addr = ?self.metrics_addr,
             handler_timeout = ?self.handler_timeout,
+            breaker_threshold = self.breaker.threshold,
+            breaker_cooldown = ?self.breaker.cooldown,
             "Effective configuration"
         );
     }
@@ -153,6 +162,10 @@ impl WorkerSettings {
             inbox_retention: inbox_retention(source)?,
             metrics_addr: source.optional(METRICS_ADDR, socket_addr)?,
             handler_timeout: source.duration(HANDLER_TIMEOUT)?,
+            breaker: crate::BreakerSettings {
+                threshold: source.get(BREAKER_THRESHOLD)?,
+                cooldown: source.duration(BREAKER_COOLDOWN)?,
+            },
         })
     }
 }

@@ -10,13 +10,50 @@ use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use std::future::Future;
 use std::time::Duration;
 
+/// An outside system a handler depends on: the database, a payment
+/// provider, a mail server. Named in logs, in `/metrics` and `/readyz`, and
+/// each has its own circuit breaker (`breaker.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Dependency(&'static str);
+
+impl Dependency {
+    /// The worker's PostgreSQL database.
+    pub const DATABASE: Self = Self("database");
+
+    /// A dependency called `name` (lowercase, such as `payment-gateway`).
+    pub const fn named(name: &'static str) -> Self {
+        Self(name)
+    }
+
+    pub const fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
 /// Why a handler could not finish a message.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Failure {
-    /// Worth trying again later: a timeout, a 5xx, a lost connection, a
+    /// Worth trying again later: a timeout, a lost connection, a
     /// serialization conflict. The message goes to the next retry tier.
     #[error("{0}")]
     Transient(String),
+    /// Transient because `dependency` did not answer or answered that it
+    /// cannot serve (a refused connection, a 5xx): retried like
+    /// [`Failure::Transient`], and counted by the dependency's circuit
+    /// breaker, which stops the worker taking messages while the
+    /// dependency is down, so that an outage longer than the retry tiers
+    /// does not dead-letter every message in flight.
+    #[error("{cause}")]
+    Unavailable {
+        dependency: Dependency,
+        cause: String,
+    },
     /// No retry can help: a business rule or validation. The message goes
     /// to the dead queue at once.
     #[error("{0}")]
@@ -28,17 +65,32 @@ impl Failure {
         Self::Transient(cause.to_string())
     }
 
+    pub fn unavailable(dependency: Dependency, cause: impl std::fmt::Display) -> Self {
+        Self::Unavailable {
+            dependency,
+            cause: cause.to_string(),
+        }
+    }
+
     pub fn permanent(cause: impl std::fmt::Display) -> Self {
         Self::Permanent(cause.to_string())
+    }
+
+    /// Whether a retry may help (transient or unavailable).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Permanent(_))
     }
 }
 
 /// Database errors are classified by SQLSTATE class, never by message text:
-/// connection loss, conflicts and resource limits pass; the rest is a fault
-/// in the data or the code that a retry would repeat.
+/// a database that cannot be reached or cannot serve is unavailable,
+/// conflicts and timeouts are transient; the rest is a fault in the data or
+/// the code that a retry would repeat.
 impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        if is_transient(&e) {
+        if is_unavailable(&e) {
+            Failure::unavailable(Dependency::DATABASE, format!("database: {e}"))
+        } else if is_transient(&e) {
             Failure::Transient(format!("database: {e}"))
         } else {
             Failure::Permanent(format!("database: {e}"))
@@ -46,20 +98,33 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
+/// Worth retrying: the database is unavailable, or the statement lost a
+/// conflict or ran out of time.
 pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            // 08 connection, 40 rollback (serialization, deadlock), 53
-            // resources, 57 operator intervention (shutdown), 58 system, 55P03 lock.
-            ["08", "40", "53", "57", "58"]
+            // 40 rollback (serialization, deadlock), 55P03 lock not
+            // available, 57014 statement timeout.
+            code.starts_with("40") || code == "55P03" || code == "57014" || is_unavailable(e)
+        }
+        sqlx::Error::Protocol(_) => true,
+        other => is_unavailable(other),
+    }
+}
+
+/// The database cannot be reached or cannot serve: connection loss, its
+/// resources exhausted (53), an operator's shutdown (57P), a system error (58).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            ["08", "53", "57P", "58"]
                 .iter()
                 .any(|class| code.starts_with(class))
-                || code == "55P03"
         }
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,

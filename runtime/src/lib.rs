@@ -9,12 +9,14 @@
 #![forbid(unsafe_code)]
 
 mod acks;
+pub mod breaker;
 pub mod broker;
 mod chunks;
 pub mod config;
 pub mod db;
 pub mod envelope;
 pub mod handler;
+pub mod health;
 pub mod metrics;
 pub mod routing;
 pub mod shutdown;
@@ -24,9 +26,10 @@ pub mod telemetry;
 pub mod testing;
 pub mod worker;
 
+pub use breaker::BreakerSettings;
 pub use broker::{PublishError, Publisher};
 pub use config::{SecretUrl, WorkerSettings};
 pub use envelope::{Envelope, Inbound, Malformed, Message, Outgoing, decode_json};
-pub use handler::{Context, Failure, Fresh, Handler, Together};
+pub use handler::{Context, Dependency, Failure, Fresh, Handler, Together};
 pub use routing::DeadKind;
 pub use worker::{Worker, WorkerSpec};

@@ -8,6 +8,9 @@
 //! dead-lettered once the broker confirmed its copy, as requeued once it
 //! was given back. A chunk rolled back and run again alone counts once.
 
+use crate::breaker::BreakerState;
+use crate::handler::Dependency;
+use crate::health::Health;
 use crate::routing::DeadKind;
 use axum::Router;
 use axum::extract::State;
@@ -23,7 +26,7 @@ use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +43,9 @@ pub enum Outcome {
     DeadLettered,
     /// Given back to its queue: moving it failed.
     Requeued,
+    /// Sent to wait in the first retry tier without spending an attempt:
+    /// the dependency it failed on has its circuit breaker open.
+    HeldBack,
 }
 
 impl Outcome {
@@ -50,6 +56,7 @@ impl Outcome {
             Self::Retried => "retried",
             Self::DeadLettered => "dead_lettered",
             Self::Requeued => "requeued",
+            Self::HeldBack => "held_back",
         }
     }
 }
@@ -57,6 +64,11 @@ impl Outcome {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DependencyLabels {
+    dependency: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,6 +86,9 @@ pub struct WorkerMetrics {
     unroutable: Counter,
     transaction_seconds: Histogram,
     consuming: Gauge,
+    breaker_open: Family<DependencyLabels, Gauge>,
+    /// What `/readyz` reports.
+    pub health: Health,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -83,7 +98,9 @@ impl std::fmt::Debug for WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    pub fn new(worker: &'static str) -> Self {
+    /// `stall_after`: how long work may be in hand with nothing settled
+    /// before `/readyz` reports the consumer stalled.
+    pub fn new(worker: &'static str, stall_after: Duration) -> Self {
         let mut registry = Registry::with_prefix_and_labels(
             "orderflow_worker",
             [("worker".into(), worker.into())].into_iter(),
@@ -95,9 +112,10 @@ impl WorkerMetrics {
         let unroutable = Counter::default();
         let transaction_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         let consuming = Gauge::default();
+        let breaker_open = Family::<DependencyLabels, Gauge>::default();
         registry.register(
             "messages",
-            "Consumed messages by outcome: applied, duplicate, retried, dead_lettered, requeued",
+            "Consumed messages by outcome: applied, duplicate, retried, dead_lettered, requeued, held_back",
             messages.clone(),
         );
         registry.register(
@@ -130,6 +148,11 @@ impl WorkerMetrics {
             "1 while the worker is subscribed to its queue",
             consuming.clone(),
         );
+        registry.register(
+            "breaker_open",
+            "1 while the dependency's circuit breaker is open or half-open: the worker takes no messages",
+            breaker_open.clone(),
+        );
         Self {
             registry,
             messages,
@@ -139,10 +162,13 @@ impl WorkerMetrics {
             unroutable,
             transaction_seconds,
             consuming,
+            breaker_open,
+            health: Health::new(stall_after),
         }
     }
 
     pub fn settled(&self, outcome: Outcome, count: usize) {
+        self.health.advanced();
         if count > 0 {
             self.messages
                 .get_or_create(&OutcomeLabels {
@@ -179,10 +205,17 @@ impl WorkerMetrics {
 
     pub fn set_consuming(&self, consuming: bool) {
         self.consuming.set(i64::from(consuming));
+        self.health.set_consuming(consuming);
     }
 
-    pub fn is_consuming(&self) -> bool {
-        self.consuming.get() == 1
+    /// A dependency's breaker changed state.
+    pub fn breaker(&self, dependency: Dependency, state: BreakerState) {
+        self.breaker_open
+            .get_or_create(&DependencyLabels {
+                dependency: dependency.name(),
+            })
+            .set(i64::from(state != BreakerState::Closed));
+        self.health.set_breaker(dependency, state);
     }
 
     pub fn render(&self) -> String {
@@ -298,10 +331,10 @@ async fn alive() -> Response {
         .into_response()
 }
 
-/// Ready while subscribed to the queue and the database answers within a
-/// second; the body says which is missing.
+/// Ready while subscribed to the queue, not blocked by the broker, every
+/// circuit breaker closed, the consumer making progress, and the database
+/// answering within a second; the body says which is missing.
 async fn ready(State(observed): State<Observed>) -> Response {
-    let consuming = observed.metrics.is_consuming();
     let database = match observed.pool.get() {
         Some(pool) => tokio::time::timeout(
             Duration::from_secs(1),
@@ -311,18 +344,18 @@ async fn ready(State(observed): State<Observed>) -> Response {
         .is_ok_and(|r| r.is_ok()),
         None => false,
     };
-    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    let body = format!(
-        "{{\"broker\":\"{}\",\"database\":\"{}\"}}\n",
-        word(consuming),
-        word(database)
-    );
-    let status = if consuming && database {
+    let readiness = observed.metrics.health.readiness(Instant::now());
+    let status = if readiness.ready(database) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        readiness.body(database),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -338,7 +371,7 @@ mod tests {
             .acquire_timeout(Duration::from_millis(500))
             .connect_lazy("postgres://postgres@127.0.0.1:1/none")
             .unwrap();
-        let metrics = Arc::new(WorkerMetrics::new("test-worker"));
+        let metrics = Arc::new(WorkerMetrics::new("test-worker", Duration::from_secs(60)));
         let observed = Observed {
             metrics: metrics.clone(),
             pool: Arc::new(OnceLock::new()),
@@ -357,13 +390,13 @@ mod tests {
             .unwrap();
         assert_eq!(
             std::str::from_utf8(&body).unwrap().trim(),
-            r#"{"broker":"ok","database":"unavailable"}"#
+            r#"{"broker":"ok","database":"unavailable","consumer":"ok","breakers":{}}"#
         );
     }
 
     #[test]
     fn outcomes_and_kinds_are_labelled_with_the_worker() {
-        let metrics = WorkerMetrics::new("test-worker");
+        let metrics = WorkerMetrics::new("test-worker", Duration::from_secs(60));
         metrics.settled(Outcome::Applied, 3);
         metrics.settled(Outcome::Duplicate, 0);
         metrics.dead_lettered(DeadKind::DeliveryLimit);

@@ -38,7 +38,7 @@ async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
     .await;
     assert_eq!(
         get("/readyz").await.1.trim(),
-        r#"{"broker":"ok","database":"ok"}"#
+        r#"{"broker":"ok","database":"ok","consumer":"ok","breakers":{}}"#
     );
     assert_eq!(
         get("/healthz").await,
@@ -128,6 +128,58 @@ async fn every_outcome_is_counted_once_and_readiness_follows_the_consumer() {
         http.get(format!("{base}/healthz")).send().await.is_err(),
         "still serving after the worker stopped"
     );
+    env.cleanup().await;
+}
+
+/// A handler that blocks its thread is out of reach of its deadline: the
+/// consumer makes no progress with a delivery in hand, and `/readyz` says
+/// so until it moves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_stuck_with_a_delivery_in_hand_is_reported_stalled() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let mut settings = settings(&env, "100ms");
+    settings.metrics_addr = Some(([127, 0, 0, 1], port).into());
+    // Stalled after four deadlines: 1.2 s.
+    settings.handler_timeout = Duration::from_millis(300);
+    let worker = start_worker_with(&env, settings).await;
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let http = topology::https::client();
+    let ready = || async {
+        match http.get(&readyz).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap()),
+            Err(_) => (0, String::new()),
+        }
+    };
+    eventually(WAIT, "ready once consuming", || async {
+        ready().await.0 == 200
+    })
+    .await;
+    send(
+        &env,
+        &Probe {
+            block_ms: 6_000,
+            ..probe("blocking")
+        },
+    )
+    .await;
+    eventually(WAIT, "reported stalled", || async {
+        let (status, body) = ready().await;
+        status == 503 && body.contains(r#""consumer":"stalled""#)
+    })
+    .await;
+    let pool = env.pool().await;
+    eventually(WAIT, "applied once it moves again", || async {
+        count(
+            &pool,
+            "SELECT count(*) FROM probe_effects WHERE id = 'blocking'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    eventually(WAIT, "ready again", || async { ready().await.0 == 200 }).await;
+    worker.stop().await;
     env.cleanup().await;
 }
 

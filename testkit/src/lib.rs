@@ -350,6 +350,50 @@ impl Drop for Forwarder {
     }
 }
 
+/// A broker memory alarm for as long as it lives: the broker's memory
+/// watermark lowered until every publishing connection is blocked, and put
+/// back on drop, however the test ends. It blocks every publisher of the
+/// shared broker, so only tests in the serial group (`scripts/test.sh`,
+/// binaries named `broker_alarm`) raise one.
+pub struct MemoryAlarm {
+    was: String,
+}
+
+impl MemoryAlarm {
+    pub fn raise() -> Self {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .output()
+            .unwrap();
+        let was = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let was = if was.parse::<f64>().is_ok() {
+            was
+        } else {
+            "0.4".to_owned()
+        };
+        set_memory_watermark("0.0001");
+        Self { was }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        set_memory_watermark(&self.was);
+    }
+}
+
+fn set_memory_watermark(fraction: &str) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["set_vm_memory_high_watermark", fraction])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "rabbitmqctl set_vm_memory_high_watermark {fraction}"
+    );
+}
+
 /// Starts `binary` with `name=value` and asserts that it refuses the value
 /// at start: it exits non-zero, naming the variable and the value. Nothing
 /// listens at the broker and database addresses it is given, so a binary

@@ -28,6 +28,7 @@ pub fn one_chunk_settings(amqp_url: &str, database_url: &str) -> WorkerSettings 
         inbox_retention: Duration::from_secs(86_400),
         metrics_addr: None,
         handler_timeout: Duration::from_secs(60),
+        breaker: crate::BreakerSettings::default(),
     }
 }
 

@@ -30,6 +30,11 @@ pub struct Probe {
     pub succeed_at_attempt: Option<u32>,
     #[serde(default)]
     pub sleep_ms: u64,
+    /// Blocks its thread this long at its first attempt, as a handler
+    /// doing blocking work on the async runtime would: out of reach of the
+    /// handler deadline.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub block_ms: u64,
     #[serde(default)]
     pub emit: bool,
 }
@@ -83,6 +88,9 @@ impl<const OUTSIDE_EFFECTS: bool> Handler for ProbeHandler<OUTSIDE_EFFECTS> {
             .await?;
         if probe.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(probe.sleep_ms)).await;
+        }
+        if probe.block_ms > 0 && attempt == 1 {
+            std::thread::sleep(Duration::from_millis(probe.block_ms));
         }
         match probe.fail.as_deref() {
             Some("transient") if probe.succeed_at_attempt.is_none_or(|n| attempt < n) => {
@@ -174,8 +182,12 @@ impl Probe {
     /// Succeeds at once, without sleeping: the handler may apply it
     /// together with others of its chunk.
     fn plain(&self) -> bool {
-        self.fail.is_none() && self.sleep_ms == 0
+        self.fail.is_none() && self.sleep_ms == 0 && self.block_ms == 0
     }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn probe_spec() -> crate::WorkerSpec {

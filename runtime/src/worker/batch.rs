@@ -275,6 +275,9 @@ impl<M> Batch<M> {
         inner
             .metrics
             .settled(Outcome::Applied, done.len() - duplicates);
+        if done.len() > duplicates {
+            inner.breakers.applied();
+        }
         for Entry {
             envelope, verdict, ..
         } in &done
@@ -304,8 +307,8 @@ impl<M> Batch<M> {
                     )
                     .await
                 }
-                Verdict::Failed(Failure::Transient(why)) => {
-                    debug!(queue, message_id = %envelope.message_id, error = why, "Transient failure in a batch; handling it alone");
+                Verdict::Failed(failure) => {
+                    debug!(queue, message_id = %envelope.message_id, error = %failure, "Transient failure in a batch; handling it alone");
                     again.push(delivery);
                 }
                 _ => again.push(delivery),

@@ -6,7 +6,8 @@
 use super::decode::{Decoded, envelope_or_bury, is_redelivered, message_or_bury};
 use super::failure::settle_failure;
 use super::guard::panic_text;
-use super::{Inner, batch, single};
+use super::{Inner, batch, gate, single};
+use crate::breaker::Pass;
 use crate::handler::{Failure, Handler};
 use futures::FutureExt;
 use lapin::message::Delivery;
@@ -14,13 +15,30 @@ use std::panic::AssertUnwindSafe;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// Handles a chunk to its end: every delivery acked, moved, or left to the
-/// broker.
+/// Handles a chunk to its end, once the gate lets it through: every
+/// delivery acked, moved, or left to the broker.
 pub(super) async fn process_all<H: Handler>(
     inner: &Inner<H>,
-    deliveries: Vec<Delivery>,
+    mut deliveries: Vec<Delivery>,
     token: &CancellationToken,
 ) {
+    loop {
+        if deliveries.is_empty() {
+            return;
+        }
+        match gate::admit(inner, token).await {
+            // Shutting down, or the channel is lost: left to the broker.
+            None => return,
+            Some(Pass::Free) => break,
+            Some(Pass::Probe(dependency)) => {
+                let probe = deliveries.remove(0);
+                let _working = inner.metrics.health.working();
+                single::process(inner, probe, token).await;
+                inner.breakers.probed(dependency);
+            }
+        }
+    }
+    let _working = inner.metrics.health.working();
     let mut alone = Vec::new();
     if deliveries.len() == 1 {
         alone = deliveries;

@@ -8,7 +8,7 @@ use crate::handler::Handler;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, ChannelStatus, Connection, ConnectionStatus, Consumer};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -33,17 +33,25 @@ pub(super) async fn consume<H: Handler>(
         concurrency = inner.settings.concurrency,
         "Consuming"
     );
+    // Cancelled by shutdown or by the connection's loss: either way the
+    // deliveries in hand that have not started are left to the broker.
+    let session = token.child_token();
     let stream_error = Arc::new(Mutex::new(None::<String>));
     let seen_error = stream_error.clone();
     // The delivery stream does not always end when the connection dies, so
-    // the connection is watched too: either way, stop taking deliveries and
-    // let the ones in flight finish (their acks fail; the broker redelivers).
-    let stop = async {
-        tokio::select! {
-            () = token.cancelled() => {}
-            () = lost(connection, &channel) => {}
-        }
+    // the connection is watched too, by a task of its own (chunks held at
+    // the gate do not poll the stream): either way, stop taking deliveries
+    // and let the ones in flight finish (their acks fail; the broker
+    // redelivers).
+    let watcher = {
+        let session = session.clone();
+        let (connection, channel) = (connection.status().clone(), channel.status().clone());
+        tokio::spawn(async move {
+            lost(&connection, &channel).await;
+            session.cancel();
+        })
     };
+    let stop = session.clone().cancelled_owned();
     // Chunks take the deliveries already waiting, and wait for company
     // only when more are likely (`chunks.rs`).
     let in_flight = InFlight::default();
@@ -56,7 +64,7 @@ pub(super) async fn consume<H: Handler>(
     chunks
         .for_each_concurrent(inner.settings.concurrency, |chunk| {
             let inner = inner.clone();
-            let token = token.clone();
+            let token = session.clone();
             let mut deliveries = Vec::with_capacity(chunk.len());
             for delivery in chunk {
                 match delivery {
@@ -83,6 +91,7 @@ pub(super) async fn consume<H: Handler>(
             }
         })
         .await;
+    watcher.abort();
     if token.is_cancelled() {
         let _ = channel.close(200, "shutting down".into()).await;
         return Ok(());
@@ -136,10 +145,10 @@ async fn subscribe<H>(
 }
 
 /// Resolves once the connection or the channel is no longer open.
-async fn lost(connection: &Connection, channel: &Channel) {
+async fn lost(connection: &ConnectionStatus, channel: &ChannelStatus) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        if !connection.status().connected() || !channel.status().connected() {
+        if !connection.connected() || !channel.connected() {
             return;
         }
     }

@@ -15,15 +15,17 @@ use contract::headers;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use std::time::Duration;
-use tracing::{error, warn};
+use std::time::{Duration, Instant};
+use tracing::{debug, error, warn};
 
 /// The longest error text kept in `x-error`.
 const MAX_ERROR_LEN: usize = 1000;
 
 /// Where a message whose handling failed goes: the dead queue at once when
 /// the failure is permanent, else the next retry tier (or the dead queue
-/// when the tiers are used up).
+/// when the tiers are used up); a failure of a dependency whose circuit
+/// breaker is open (or opens with it) spends no attempt: the message waits
+/// in the first tier and comes back to the gate.
 pub(super) async fn settle_failure<H>(
     inner: &Inner<H>,
     delivery: &Delivery,
@@ -34,16 +36,51 @@ pub(super) async fn settle_failure<H>(
         Failure::Permanent(why) => {
             dead_letter(inner, delivery, DeadKind::Permanent, &why, envelope.attempt).await;
         }
-        Failure::Transient(why) => {
-            match routing::after_transient(envelope.attempt, &inner.settings.retry_delays) {
-                Route::Retry { tier, delay } => {
-                    retry(inner, delivery, envelope, tier, delay, &why).await
-                }
-                Route::Dead(kind) => {
-                    dead_letter(inner, delivery, kind, &why, envelope.attempt).await
-                }
+        Failure::Unavailable { dependency, cause } => {
+            if inner.breakers.failed(dependency, Instant::now()) {
+                hold_back(inner, delivery, envelope, &cause).await;
+            } else {
+                next_tier(inner, delivery, envelope, &cause).await;
             }
         }
+        Failure::Transient(why) => next_tier(inner, delivery, envelope, &why).await,
+    }
+}
+
+/// After a transient failure: the next retry tier, or the dead queue when
+/// the tiers are used up.
+async fn next_tier<H>(inner: &Inner<H>, delivery: &Delivery, envelope: &Envelope, why: &str) {
+    match routing::after_transient(envelope.attempt, &inner.settings.retry_delays) {
+        Route::Retry { tier, delay } => retry(inner, delivery, envelope, tier, delay, why).await,
+        Route::Dead(kind) => dead_letter(inner, delivery, kind, why, envelope.attempt).await,
+    }
+}
+
+/// Sends the delivery to wait in the first retry tier with its attempt
+/// unchanged, while its dependency's breaker is open; without tiers, gives
+/// it back to its queue.
+async fn hold_back<H>(inner: &Inner<H>, delivery: &Delivery, envelope: &Envelope, why: &str) {
+    let queue = inner.spec.domain.queue();
+    let Some(delay) = inner.settings.retry_delays.delay(1) else {
+        inner.acks.requeue(delivery).await;
+        inner.metrics.settled(Outcome::HeldBack, 1);
+        return;
+    };
+    let properties = failure_properties(delivery, why, &[]).with_expiration(
+        routing::jittered(delay)
+            .as_millis()
+            .to_string()
+            .as_str()
+            .into(),
+    );
+    let target = inner.spec.domain.retry_queue(1);
+    match publish_with_retries(inner, &target, &delivery.data, properties).await {
+        Ok(()) => {
+            debug!(queue, message_id = %envelope.message_id, attempt = envelope.attempt, error = why, "Dependency unavailable and its breaker open; waiting without spending an attempt");
+            inner.acks.ack(&[delivery]).await;
+            inner.metrics.settled(Outcome::HeldBack, 1);
+        }
+        Err(e) => requeue(inner, delivery, &target, &e).await,
     }
 }
 

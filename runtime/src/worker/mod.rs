@@ -27,6 +27,7 @@ mod consume;
 mod deadlines;
 mod decode;
 mod failure;
+mod gate;
 mod guard;
 mod outbox;
 mod shutdown;
@@ -36,6 +37,7 @@ pub use shutdown::run_until_signalled;
 pub use single::MAX_STARTS;
 
 use crate::acks::Acks;
+use crate::breaker::Breakers;
 use crate::broker::{self, Publisher};
 use crate::config::WorkerSettings;
 use crate::db;
@@ -104,6 +106,17 @@ struct Inner<H> {
     acks: Acks,
     /// What `/metrics` shows (`METRICS_ADDR`).
     metrics: Arc<WorkerMetrics>,
+    /// One circuit breaker per dependency a handler named unavailable.
+    breakers: Breakers,
+}
+
+/// How long deliveries may be in hand with none settled before `/readyz`
+/// reports the consumer stalled: a chunk prepared and handled together,
+/// then again alone, may take four handler deadlines before its first
+/// delivery settles; anything longer hangs where no deadline reaches (a
+/// handler blocking its thread).
+fn stall_after(settings: &WorkerSettings) -> Duration {
+    settings.handler_timeout * 4
 }
 
 impl<H: Handler> Worker<H> {
@@ -116,7 +129,7 @@ impl<H: Handler> Worker<H> {
         settings: WorkerSettings,
         handler: H,
     ) -> anyhow::Result<Self> {
-        let metrics = Arc::new(WorkerMetrics::new(spec.name));
+        let metrics = Arc::new(WorkerMetrics::new(spec.name, stall_after(&settings)));
         let mut observer = Observer::new(settings.metrics_addr, metrics.clone());
         observer.start(spec.name).await?;
         let reached = async {
@@ -147,7 +160,7 @@ impl<H: Handler> Worker<H> {
     /// A worker on an existing pool whose migrations have run; it serves
     /// `METRICS_ADDR` from [`Worker::run`].
     pub fn with_pool(spec: WorkerSpec, settings: WorkerSettings, pool: PgPool, handler: H) -> Self {
-        let metrics = Arc::new(WorkerMetrics::new(spec.name));
+        let metrics = Arc::new(WorkerMetrics::new(spec.name, stall_after(&settings)));
         let observer = Observer::new(settings.metrics_addr, metrics.clone());
         observer.database_reached(&pool);
         Self::assemble(spec, settings, pool, handler, metrics, observer)
@@ -169,6 +182,10 @@ impl<H: Handler> Worker<H> {
         let store = Store::new(spec.schema, spec.name);
         let begin =
             guard::BeginStatements::new(settings.handler_timeout, batch::BATCH_LOCK_TIMEOUT);
+        let told = metrics.clone();
+        let breakers = Breakers::new(spec.name, settings.breaker, move |dependency, state| {
+            told.breaker(dependency, state);
+        });
         Self {
             inner: Arc::new(Inner {
                 spec,
@@ -184,6 +201,7 @@ impl<H: Handler> Worker<H> {
                 begin,
                 acks: Acks::default(),
                 metrics,
+                breakers,
             }),
             observer,
         }

@@ -85,6 +85,7 @@ pub(super) async fn process<H: Handler>(
             let acked = [&delivery];
             futures::join!(inner.acks.ack(&acked), outbox::relay(inner, committed));
             inner.metrics.settled(Outcome::Applied, 1);
+            inner.breakers.applied();
             debug!(queue, message_id = %envelope.message_id, kind = %envelope.kind, "Handled");
         }
         Err(failure) => settle_failure(inner, &delivery, &envelope, failure).await,

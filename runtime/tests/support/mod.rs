@@ -24,6 +24,7 @@ pub fn settings(env: &TestEnv, retry_delays: &str) -> WorkerSettings {
         inbox_retention: Duration::from_secs(30 * 86_400),
         metrics_addr: None,
         handler_timeout: Duration::from_secs(60),
+        breaker: runtime::BreakerSettings::default(),
     }
 }
 

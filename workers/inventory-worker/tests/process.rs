@@ -71,7 +71,7 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
             get(&http, url("/readyz")).await,
             (
                 503,
-                "{\"broker\":\"unavailable\",\"database\":\"unavailable\"}\n".to_owned()
+                "{\"broker\":\"unavailable\",\"database\":\"unavailable\",\"consumer\":\"ok\",\"breakers\":{}}\n".to_owned()
             )
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -85,7 +85,11 @@ async fn a_worker_waiting_for_its_database_is_alive_and_ready_only_once_it_consu
     let database = Forwarder::on(database_port, "127.0.0.1:5432").await;
     eventually(WAIT, "ready once it consumes", || async {
         get(&http, url("/readyz")).await
-            == (200, "{\"broker\":\"ok\",\"database\":\"ok\"}\n".to_owned())
+            == (
+                200,
+                "{\"broker\":\"ok\",\"database\":\"ok\",\"consumer\":\"ok\",\"breakers\":{}}\n"
+                    .to_owned(),
+            )
     })
     .await;
 

@@ -21,8 +21,8 @@ use futures::StreamExt;
 use lettre::Message as Email;
 use runtime::config::{ConfigError, Source, Var};
 use runtime::{
-    Context, Failure, Fresh, Handler, Inbound, Malformed, Together, Worker, WorkerSettings,
-    WorkerSpec,
+    Context, Dependency, Failure, Fresh, Handler, Inbound, Malformed, Together, Worker,
+    WorkerSettings, WorkerSpec,
 };
 use smtp::{Mailer, SendError};
 use sqlx::PgConnection;
@@ -32,6 +32,9 @@ use tracing::{debug, info};
 use uuid::Uuid;
 
 pub const SPEC: WorkerSpec = WorkerSpec::of(Domain::Notification);
+
+/// The SMTP server, as its circuit breaker and `/readyz` name it.
+pub const MAIL_SERVER: Dependency = Dependency::named("smtp");
 
 const SMTP_URL: Var = Var::new("SMTP_URL", "smtp://127.0.0.1:1025");
 const MAIL_FROM: Var = Var::new("MAIL_FROM", "orderflow <orders@orderflow.local>");
@@ -408,7 +411,7 @@ impl Notifications {
                 Ok(())
             }
             Err(e @ SendError::Refused(_)) => Err(Failure::permanent(e)),
-            Err(e @ SendError::Unavailable(_)) => Err(Failure::transient(e)),
+            Err(e @ SendError::Unavailable(_)) => Err(Failure::unavailable(MAIL_SERVER, e)),
         }
     }
 }

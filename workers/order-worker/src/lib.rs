@@ -135,7 +135,7 @@ impl Handler for OrderSaga {
                 .await
             {
                 Ok(()) => {}
-                Err(failure @ Failure::Transient(_)) => return Err(failure),
+                Err(failure) if failure.is_retryable() => return Err(failure),
                 Err(failure) => {
                     // One order that cannot be cancelled must not hold
                     // back every deadline after it, scan after scan: it is

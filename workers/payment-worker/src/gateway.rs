@@ -12,10 +12,19 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use uuid::Uuid;
 
+/// The payment provider, as its circuit breaker and `/readyz` name it.
+pub const GATEWAY: runtime::Dependency = runtime::Dependency::named("payment-gateway");
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("payment gateway unavailable: {0}")]
     Unavailable(String),
+    /// The provider is still processing a request with the same
+    /// idempotency key (an earlier attempt whose answer was lost): asking
+    /// again later gets that request's answer. Says nothing of the
+    /// provider's health, so its breaker does not count it.
+    #[error("payment gateway still processing the same request: {0}")]
+    InFlight(String),
     #[error("payment gateway refused the request: {0}")]
     Rejected(String),
 }
@@ -23,7 +32,8 @@ pub enum GatewayError {
 impl From<GatewayError> for runtime::Failure {
     fn from(e: GatewayError) -> Self {
         match e {
-            GatewayError::Unavailable(_) => runtime::Failure::transient(e),
+            GatewayError::Unavailable(_) => runtime::Failure::unavailable(GATEWAY, e),
+            GatewayError::InFlight(_) => runtime::Failure::transient(e),
             GatewayError::Rejected(_) => runtime::Failure::permanent(e),
         }
     }
@@ -163,10 +173,9 @@ fn unavailable(e: reqwest::Error) -> GatewayError {
 
 fn classify(code: u16, body: &serde_json::Value) -> GatewayError {
     let detail = format!("HTTP {code} {}", body["error"].as_str().unwrap_or(""));
-    // 409: the provider is still processing a request with the same
-    // idempotency key (an earlier attempt whose answer was lost); asking
-    // again later gets that request's answer.
-    if code >= 500 || code == 429 || code == 408 || code == 409 {
+    if code == 409 {
+        GatewayError::InFlight(detail)
+    } else if code >= 500 || code == 429 || code == 408 {
         GatewayError::Unavailable(detail)
     } else {
         GatewayError::Rejected(detail)
