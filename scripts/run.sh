@@ -32,6 +32,28 @@ export PAYMENT_GATEWAY_URL=${PAYMENT_GATEWAY_URL:-http://127.0.0.1:8090}
 export RUST_LOG=${RUST_LOG:-info}
 api=http://${HTTP_ADDR:-127.0.0.1:8080}
 
+# The publisher's API keys: made once for this checkout (kept in
+# .run/api-keys, readable by its owner only) unless API_KEYS is given.
+if [ -z "${API_KEYS:-}" ] && [ "${AUTH:-on}" != off ]; then
+    keys_file=$run_dir/api-keys
+    if [ ! -s "$keys_file" ]; then
+        ( umask 077
+          printf 'ADMIN_TOKEN=%s\nORDERS_TOKEN=%s\n' \
+              "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" \
+              "$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$keys_file" )
+    fi
+    # shellcheck disable=SC1090
+    . "$keys_file"
+    export API_KEYS="local-admin:admin:$ADMIN_TOKEN,local-shop:orders:$ORDERS_TOKEN"
+fi
+auth=()
+if [ -n "${ADMIN_TOKEN:-}" ]; then
+    auth=(-H "Authorization: Bearer $ADMIN_TOKEN")
+elif [ -n "${API_KEYS:-}" ] && [ "$demo" = 1 ]; then
+    log "API_KEYS given without ADMIN_TOKEN (the secret of one of its admin keys): no demo order"
+    demo=0
+fi
+
 "$bin/topology" apply
 
 pids=()
@@ -73,20 +95,27 @@ done
 curl -fsS "$api/readyz" >/dev/null || { log "the publisher never became ready; see $run_dir/logs"; exit 1; }
 
 if [ "$demo" = 1 ]; then
-    log "demo: restocking SKU-DEMO and placing an order"
-    curl -fsS -X POST "$api/inventory/SKU-DEMO/restock" -H 'content-type: application/json' \
+    log "demo: pricing and restocking SKU-DEMO, then placing an order"
+    curl -fsS "${auth[@]}" -X PUT "$api/products/SKU-DEMO" -H 'content-type: application/json' \
+        -d '{"unit_price_cents": 1999, "currency": "EUR"}' >/dev/null
+    curl -fsS "${auth[@]}" -X POST "$api/inventory/SKU-DEMO/restock" -H 'content-type: application/json' \
         -H "Idempotency-Key: demo-restock-$(date +%s)" -d '{"quantity": 10}' >/dev/null
-    sleep 1
-    order=$(curl -fsS -X POST "$api/orders" -H 'content-type: application/json' \
-        -d '{"customer_email": "ada@example.com", "currency": "EUR", "items": [{"sku": "SKU-DEMO", "quantity": 2, "unit_price_cents": 1999}]}')
+    # Both are commands: wait until the workers applied them.
+    for _ in $(seq 1 50); do
+        curl -fsS "${auth[@]}" "$api/products/SKU-DEMO" >/dev/null 2>&1 &&
+            curl -fsS "${auth[@]}" "$api/inventory/SKU-DEMO" >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    order=$(curl -fsS "${auth[@]}" -X POST "$api/orders" -H 'content-type: application/json' \
+        -d '{"customer_email": "ada@example.com", "currency": "EUR", "items": [{"sku": "SKU-DEMO", "quantity": 2}]}')
     id=$(echo "$order" | python3 -c 'import json,sys; print(json.load(sys.stdin)["order_id"])')
     log "placed order $id"
     for _ in $(seq 1 100); do
-        status=$(curl -fsS "$api/orders/$id" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || true)
+        status=$(curl -fsS "${auth[@]}" "$api/orders/$id" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null || true)
         [ "$status" = CONFIRMED ] || [ "$status" = CANCELLED ] && break
         sleep 0.2
     done
-    curl -fsS "$api/orders/$id" | python3 -c '
+    curl -fsS "${auth[@]}" "$api/orders/$id" | python3 -c '
 import json, sys
 o = json.load(sys.stdin)
 print("order %s: %s (%s %s cents)" % (o["order_id"], o["status"], o["total_cents"], o["currency"]))
@@ -98,7 +127,9 @@ fi
 cat <<INFO
 
 orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
-  API                 $api   (try: curl $api/orders/<id>)
+  API                 $api   (try: curl -H "Authorization: Bearer \$ORDERS_TOKEN" $api/orders/<id>)
+  API keys            $run_dir/api-keys (ADMIN_TOKEN: every endpoint; ORDERS_TOKEN: orders and stock);
+                      load them with: . $run_dir/api-keys
   RabbitMQ management http://127.0.0.1:15672   (guest / guest)
   Mail received       http://127.0.0.1:8025
   Payment gateway     http://127.0.0.1:8090/charges

@@ -21,6 +21,17 @@ pub struct Line {
     pub unit_price_cents: u64,
 }
 
+/// A line as the client ordered it: the unit price it expects, if it gave
+/// one. The amount charged is always the catalog's; a line whose expected
+/// price differs from it cancels the order (`price_changed`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderedLine {
+    pub sku: String,
+    pub quantity: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_price_cents: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     pub sku: String,
@@ -35,8 +46,17 @@ pub struct PlaceOrder {
     pub order_id: Uuid,
     pub customer_email: String,
     pub currency: String,
-    pub items: Vec<Line>,
+    pub items: Vec<OrderedLine>,
     pub payment_method: String,
+}
+
+/// Set the catalog price of a product (from the publisher): what an order
+/// placed after it is charged for the SKU, in `currency`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetPrice {
+    pub sku: String,
+    pub unit_price_cents: u64,
+    pub currency: String,
 }
 
 /// Cancel an order at whatever stage it is (from the publisher).

@@ -52,6 +52,7 @@ registry! {
     PlaceOrder: COMMANDS, ORDER_PLACE = "order.place";
     CancelOrder: COMMANDS, ORDER_CANCEL = "order.cancel";
     PaymentTimeout: COMMANDS, ORDER_PAYMENT_TIMEOUT = "order.payment-timeout";
+    SetPrice: COMMANDS, ORDER_SET_PRICE = "order.set-price";
     ReserveStock: COMMANDS, INVENTORY_RESERVE = "inventory.reserve";
     ReleaseStock: COMMANDS, INVENTORY_RELEASE = "inventory.release";
     CommitStock: COMMANDS, INVENTORY_COMMIT = "inventory.commit";

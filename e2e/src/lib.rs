@@ -51,6 +51,37 @@ impl Default for Options {
     }
 }
 
+/// The unit price, in EUR cents, of every SKU [`System::stock`] stocks.
+pub const PRICE: u64 = 1999;
+
+/// The publisher's keys in every system: an admin one, which
+/// [`System::http`] sends, and one with the `orders` role.
+pub const ADMIN_TOKEN: &str = "e2e-admin-0123456789abcdef";
+pub const ORDERS_TOKEN: &str = "e2e-orders-0123456789abcdef";
+
+/// `API_KEYS` with [`ADMIN_TOKEN`] and [`ORDERS_TOKEN`].
+pub fn test_keys() -> publisher::auth::AuthSettings {
+    let keys = format!("e2e-admin:admin:{ADMIN_TOKEN},e2e-shop:orders:{ORDERS_TOKEN}");
+    publisher::auth::AuthSettings::read(&runtime::config::Source::from_pairs([(
+        "API_KEYS",
+        keys.as_str(),
+    )]))
+    .unwrap()
+}
+
+/// An HTTP client that sends `Authorization: Bearer <token>` with every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    topology::https::client_builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 pub struct System {
     pub env: TestEnv,
     pub api: String,
@@ -117,6 +148,7 @@ impl System {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
             database_pool_size: 4,
+            auth: test_keys(),
         };
         let app = publisher::Application::build(settings).await.unwrap();
         let api = format!("http://127.0.0.1:{}", app.port());
@@ -182,7 +214,7 @@ impl System {
             env,
             api,
             gateway,
-            http: topology::https::client(),
+            http: client_with_token(ADMIN_TOKEN),
             payment_metrics: payment_metrics.map(|a| format!("http://{a}")),
             pool,
             smtp,
@@ -255,10 +287,29 @@ impl System {
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     }
 
-    /// Restocks a SKU and waits until the stock is there.
+    /// Prices a SKU at [`PRICE`] EUR (what [`System::place`] expects),
+    /// restocks it and waits until both are there.
     pub async fn stock(&self, sku: &str, quantity: u32) {
+        self.price(sku, PRICE).await;
         self.restock(sku, quantity).await;
         self.wait_stock(sku, i64::from(quantity)).await;
+    }
+
+    /// Sets a SKU's catalog price in EUR and waits until the catalog has it.
+    pub async fn price(&self, sku: &str, unit_price_cents: u64) {
+        let response = self
+            .http
+            .put(format!("{}/products/{sku}", self.api))
+            .json(&json!({ "unit_price_cents": unit_price_cents, "currency": "EUR" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        eventually(Duration::from_secs(30), "the price is set", || async {
+            let (status, body) = self.get(&format!("/products/{sku}")).await;
+            status == StatusCode::OK && body["unit_price_cents"] == unit_price_cents
+        })
+        .await;
     }
 
     /// Waits until the SKU shows `available` units.
@@ -293,7 +344,7 @@ impl System {
         let body = json!({
             "customer_email": "ada@example.com",
             "currency": "EUR",
-            "items": [{ "sku": sku, "quantity": quantity, "unit_price_cents": 1999 }],
+            "items": [{ "sku": sku, "quantity": quantity, "unit_price_cents": PRICE }],
             "payment_method": payment_method,
         });
         let (status, body) = self.post("/orders", &body, None).await;

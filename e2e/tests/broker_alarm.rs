@@ -14,7 +14,7 @@ fn order() -> serde_json::Value {
     json!({
         "customer_email": "ada@example.com",
         "currency": "EUR",
-        "items": [{ "sku": "SKU-B", "quantity": 1, "unit_price_cents": 500 }],
+        "items": [{ "sku": "SKU-B", "quantity": 1, "unit_price_cents": e2e::PRICE }],
     })
 }
 

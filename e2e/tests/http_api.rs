@@ -23,6 +23,7 @@ impl LonePublisher {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
             database_pool_size: 1,
+            auth: e2e::test_keys(),
         };
         let app = publisher::Application::build(settings).await.unwrap();
         let api = format!("http://127.0.0.1:{}", app.port());
@@ -43,7 +44,7 @@ fn order_body() -> Value {
     json!({
         "customer_email": "ada@example.com",
         "currency": "EUR",
-        "items": [{ "sku": "SKU-I", "quantity": 1, "unit_price_cents": 500 }],
+        "items": [{ "sku": "SKU-I", "quantity": 1, "unit_price_cents": e2e::PRICE }],
     })
 }
 
@@ -416,7 +417,8 @@ async fn post_huge_body(api: &str, len: usize) -> (u16, Value) {
     let addr = api.trim_start_matches("http://");
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /orders HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        "POST /orders HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+        e2e::ORDERS_TOKEN
     );
     socket.write_all(head.as_bytes()).await.unwrap();
     let chunk = vec![b' '; 64 * 1024];
@@ -451,6 +453,7 @@ async fn health_readiness_and_metrics_answer() {
     let (status, body) = system.get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body, json!({"broker": "ok", "database": "ok"}));
+    system.price("SKU-X", e2e::PRICE).await;
     system.place("SKU-X", 1, "pm_card_visa").await;
     let metrics = system
         .http
@@ -474,6 +477,110 @@ async fn health_readiness_and_metrics_answer() {
     system.stop().await;
 }
 
+/// Every endpoint but the probes needs a known token, and one whose role
+/// covers it: `401` with `WWW-Authenticate: Bearer` without, `403` with the
+/// wrong role, and nothing published either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_token_a_wrong_token_or_a_wrong_role_is_refused_and_publishes_nothing() {
+    let system = System::start(Options::default()).await;
+    system.stock("SKU-A", 5).await;
+    system.price("SKU-I", e2e::PRICE).await;
+    let order = system.place("SKU-A", 1, "pm_card_visa").await;
+    system.wait_final(&order).await;
+    let anonymous = topology::https::client();
+    let forged = e2e::client_with_token("e2e-admin-0123456789abcdeX");
+    let shop = e2e::client_with_token(e2e::ORDERS_TOKEN);
+    let api = &system.api;
+    let requests: Vec<(&str, String, Option<Value>)> = vec![
+        ("POST", format!("{api}/orders"), Some(order_body())),
+        ("GET", format!("{api}/orders/{order}"), None),
+        ("POST", format!("{api}/orders/{order}/cancel"), None),
+        ("GET", format!("{api}/inventory/SKU-A"), None),
+        (
+            "POST",
+            format!("{api}/inventory/SKU-A/restock"),
+            Some(json!({"quantity": 5})),
+        ),
+        ("GET", format!("{api}/metrics"), None),
+    ];
+    let send = |client: &reqwest::Client, method: &str, url: &str, body: &Option<Value>| {
+        let request = match method {
+            "POST" => client.post(url),
+            _ => client.get(url),
+        };
+        let request = match body {
+            Some(body) => request.json(body),
+            None => request,
+        };
+        async move { request.send().await.unwrap() }
+    };
+    for (method, url, body) in &requests {
+        for (who, client) in [("no token", &anonymous), ("a forged token", &forged)] {
+            let response = send(client, method, url, body).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {url} with {who}"
+            );
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let error: Value = response.json().await.unwrap();
+            assert!(error["error"].is_string(), "{error}");
+        }
+    }
+    for (method, url, body) in &requests {
+        let response = send(&shop, method, url, body).await;
+        let admin_only = url.ends_with("/restock") || url.ends_with("/metrics");
+        if admin_only {
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{method} {url}");
+            let error: Value = response.json().await.unwrap();
+            assert!(
+                error["error"].as_str().unwrap().contains("admin"),
+                "{error}"
+            );
+        } else {
+            assert!(
+                response.status().is_success(),
+                "{method} {url}: {}",
+                response.status()
+            );
+        }
+    }
+    // The probes stay open.
+    for probe in ["healthz", "readyz"] {
+        let response = anonymous
+            .get(format!("{api}/{probe}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{probe}");
+    }
+    // A wrong scheme is no token.
+    let response = anonymous
+        .get(format!("{api}/orders/{order}"))
+        .header("Authorization", format!("Basic {}", e2e::ADMIN_TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Of all those requests only the shop's order and cancellation went
+    // out; the refused restock added nothing.
+    system.wait_final(&order).await;
+    let (_, stock) = system.get("/inventory/SKU-A").await;
+    assert_eq!(
+        stock["available"].as_i64().unwrap()
+            + stock["reserved"].as_i64().unwrap()
+            + stock["sold"].as_i64().unwrap(),
+        5,
+        "{stock}"
+    );
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders")
+        .fetch_one(&system.pool)
+        .await
+        .unwrap();
+    assert!(orders <= 2, "{orders} orders: a refused request placed one");
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     // Nothing listens on port 1.
@@ -483,7 +590,7 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
     )
     .await;
     let api = publisher.api.clone();
-    let http = topology::https::client();
+    let http = e2e::client_with_token(e2e::ORDERS_TOKEN);
 
     let response = http
         .post(format!("{api}/orders"))
@@ -511,6 +618,7 @@ async fn with_the_broker_unreachable_orders_get_503_and_never_202() {
 async fn publishers_agree_a_small_frame_and_consumers_the_brokers() {
     let system = System::start(Options::default()).await;
     // A final order has been through every worker.
+    system.price("SKU-F", e2e::PRICE).await;
     let order = system.place("SKU-F", 1, "pm_card_visa").await;
     system.wait_final(&order).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -547,6 +655,7 @@ async fn every_process_names_itself_to_the_database() {
     let system = System::start(Options::default()).await;
     // A final order has been through every worker, and `GET` has read it
     // through the publisher's pool.
+    system.price("SKU-N", e2e::PRICE).await;
     let order = system.place("SKU-N", 1, "pm_card_visa").await;
     system.wait_final(&order).await;
     let names: Vec<String> = sqlx::query_scalar(
@@ -576,7 +685,7 @@ async fn a_command_continues_the_trace_of_the_request_that_sent_it() {
     env.declare_topology("1s").await;
     let publisher = LonePublisher::start(&env.amqp_url, &env.database_url).await;
     let api = publisher.api.clone();
-    let http = topology::https::client();
+    let http = e2e::client_with_token(e2e::ORDERS_TOKEN);
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     for traceparent in [
         format!("00-{trace}-00f067aa0ba902b7-01"),

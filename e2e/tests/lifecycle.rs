@@ -50,6 +50,8 @@ async fn an_order_of_several_lines_keeps_them_and_sells_then_gives_back_each_sku
     let system = System::start(Options::default()).await;
     system.stock("LINE-A", 10).await;
     system.stock("LINE-B", 10).await;
+    system.price("LINE-A", 250).await;
+    system.price("LINE-B", 500).await;
     // Two lines of the same SKU are reserved, sold and released together.
     let body = json!({
         "customer_email": "ada@example.com",
@@ -167,6 +169,136 @@ async fn a_declined_card_cancels_the_order_releases_the_stock_and_charges_nothin
             .unwrap()
             .contains("declined")
     );
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
+/// The amount charged is the catalog's: an order without prices is priced
+/// from it, one with a price that is not the catalog's (or a product it
+/// does not sell) is refused at the edge with `422` and, when the edge
+/// could not know (a command sent past it, a price changed meanwhile),
+/// cancelled by the saga with the reason, nothing reserved or charged. A
+/// new price applies to the orders placed after it; only admins set it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prices_come_from_the_catalog_and_a_wrong_one_cancels_the_order() {
+    let system = System::start(Options::default()).await;
+    system.stock("SKU-P", 10).await;
+    let body = |price: Option<u64>, sku: &str| {
+        let mut line = json!({ "sku": sku, "quantity": 2 });
+        if let Some(price) = price {
+            line["unit_price_cents"] = json!(price);
+        }
+        json!({ "customer_email": "ada@example.com", "currency": "EUR", "items": [line] })
+    };
+
+    // No price given: the catalog's is charged.
+    let (status, placed) = system.post("/orders", &body(None, "SKU-P"), None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    let id = placed["order_id"].as_str().unwrap().to_owned();
+    let order = system.wait_final(&id).await;
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    assert_eq!(order["total_cents"], 2 * e2e::PRICE);
+    assert_eq!(order["items"][0]["unit_price_cents"], e2e::PRICE);
+    let charges = system.charges(&id).await;
+    assert_eq!(charges[0]["amount_cents"], 2 * e2e::PRICE, "{charges:?}");
+
+    // The edge knows: 422 naming the line, nothing published.
+    let (status, error) = system.post("/orders", &body(Some(1), "SKU-P"), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(error["details"][0]["field"], "items[0].unit_price_cents");
+    assert!(
+        error["details"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1999"),
+        "{error}"
+    );
+    let (status, error) = system.post("/orders", &body(None, "SKU-NONE"), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(error["details"][0]["field"], "items[0].sku");
+
+    // Past the edge (a command another client published): the saga
+    // cancels it, with the reason, before anything is reserved or charged.
+    let mut refused = Vec::new();
+    for (sku, price, reason) in [
+        ("SKU-P", Some(5), "price_changed"),
+        ("SKU-NONE", None, "unknown_product"),
+    ] {
+        let order_id = uuid::Uuid::new_v4();
+        let command = runtime::Outgoing::of(&contract::PlaceOrder {
+            order_id,
+            customer_email: "eve@example.com".into(),
+            currency: "EUR".into(),
+            items: vec![contract::OrderedLine {
+                sku: sku.into(),
+                quantity: 1,
+                unit_price_cents: price,
+            }],
+            payment_method: "pm_card_visa".into(),
+        });
+        system
+            .env
+            .publish(
+                &command.exchange,
+                &command.routing_key,
+                command.properties(),
+                &command.body,
+            )
+            .await;
+        let order = system.wait_final(&order_id.to_string()).await;
+        assert_eq!(order["status"], "CANCELLED", "{order}");
+        assert_eq!(order["reason"], reason, "{order}");
+        assert_eq!(order["total_cents"], 0);
+        let history: Vec<&str> = order["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(history, ["PENDING", "CANCELLED"]);
+        refused.push(order_id.to_string());
+    }
+    for id in &refused {
+        assert!(system.charges(id).await.is_empty());
+        let mails = system.wait_mails(id, 1).await;
+        assert!(
+            mails[0]["subject"].as_str().unwrap().contains("cancelled"),
+            "{mails:?}"
+        );
+    }
+    system.wait_stock_exactly("SKU-P", 8, 0, 2).await;
+
+    // A new price applies from then on; an order keeps the price it was charged.
+    let shop = e2e::client_with_token(e2e::ORDERS_TOKEN);
+    let refused_to_shop = shop
+        .put(format!("{}/products/SKU-P", system.api))
+        .json(&json!({ "unit_price_cents": 1, "currency": "EUR" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused_to_shop.status(), StatusCode::FORBIDDEN);
+    system.price("SKU-P", 2500).await;
+    let (status, placed) = system
+        .post("/orders", &body(Some(2500), "SKU-P"), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
+    let later = system
+        .wait_final(placed["order_id"].as_str().unwrap())
+        .await;
+    assert_eq!(later["total_cents"], 5000);
+    let (_, first) = system.get(&format!("/orders/{id}")).await;
+    assert_eq!(first["total_cents"], 2 * e2e::PRICE);
+    let product = shop
+        .get(format!("{}/products/SKU-P", system.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(product.status(), StatusCode::OK);
+    let product: serde_json::Value = product.json().await.unwrap();
+    assert_eq!(product["unit_price_cents"], 2500);
+    assert_eq!(product["currency"], "EUR");
+    let (status, _) = system.get("/products/SKU-NONE").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     system.assert_quiet_and_consistent().await;
     system.stop().await;
 }

@@ -143,14 +143,17 @@ pub struct OrderRequest {
 pub struct ItemRequest {
     pub sku: String,
     pub quantity: i64,
-    pub unit_price_cents: i64,
+    /// What the client expects to pay per unit; the catalog's price is
+    /// charged, and an order whose expected price differs is refused.
+    #[serde(default)]
+    pub unit_price_cents: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewOrder {
     pub customer_email: CustomerEmail,
     pub currency: Currency,
-    pub items: Vec<contract::Line>,
+    pub items: Vec<contract::OrderedLine>,
     pub payment_method: String,
 }
 
@@ -178,13 +181,16 @@ impl NewOrder {
                 .map_err(|m| errors.push(field_error(format!("items[{i}].sku"), m)));
             let quantity = bounded(item.quantity, 1, MAX_QUANTITY)
                 .map_err(|m| errors.push(field_error(format!("items[{i}].quantity"), m)));
-            let price = bounded(item.unit_price_cents, 0, MAX_UNIT_PRICE_CENTS)
+            let price = item
+                .unit_price_cents
+                .map(|p| bounded(p, 0, MAX_UNIT_PRICE_CENTS))
+                .transpose()
                 .map_err(|m| errors.push(field_error(format!("items[{i}].unit_price_cents"), m)));
             if let (Ok(sku), Ok(quantity), Ok(price)) = (sku, quantity, price) {
-                items.push(contract::Line {
+                items.push(contract::OrderedLine {
                     sku: sku.0,
                     quantity,
-                    unit_price_cents: u64::from(price),
+                    unit_price_cents: price.map(u64::from),
                 });
             }
         }
@@ -208,6 +214,27 @@ impl NewOrder {
             }
             _ => Err(errors),
         }
+    }
+}
+
+/// The body of `PUT /products/{sku}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceRequest {
+    pub unit_price_cents: i64,
+    pub currency: String,
+}
+
+/// A product's price, checked.
+pub fn price(req: &PriceRequest) -> Result<(u64, Currency), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let cents = bounded(req.unit_price_cents, 0, MAX_UNIT_PRICE_CENTS)
+        .map_err(|m| errors.push(field_error("unit_price_cents", m)));
+    let currency =
+        Currency::parse(&req.currency).map_err(|m| errors.push(field_error("currency", m)));
+    match (cents, currency) {
+        (Ok(cents), Ok(currency)) => Ok((u64::from(cents), currency)),
+        _ => Err(errors),
     }
 }
 

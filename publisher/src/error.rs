@@ -24,6 +24,12 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// No token, or one that names no caller.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A caller whose role does not cover the request.
+    #[error("{0}")]
+    Forbidden(String),
     /// The request contradicts an earlier one (an idempotency key reused
     /// with another body).
     #[error("{0}")]
@@ -46,6 +52,8 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, json!([])),
             ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!([])),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, json!([])),
+            ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, json!([])),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, json!([])),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, json!([])),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, json!([])),
         };
@@ -54,6 +62,12 @@ impl IntoResponse for ApiError {
             Json(json!({ "error": self.to_string(), "details": details })),
         )
             .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

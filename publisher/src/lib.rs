@@ -1,6 +1,7 @@
 //! The thin HTTP producer: the only component that speaks HTTP to clients.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod domain;
 pub mod error;
 pub mod metrics;

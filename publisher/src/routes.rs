@@ -4,19 +4,21 @@
 //! 202 only once the broker has the command. Reads come from the read
 //! models the workers keep in PostgreSQL, which this service only reads.
 
+use crate::auth::{Caller, Role};
 use crate::domain::{
-    IdempotencyKey, NewOrder, OrderRequest, RestockRequest, Sku, restock_quantity,
+    FieldError, IdempotencyKey, NewOrder, OrderRequest, PriceRequest, RestockRequest, Sku,
+    restock_quantity,
 };
 use crate::error::ApiError;
 use crate::metrics::{CommandLabels, Metrics};
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
-use contract::{CancelOrder, Message, PlaceOrder, Restock};
+use contract::{CancelOrder, Message, PlaceOrder, Restock, SetPrice};
 use runtime::{Outgoing, Publisher};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -133,12 +135,15 @@ fn accepted(location: Option<String>, body: serde_json::Value) -> Response {
 
 pub async fn place_order(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Orders)?;
     let key = idempotency_key(&headers)?;
     let request: OrderRequest = json_body(&state, &headers, body)?;
     let order = NewOrder::parse(request).map_err(ApiError::Invalid)?;
+    refuse_what_the_catalog_refuses(&state, &order).await?;
     let order_id = match &key {
         Some(k) => derived_id(&format!("order:{}", k.as_str())),
         // Time-ordered, so the order's rows in every schema (keyed by
@@ -174,6 +179,56 @@ pub async fn place_order(
     ))
 }
 
+/// `422` for lines the catalog already refuses: a SKU it does not sell in
+/// the order's currency, or an expected price that is not its own. The
+/// saga decides again when it places the order (a price set meanwhile
+/// counts); with the read side unavailable the order goes on unchecked.
+async fn refuse_what_the_catalog_refuses(
+    state: &AppState,
+    order: &NewOrder,
+) -> Result<(), ApiError> {
+    let skus: Vec<&str> = order.items.iter().map(|l| l.sku.as_str()).collect();
+    let listed: Vec<(String, i64, String)> = match sqlx::query_as(
+        "SELECT sku, unit_price_cents, currency FROM orders.products WHERE sku = ANY($1)",
+    )
+    .bind(&skus)
+    .fetch_all(&state.pool)
+    .await
+    {
+        Ok(listed) => listed,
+        Err(e) => {
+            tracing::warn!(error = %e, "Order not checked against the catalog");
+            return Ok(());
+        }
+    };
+    let currency = order.currency.as_str();
+    let mut errors = Vec::new();
+    for (i, line) in order.items.iter().enumerate() {
+        let price = listed
+            .iter()
+            .find(|(sku, _, c)| *sku == line.sku && c == currency)
+            .map(|(_, p, _)| *p);
+        match (price, line.unit_price_cents) {
+            (None, _) => errors.push(FieldError {
+                field: format!("items[{i}].sku"),
+                message: format!("no product {} is sold in {currency}", line.sku),
+            }),
+            (Some(price), Some(given)) if i64::try_from(given).ok() != Some(price) => {
+                errors.push(FieldError {
+                    field: format!("items[{i}].unit_price_cents"),
+                    message: format!("the price of {} is {price}", line.sku),
+                });
+            }
+            _ => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(errors))
+    }
+}
+
 /// A key names one order: once the order it names is stored, a request
 /// with that key and another body (email, currency, payment method or
 /// lines) is refused with `409` rather than answered with the first order.
@@ -194,7 +249,7 @@ async fn refuse_another_body(state: &AppState, command: &PlaceOrder) -> Result<(
         let Some(order) = order else {
             return Ok(None);
         };
-        let lines: Vec<(String, i32, i64)> = sqlx::query_as(
+        let lines: Vec<(String, i32, Option<i64>)> = sqlx::query_as(
             "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
         )
         .bind(id)
@@ -215,9 +270,13 @@ async fn refuse_another_body(state: &AppState, command: &PlaceOrder) -> Result<(
             .iter()
             .zip(&command.items)
             .all(|((sku, quantity, price), l)| {
+                // The stored price is the catalog's; a line without an
+                // expected price matches any.
                 *sku == l.sku
                     && i64::from(*quantity) == i64::from(l.quantity)
-                    && u64::try_from(*price).ok() == Some(l.unit_price_cents)
+                    && l.unit_price_cents.is_none_or(|given| {
+                        price.and_then(|p| u64::try_from(p).ok()) == Some(given)
+                    })
             });
     let same = email == command.customer_email
         && currency == command.currency
@@ -244,9 +303,11 @@ fn read_model_unavailable(e: sqlx::Error) -> ApiError {
 
 pub async fn cancel_order(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Orders)?;
     let key = idempotency_key(&headers)?;
     let order_id = parse_order_id(&id)?;
     let known: bool =
@@ -276,10 +337,12 @@ pub async fn cancel_order(
 
 pub async fn restock(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     Path(sku): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
     let key = idempotency_key(&headers)?;
     let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
     let request: RestockRequest = json_body(&state, &headers, body)?;
@@ -308,8 +371,10 @@ pub async fn restock(
 
 pub async fn get_order(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Orders)?;
     let order_id = parse_order_id(&id)?;
     type OrderRow = (String, Option<String>, String, String, i64, bool);
     let order: Option<OrderRow> = sqlx::query_as(
@@ -322,7 +387,7 @@ pub async fn get_order(
     let Some((status, reason, customer_email, currency, total_cents, refunded)) = order else {
         return Err(ApiError::NotFound("order"));
     };
-    let items: Vec<(String, i32, i64)> = sqlx::query_as(
+    let items: Vec<(String, i32, Option<i64>)> = sqlx::query_as(
         "SELECT sku, quantity, unit_price_cents FROM orders.order_items WHERE order_id = $1 ORDER BY line",
     )
     .bind(order_id)
@@ -352,8 +417,10 @@ pub async fn get_order(
 
 pub async fn get_inventory(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(sku): Path<String>,
 ) -> Result<Response, ApiError> {
+    caller.require(Role::Orders)?;
     let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
     let row: Option<(i64, i64, i64)> =
         sqlx::query_as("SELECT available, reserved, sold FROM inventory.stock WHERE sku = $1")
@@ -367,6 +434,60 @@ pub async fn get_inventory(
     Ok(Json(
         json!({ "sku": sku.as_str(), "available": available, "reserved": reserved, "sold": sold }),
     )
+    .into_response())
+}
+
+/// `PUT /products/{sku}`: a command that sets the product's price; orders
+/// placed once it is applied are charged so.
+pub async fn set_price(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    Path(sku): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
+    let request: PriceRequest = json_body(&state, &headers, body)?;
+    let (unit_price_cents, currency) = crate::domain::price(&request).map_err(ApiError::Invalid)?;
+    let command = SetPrice {
+        sku: sku.as_str().to_owned(),
+        unit_price_cents,
+        currency: currency.as_str().to_owned(),
+    };
+    let message = Outgoing::of(&command).traced_from(traceparent(&headers));
+    publish(&state, SetPrice::KIND, &message).await?;
+    tracing::info!(sku = sku.as_str(), unit_price_cents, currency = currency.as_str(), caller = %caller.name, "Price set");
+    Ok(accepted(
+        Some(format!("/products/{}", sku.as_str())),
+        json!({ "sku": sku.as_str(), "unit_price_cents": unit_price_cents, "currency": currency.as_str() }),
+    ))
+}
+
+/// `GET /products/{sku}`: the product's price as the catalog has it.
+pub async fn get_product(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(sku): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Orders)?;
+    let sku = Sku::parse(&sku).map_err(|m| ApiError::BadRequest(format!("sku {m}")))?;
+    let row: Option<(i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT unit_price_cents, currency, updated_at FROM orders.products WHERE sku = $1",
+    )
+    .bind(sku.as_str())
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(read_model_unavailable)?;
+    let Some((unit_price_cents, currency, updated_at)) = row else {
+        return Err(ApiError::NotFound("product"));
+    };
+    Ok(Json(json!({
+        "sku": sku.as_str(),
+        "unit_price_cents": unit_price_cents,
+        "currency": currency,
+        "updated_at": updated_at.to_rfc3339(),
+    }))
     .into_response())
 }
 
@@ -400,15 +521,19 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
-    (
+pub async fn metrics(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }
 
 pub async fn not_found() -> ApiError {

@@ -1,5 +1,6 @@
 //! The publisher's settings tree, read once at start.
 
+use crate::auth::AuthSettings;
 use runtime::SecretUrl;
 use runtime::config::{ConfigError, Source, Var, amqp_url, database_url};
 use std::time::Duration;
@@ -22,6 +23,8 @@ pub struct PublisherSettings {
     pub max_body_bytes: usize,
     /// `DATABASE_POOL_SIZE`: connections for the read side.
     pub database_pool_size: u32,
+    /// `API_KEYS`, or `AUTH=off`.
+    pub auth: AuthSettings,
 }
 
 impl PublisherSettings {
@@ -39,6 +42,9 @@ impl PublisherSettings {
             request_timeout: Duration::from_millis(timeout_ms),
             max_body_bytes: source.get(MAX_BODY_BYTES)?,
             database_pool_size: source.get(DATABASE_POOL_SIZE)?,
+            // Last: a publisher without keys is refused after any other
+            // bad variable is named.
+            auth: AuthSettings::read(source)?,
         })
     }
 
@@ -50,8 +56,14 @@ impl PublisherSettings {
             request_timeout = ?self.request_timeout,
             max_body_bytes = self.max_body_bytes,
             database_pool_size = self.database_pool_size,
+            auth = %self.auth.describe(),
             "Effective configuration"
         );
+        if matches!(self.auth, AuthSettings::Off) {
+            tracing::warn!(
+                "AUTH=off: every endpoint is open to anyone who reaches HTTP_ADDR; for local development only"
+            );
+        }
     }
 }
 
@@ -61,7 +73,8 @@ mod tests {
 
     #[test]
     fn defaults_are_the_contract_s_local_ones() {
-        let settings = PublisherSettings::read(&Source::default()).expect("defaults");
+        let settings =
+            PublisherSettings::read(&Source::from_pairs([("AUTH", "off")])).expect("defaults");
         assert_eq!(settings.http_addr, "127.0.0.1:8080");
         assert_eq!(settings.request_timeout, Duration::from_secs(10));
         assert_eq!(settings.max_body_bytes, 65536);

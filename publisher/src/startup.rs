@@ -1,5 +1,6 @@
 //! Building the application from settings and running it until stopped.
 
+use crate::auth::{self, Authenticator};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::routes::{self, AppState};
 use crate::settings::PublisherSettings;
@@ -49,7 +50,8 @@ impl Application {
             metrics: Arc::new(Metrics::new()),
             max_body_bytes: settings.max_body_bytes,
         };
-        let router = router(state, settings.request_timeout);
+        let authenticator = Arc::new(Authenticator::new(settings.auth.clone()));
+        let router = router(state, authenticator, settings.request_timeout);
         Ok(Self {
             listener,
             router,
@@ -79,17 +81,33 @@ impl Application {
     }
 }
 
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
+pub fn router(
+    state: AppState,
+    authenticator: Arc<Authenticator>,
+    request_timeout: Duration,
+) -> Router {
     let max_body = state.max_body_bytes;
-    Router::new()
+    // Every route but the probes knows its caller; each handler checks the
+    // role it needs (`Caller::require`).
+    let authenticated = Router::new()
         .route("/orders", post(routes::place_order))
         .route("/orders/{id}", get(routes::get_order))
         .route("/orders/{id}/cancel", post(routes::cancel_order))
         .route("/inventory/{sku}", get(routes::get_inventory))
         .route("/inventory/{sku}/restock", post(routes::restock))
+        .route(
+            "/products/{sku}",
+            get(routes::get_product).put(routes::set_price),
+        )
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            authenticator,
+            auth::authenticate,
+        ));
+    Router::new()
+        .merge(authenticated)
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(
@@ -130,6 +148,7 @@ fn route_label(path: &str) -> &'static str {
         "/orders/{id}/cancel" => "/orders/{id}/cancel",
         "/inventory/{sku}" => "/inventory/{sku}",
         "/inventory/{sku}/restock" => "/inventory/{sku}/restock",
+        "/products/{sku}" => "/products/{sku}",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",

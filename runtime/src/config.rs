@@ -10,7 +10,9 @@ use std::time::Duration;
 use topology::RetryDelays;
 use topology::retry::RETRY_DELAYS;
 
-pub use settings::{ConfigError, SecretUrl, Source, Var, at_least, host_port, mask_password};
+pub use settings::{
+    ConfigError, SecretUrl, Source, Var, at_least, host_port, invalid, mask_password,
+};
 
 pub use topology::addresses::{AMQP_URL, amqp_url};
 pub const DATABASE_URL: Var = Var::new(

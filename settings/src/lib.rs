@@ -134,6 +134,23 @@ impl Source {
         }
     }
 
+    /// `var` holding secrets, parsed by `parse`, or `None` when unset and
+    /// without a default; when refused, the error shows the value as
+    /// `mask` writes it, never the secrets.
+    pub fn secret<T>(
+        &self,
+        var: Var,
+        mask: impl FnOnce(&str) -> String,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.raw(var) {
+            "" => Ok(None),
+            raw => parse(raw)
+                .map(Some)
+                .map_err(|reason| invalid(var, &mask(raw), reason)),
+        }
+    }
+
     /// `var` as a duration such as `500ms`, `30s`, `2m` or `1h`.
     pub fn duration(&self, var: Var) -> Result<Duration, ConfigError> {
         self.parse(var, |raw| parse_duration(raw).map_err(|e| e.to_string()))

@@ -217,6 +217,8 @@ fn cancelled_mail(ev: &OrderCancelled) -> Mail {
         "payment_declined" => "the payment was declined",
         "customer_cancelled" => "you cancelled it",
         "payment_timeout" => "the payment did not complete in time",
+        "price_changed" => "a price changed since you saw it; please review your basket",
+        "unknown_product" => "an item is no longer sold",
         _ => "it could not be completed",
     };
     let refund = if ev.refunded {

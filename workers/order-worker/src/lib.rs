@@ -11,9 +11,12 @@ use contract::Domain;
 use contract::{
     CancelOrder, ChargePayment, CommitStock, Item, Line, OrderCancelled, OrderConfirmed,
     OutOfStock, PaymentCharged, PaymentDeclined, PaymentRefunded, PaymentTimeout, PlaceOrder,
-    RefundPayment, ReleaseStock, ReserveStock, StockReleased, StockReserved,
+    RefundPayment, ReleaseStock, ReserveStock, SetPrice, StockReleased, StockReserved,
 };
+pub mod pricing;
 pub mod saga;
+
+pub use pricing::Pricing;
 
 pub use saga::{Status, reason};
 
@@ -39,6 +42,8 @@ const PAYMENT_TIMEOUT: Var = Var::new("PAYMENT_TIMEOUT", "30s");
 pub struct Settings {
     pub worker: WorkerSettings,
     pub payment_timeout: Duration,
+    /// `PRICES`: whose prices orders are charged.
+    pub pricing: Pricing,
 }
 
 impl Settings {
@@ -50,20 +55,27 @@ impl Settings {
         Ok(Self {
             worker: WorkerSettings::read::<OrderSaga>(source)?,
             payment_timeout: source.duration(PAYMENT_TIMEOUT)?,
+            pricing: source.parse(pricing::PRICES, Pricing::parse)?,
         })
     }
 
     pub fn log_effective(&self) {
         self.worker.log_effective(SPEC.name);
-        tracing::info!(payment_timeout = ?self.payment_timeout, "Effective configuration of the saga");
+        tracing::info!(payment_timeout = ?self.payment_timeout, pricing = ?self.pricing, "Effective configuration of the saga");
     }
 }
 
+/// Builds the worker, pricing orders from the catalog: database pool and
+/// migrations; the broker comes in `run`.
 pub async fn build(
     settings: WorkerSettings,
     payment_timeout: Duration,
 ) -> anyhow::Result<Worker<OrderSaga>> {
-    Worker::build(SPEC, settings, OrderSaga { payment_timeout }).await
+    let saga = OrderSaga {
+        payment_timeout,
+        pricing: Pricing::Catalog,
+    };
+    Worker::build(SPEC, settings, saga).await
 }
 
 contract::inbound! {
@@ -73,6 +85,7 @@ contract::inbound! {
         Place(PlaceOrder),
         Cancel(CancelOrder),
         PaymentTimeout(PaymentTimeout),
+        SetPrice(SetPrice),
         StockReserved(StockReserved),
         OutOfStock(OutOfStock),
         StockReleased(StockReleased),
@@ -88,6 +101,7 @@ const DEADLINES_PER_SCAN: i64 = 100;
 
 pub struct OrderSaga {
     pub payment_timeout: Duration,
+    pub pricing: Pricing,
 }
 
 impl Handler for OrderSaga {
@@ -98,7 +112,8 @@ impl Handler for OrderSaga {
 
     async fn handle(&self, ctx: &mut Context, message: OrderMessage) -> Result<(), Failure> {
         match message {
-            OrderMessage::Place(cmd) => place_order(ctx, cmd).await,
+            OrderMessage::Place(cmd) => place_order(ctx, cmd, self.pricing).await,
+            OrderMessage::SetPrice(cmd) => pricing::set_price(ctx.db(), &cmd).await,
             OrderMessage::Cancel(cmd) => cancel_order(ctx, cmd.order_id).await,
             OrderMessage::PaymentTimeout(cmd) => payment_timed_out(ctx, cmd.order_id).await,
             OrderMessage::StockReserved(ev) => {
@@ -148,9 +163,12 @@ impl Handler for OrderSaga {
         Ok(due.len())
     }
 
-    /// Every message locks its order's row.
+    /// Every message locks its order's row; a price, its product's.
     fn lock_key(&self, message: &OrderMessage) -> Option<String> {
-        Some(order_id(message).to_string())
+        match message {
+            OrderMessage::SetPrice(cmd) => Some(cmd.sku.clone()),
+            message => order_id(message).map(|id| id.to_string()),
+        }
     }
 
     /// The common steps of many orders in one statement each: new orders,
@@ -163,20 +181,13 @@ impl Handler for OrderSaga {
         ctx: &mut Together,
         messages: Vec<Fresh<OrderMessage>>,
     ) -> Result<Vec<Fresh<OrderMessage>>, Failure> {
-        let (alone, mut left) = Fresh::partition_unique(messages, |m| Some(order_id(m)));
+        let (alone, mut left) = Fresh::partition_unique(messages, order_id);
         let mut placing = Vec::new();
         let mut reserved = Vec::new();
         let mut charged = Vec::new();
         for Fresh { envelope, message } in alone {
             match message {
-                OrderMessage::Place(cmd) => match NewOrder::total_cents(&cmd) {
-                    Ok(total_cents) => placing.push((envelope, NewOrder { cmd, total_cents })),
-                    // `handle` refuses it.
-                    Err(_) => left.push(Fresh {
-                        envelope,
-                        message: OrderMessage::Place(cmd),
-                    }),
-                },
+                OrderMessage::Place(cmd) => placing.push((envelope, cmd)),
                 message @ OrderMessage::StockReserved(_) => {
                     reserved.push(Fresh { envelope, message });
                 }
@@ -187,12 +198,31 @@ impl Handler for OrderSaga {
             }
         }
         if !placing.is_empty() {
-            let (envelopes, orders): (Vec<Envelope>, Vec<NewOrder>) = placing.into_iter().unzip();
+            let skus: Vec<&str> = placing
+                .iter()
+                .flat_map(|(_, cmd)| cmd.items.iter().map(|l| l.sku.as_str()))
+                .collect();
+            let catalog = pricing::Catalog::load(ctx.db(), &skus).await?;
+            let mut envelopes: Vec<Envelope> = Vec::new();
+            let mut orders = Vec::new();
+            for (envelope, cmd) in placing {
+                match pricing::price(&cmd, &catalog, self.pricing) {
+                    Ok(priced) => {
+                        envelopes.push(envelope);
+                        orders.push(NewOrder { cmd, priced });
+                    }
+                    // `handle` refuses it.
+                    Err(_) => left.push(Fresh {
+                        envelope,
+                        message: OrderMessage::Place(cmd),
+                    }),
+                }
+            }
             let placed: HashSet<Uuid> = place_many(ctx.db(), &orders).await?.into_iter().collect();
             for (envelope, order) in envelopes.iter().zip(&orders) {
                 // Not placed: placed before under another message id.
                 if placed.contains(&order.cmd.order_id) {
-                    ctx.emit(envelope, order.reserve_stock());
+                    ctx.emit(envelope, order.first_step());
                 }
             }
         }
@@ -205,19 +235,20 @@ impl Handler for OrderSaga {
     }
 }
 
-/// The order a message is about.
-fn order_id(message: &OrderMessage) -> Uuid {
-    match message {
+/// The order a message is about; a price is about none.
+fn order_id(message: &OrderMessage) -> Option<Uuid> {
+    Some(match message {
         OrderMessage::Place(m) => m.order_id,
         OrderMessage::Cancel(m) => m.order_id,
         OrderMessage::PaymentTimeout(m) => m.order_id,
+        OrderMessage::SetPrice(_) => return None,
         OrderMessage::StockReserved(m) => m.order_id,
         OrderMessage::OutOfStock(m) => m.order_id,
         OrderMessage::StockReleased(m) => m.order_id,
         OrderMessage::PaymentCharged(m) => m.order_id,
         OrderMessage::PaymentDeclined(m) => m.order_id,
         OrderMessage::PaymentRefunded(m) => m.order_id,
-    }
+    })
 }
 
 /// The charge a `payment.charged` event records on its order.
@@ -244,12 +275,12 @@ async fn advance_together(
     }
     let orders: Vec<_> = messages
         .iter()
-        .map(|fresh| (order_id(&fresh.message), charge_id(&fresh.message)))
+        .filter_map(|fresh| Some((order_id(&fresh.message)?, charge_id(&fresh.message))))
         .collect();
     let advanced = advance_many(ctx.db(), &orders, change).await?;
     let mut causes: HashMap<Uuid, Fresh<OrderMessage>> = messages
         .into_iter()
-        .map(|fresh| (order_id(&fresh.message), fresh))
+        .filter_map(|fresh| Some((order_id(&fresh.message)?, fresh)))
         .collect();
     for (order, lines) in advanced {
         if let Some(cause) = causes.remove(&order.id) {
@@ -481,40 +512,31 @@ fn emit<M: runtime::Message>(ctx: &mut Context, order_id: Uuid, message: &M) {
     ctx.emit(Outgoing::of(message).correlated(order_id));
 }
 
-/// A `PlaceOrder` checked and totalled, ready to be stored.
+/// A `PlaceOrder` priced, ready to be stored: placed, or cancelled at
+/// once when the catalog refuses it.
 struct NewOrder {
     cmd: PlaceOrder,
-    total_cents: i64,
+    priced: pricing::Priced,
 }
 
 impl NewOrder {
-    fn check(cmd: PlaceOrder) -> Result<Self, Failure> {
-        let total_cents = Self::total_cents(&cmd)?;
-        Ok(Self { cmd, total_cents })
-    }
-
-    /// The order's total, or why it cannot be placed.
-    fn total_cents(cmd: &PlaceOrder) -> Result<i64, Failure> {
-        if cmd.items.is_empty() || cmd.customer_email.is_empty() {
-            return Err(Failure::permanent(
-                "an order needs a customer email and items",
-            ));
-        }
-        cmd.items
-            .iter()
-            .try_fold(0u64, |acc, l| {
-                l.unit_price_cents
-                    .checked_mul(u64::from(l.quantity))
-                    .and_then(|line| acc.checked_add(line))
-            })
-            .and_then(|t| i64::try_from(t).ok())
-            .ok_or_else(|| Failure::permanent("order total overflows"))
-    }
-
-    /// What the saga asks of the inventory once the order is stored.
-    fn reserve_stock(&self) -> Outgoing {
+    /// What the saga sends once the order is stored: the reservation of
+    /// its stock, or the announcement of its cancellation.
+    fn first_step(&self) -> Outgoing {
         let cmd = &self.cmd;
-        info!(order_id = %cmd.order_id, total_cents = self.total_cents, "Order placed");
+        if let Some((reason, detail)) = &self.priced.refused {
+            info!(order_id = %cmd.order_id, reason, detail, "Order cancelled at placement");
+            return Outgoing::of(&OrderCancelled {
+                order_id: cmd.order_id,
+                customer_email: cmd.customer_email.clone(),
+                currency: cmd.currency.clone(),
+                total_cents: 0,
+                reason: (*reason).to_owned(),
+                refunded: false,
+            })
+            .correlated(cmd.order_id);
+        }
+        info!(order_id = %cmd.order_id, total_cents = self.priced.total_cents, "Order placed");
         let items = cmd
             .items
             .iter()
@@ -531,58 +553,67 @@ impl NewOrder {
     }
 }
 
-async fn place_order(ctx: &mut Context, cmd: PlaceOrder) -> Result<(), Failure> {
-    let order = NewOrder::check(cmd)?;
+async fn place_order(ctx: &mut Context, cmd: PlaceOrder, prices: Pricing) -> Result<(), Failure> {
+    let skus: Vec<&str> = cmd.items.iter().map(|l| l.sku.as_str()).collect();
+    let catalog = pricing::Catalog::load(ctx.db(), &skus).await?;
+    let priced = pricing::price(&cmd, &catalog, prices)?;
+    let order = NewOrder { cmd, priced };
     // Placed before under another message id: nothing more to do.
     if !place_many(ctx.db(), std::slice::from_ref(&order))
         .await?
         .is_empty()
     {
-        ctx.emit(order.reserve_stock());
+        ctx.emit(order.first_step());
     }
     Ok(())
 }
 
 /// Stores the orders (distinct ids), their lines and their first history
-/// rows in one statement; the lines and rows only for orders that are
-/// new. Returns the ids of the new ones.
+/// rows in one statement (`PENDING`, then `CANCELLED` with its reason for
+/// an order the catalog refused); the lines and rows only for orders that
+/// are new. Returns the ids of the new ones.
 async fn place_many(db: &mut PgConnection, orders: &[NewOrder]) -> Result<Vec<Uuid>, Failure> {
     let mut lines = Lines::default();
     for order in orders {
-        for (n, l) in order.cmd.items.iter().enumerate() {
+        for (n, (l, price)) in order.cmd.items.iter().zip(&order.priced.prices).enumerate() {
             lines.order_ids.push(order.cmd.order_id);
             lines.lines.push(i32::try_from(n + 1).unwrap_or(i32::MAX));
             lines.skus.push(l.sku.as_str());
             lines
                 .quantities
                 .push(i32::try_from(l.quantity).unwrap_or(i32::MAX));
-            lines
-                .prices
-                .push(i64::try_from(l.unit_price_cents).unwrap_or(i64::MAX));
+            lines.prices.push(*price);
         }
     }
+    let refused = |o: &NewOrder| o.priced.refused.as_ref().map(|(why, _)| *why);
     let placed: Vec<Uuid> = sqlx::query_scalar(
-        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status) \
-         SELECT o.id, o.email, o.currency, o.total, o.method, 'PENDING' \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[]) AS o(id, email, currency, total, method) \
-         ON CONFLICT (id) DO NOTHING RETURNING id), \
+        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status, reason) \
+         SELECT o.id, o.email, o.currency, o.total, o.method, \
+         CASE WHEN o.reason IS NULL THEN 'PENDING' ELSE 'CANCELLED' END, o.reason \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $11::text[]) AS o(id, email, currency, total, method, reason) \
+         ON CONFLICT (id) DO NOTHING RETURNING id, reason), \
          lines AS (INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
          SELECT l.order_id, l.line, l.sku, l.quantity, l.price \
          FROM UNNEST($6::uuid[], $7::int[], $8::text[], $9::int[], $10::int8[]) AS l(order_id, line, sku, quantity, price) \
          WHERE l.order_id IN (SELECT id FROM placed)), \
-         logged AS (INSERT INTO orders.order_events (order_id, status) SELECT id, 'PENDING' FROM placed) \
+         logged AS (INSERT INTO orders.order_events (order_id, status, reason) \
+         SELECT e.id, e.status, e.reason FROM ( \
+         SELECT id, 'PENDING' AS status, NULL::text AS reason, 1 AS step FROM placed \
+         UNION ALL SELECT id, 'CANCELLED', reason, 2 FROM placed WHERE reason IS NOT NULL) e \
+         ORDER BY e.step) \
          SELECT id FROM placed",
     )
     .bind(orders.iter().map(|o| o.cmd.order_id).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.cmd.customer_email.as_str()).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.cmd.currency.as_str()).collect::<Vec<_>>())
-    .bind(orders.iter().map(|o| o.total_cents).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.priced.total_cents).collect::<Vec<_>>())
     .bind(orders.iter().map(|o| o.cmd.payment_method.as_str()).collect::<Vec<_>>())
     .bind(&lines.order_ids)
     .bind(&lines.lines)
     .bind(&lines.skus)
     .bind(&lines.quantities)
     .bind(&lines.prices)
+    .bind(orders.iter().map(refused).collect::<Vec<_>>())
     .fetch_all(db)
     .await?;
     Ok(placed)
@@ -595,7 +626,7 @@ struct Lines<'a> {
     lines: Vec<i32>,
     skus: Vec<&'a str>,
     quantities: Vec<i32>,
-    prices: Vec<i64>,
+    prices: Vec<Option<i64>>,
 }
 
 async fn stock_reserved(

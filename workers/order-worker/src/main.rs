@@ -5,6 +5,10 @@ async fn main() -> anyhow::Result<()> {
     runtime::telemetry::init()?;
     let settings = order_worker::Settings::from_env()?;
     settings.log_effective();
-    let build = order_worker::build(settings.worker, settings.payment_timeout);
+    let saga = order_worker::OrderSaga {
+        payment_timeout: settings.payment_timeout,
+        pricing: settings.pricing,
+    };
+    let build = runtime::Worker::build(order_worker::SPEC, settings.worker, saga);
     runtime::worker::run_until_signalled(build).await
 }

@@ -51,6 +51,10 @@ pub mod reason {
     pub const PAYMENT_DECLINED: &str = "payment_declined";
     pub const CUSTOMER_CANCELLED: &str = "customer_cancelled";
     pub const PAYMENT_TIMEOUT: &str = "payment_timeout";
+    /// A line's SKU is not in the catalog in the order's currency.
+    pub const UNKNOWN_PRODUCT: &str = "unknown_product";
+    /// A line's expected price is not the catalog's.
+    pub const PRICE_CHANGED: &str = "price_changed";
 }
 
 /// What the saga hears about an order after placing it.

@@ -100,9 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let ceiling = Ceiling::measure(&args, &amqp, &db_url).await?;
 
     let (arrivals, smtp_port) = smtp::start().await?;
+    // The publisher authenticates as in production: one admin key, made for the run.
+    let token = uuid::Uuid::new_v4().simple().to_string();
     let mut system = System::start(
         &args,
         vec![
+            ("API_KEYS", format!("bench:admin:{token}")),
             ("AMQP_URL", amqp.clone()),
             ("DATABASE_URL", db_url.clone()),
             ("RETRY_DELAYS", RETRY_DELAYS.to_owned()),
@@ -110,8 +113,14 @@ async fn main() -> anyhow::Result<()> {
             ("SMTP_URL", format!("smtp://127.0.0.1:{smtp_port}")),
         ],
     )?;
+    let mut authorization = reqwest::header::HeaderMap::new();
+    authorization.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse()?,
+    );
     let http = topology::https::client_builder()
         .pool_max_idle_per_host(args.concurrency)
+        .default_headers(authorization)
         .build()?;
     system::ready(&http).await?;
     system::stock(&http, &pool).await?;

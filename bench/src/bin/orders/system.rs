@@ -160,20 +160,28 @@ pub async fn ready(http: &reqwest::Client) -> anyhow::Result<()> {
     Ok(tokio::time::timeout(Duration::from_secs(60), ready).await?)
 }
 
-/// Stocks every SKU the orders use, and waits until the stock is there.
+/// Prices and stocks every SKU the orders use, and waits until both are there.
 pub async fn stock(http: &reqwest::Client, pool: &sqlx::PgPool) -> anyhow::Result<()> {
     for s in 0..SKUS {
+        http.put(format!("{API}/products/B-{s}"))
+            .json(&json!({"unit_price_cents": 1000, "currency": "EUR"}))
+            .send()
+            .await?
+            .error_for_status()?;
         http.post(format!("{API}/inventory/B-{s}/restock"))
             .json(&json!({"quantity": 1_000_000}))
             .send()
-            .await?;
+            .await?
+            .error_for_status()?;
     }
     loop {
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM inventory.stock")
-            .fetch_one(pool)
-            .await
-            .unwrap_or(0);
-        if n == SKUS as i64 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM inventory.stock) + (SELECT count(*) FROM orders.products)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap_or(0);
+        if n == 2 * SKUS as i64 {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
