@@ -148,6 +148,7 @@ impl System {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
             database_pool_size: 4,
+            shedding: publisher::shedding::SheddingSettings::read(&Default::default()).unwrap(),
             auth: test_keys(),
         };
         let app = publisher::Application::build(settings).await.unwrap();

@@ -16,6 +16,12 @@ struct LonePublisher {
 
 impl LonePublisher {
     async fn start(amqp_url: &str, database_url: &str) -> Self {
+        Self::start_shedding(amqp_url, database_url, &[]).await
+    }
+
+    /// With `RATE_LIMIT_*` / `MAX_BACKLOG` set as given.
+    async fn start_shedding(amqp_url: &str, database_url: &str, shedding: &[(&str, &str)]) -> Self {
+        let shedding = runtime::config::Source::from_pairs(shedding.iter().copied());
         let settings = publisher::PublisherSettings {
             http_addr: "127.0.0.1:0".into(),
             amqp_url: runtime::SecretUrl::new(amqp_url),
@@ -23,6 +29,7 @@ impl LonePublisher {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
             database_pool_size: 1,
+            shedding: publisher::shedding::SheddingSettings::read(&shedding).unwrap(),
             auth: e2e::test_keys(),
         };
         let app = publisher::Application::build(settings).await.unwrap();
@@ -579,6 +586,151 @@ async fn no_token_a_wrong_token_or_a_wrong_role_is_refused_and_publishes_nothing
         .unwrap();
     assert!(orders <= 2, "{orders} orders: a refused request placed one");
     system.stop().await;
+}
+
+/// 10,000 requests in a burst from one key: the bucket lets its burst and
+/// its rate through and answers the rest `429` with `Retry-After`, at
+/// once; another key is not held back by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_from_one_key_is_held_to_its_rate_and_other_keys_are_not() {
+    use futures::StreamExt;
+    let env = testkit::TestEnv::new().await;
+    let pool = env.pool().await;
+    runtime::db::migrate(&pool).await.unwrap();
+    pool.close().await;
+    let publisher = LonePublisher::start_shedding(
+        &env.amqp_url,
+        &env.database_url,
+        &[("RATE_LIMIT_PER_KEY", "100/s"), ("RATE_LIMIT_BURST", "50")],
+    )
+    .await;
+    let url = format!("{}/inventory/SKU-RATE", publisher.api);
+    let shop = e2e::client_with_token(e2e::ORDERS_TOKEN);
+    let started = std::time::Instant::now();
+    let answers: Vec<(u16, Option<u64>)> = futures::stream::iter(0..10_000)
+        .map(|_| {
+            let request = shop.get(&url);
+            async move {
+                let response = request.send().await.unwrap();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok());
+                (response.status().as_u16(), retry_after)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let took = started.elapsed();
+    let limited = answers.iter().filter(|(s, _)| *s == 429).count();
+    let served = answers.len() - limited;
+    // The burst, plus the rate over the time the burst took.
+    let allowed = 50 + (100.0 * took.as_secs_f64()).ceil() as usize + 1;
+    assert!(
+        served <= allowed,
+        "{served} served in {took:?}, at most {allowed} allowed"
+    );
+    assert!(served >= 50, "{served} served: not even the burst");
+    assert!(
+        answers
+            .iter()
+            .filter(|(s, _)| *s == 429)
+            .all(|(_, retry)| retry.is_some_and(|r| r >= 1)),
+        "a 429 without Retry-After"
+    );
+    // The others are the endpoint's own answer (the SKU is unknown).
+    let other: Vec<_> = answers
+        .iter()
+        .filter(|(s, _)| *s != 429 && *s != 404)
+        .collect();
+    assert!(other.is_empty(), "{other:?}");
+    let admin = e2e::client_with_token(e2e::ADMIN_TOKEN);
+    let response = admin.get(&url).send().await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::NOT_FOUND,
+        "another key was held back"
+    );
+    let response = shop.get(&url).send().await.unwrap();
+    if response.status() == StatusCode::TOO_MANY_REQUESTS {
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("too many requests"),
+            "{body}"
+        );
+    }
+    publisher.stop().await;
+    env.cleanup().await;
+}
+
+/// While the `order` queue holds more than `MAX_BACKLOG` messages (no
+/// worker drains it here), new orders get `503` with `Retry-After` and are
+/// not published; reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_order_backlog_new_orders_get_503_and_are_not_published() {
+    let env = testkit::TestEnv::new().await;
+    env.declare_topology("1s").await;
+    let pool = env.pool().await;
+    runtime::db::migrate(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO orders.products (sku, unit_price_cents, currency) VALUES ('SKU-I', $1, 'EUR')",
+    )
+    .bind(i64::try_from(e2e::PRICE).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let publisher =
+        LonePublisher::start_shedding(&env.amqp_url, &env.database_url, &[("MAX_BACKLOG", "3")])
+            .await;
+    let shop = e2e::client_with_token(e2e::ORDERS_TOKEN);
+    let orders = format!("{}/orders", publisher.api);
+    for _ in 0..4 {
+        let response = shop.post(&orders).json(&order_body()).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+    }
+    testkit::eventually(Duration::from_secs(30), "orders shed", || async {
+        let response = shop.post(&orders).json(&order_body()).send().await.unwrap();
+        if response.status() == StatusCode::ACCEPTED {
+            return false;
+        }
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "5");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("waiting"),
+            "{body}"
+        );
+        true
+    })
+    .await;
+    let published = env.depth("order").await;
+    for _ in 0..5 {
+        let response = shop.post(&orders).json(&order_body()).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(
+        env.depth("order").await,
+        published,
+        "a shed order was published"
+    );
+    let response = shop
+        .get(format!("{}/inventory/SKU-I", publisher.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::NOT_FOUND,
+        "reads are not shed"
+    );
+    publisher.stop().await;
+    pool.close().await;
+    env.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

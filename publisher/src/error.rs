@@ -37,6 +37,12 @@ pub enum ApiError {
     /// The broker or the database cannot take the request now; retry later.
     #[error("{0}")]
     Unavailable(String),
+    /// The caller is past its rate; it may try again after the duration.
+    #[error("too many requests for this key; retry after {0:?}")]
+    TooManyRequests(std::time::Duration),
+    /// The system is too busy to take more; retry after the duration.
+    #[error("{0}")]
+    Overloaded(String, std::time::Duration),
 }
 
 impl IntoResponse for ApiError {
@@ -56,6 +62,16 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, json!([])),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, json!([])),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, json!([])),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, json!([])),
+            ApiError::Overloaded(..) => (StatusCode::SERVICE_UNAVAILABLE, json!([])),
+        };
+        // Whole seconds, rounded up: a client that waits that long is let in.
+        let retry_after = match &self {
+            ApiError::TooManyRequests(wait) | ApiError::Overloaded(_, wait) => {
+                Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+            }
+            ApiError::Unavailable(_) => Some(1),
+            _ => None,
         };
         let mut response = (
             status,
@@ -68,10 +84,10 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(seconds.max(1)),
             );
         }
         response

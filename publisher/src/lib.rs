@@ -7,6 +7,7 @@ pub mod error;
 pub mod metrics;
 pub mod routes;
 pub mod settings;
+pub mod shedding;
 pub mod startup;
 
 pub use settings::PublisherSettings;

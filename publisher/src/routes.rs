@@ -38,6 +38,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: usize,
+    pub shedding: Arc<crate::shedding::Shedding>,
 }
 
 fn derived_id(name: &str) -> Uuid {
@@ -140,6 +141,7 @@ pub async fn place_order(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Orders)?;
+    state.shedding.admit_order()?;
     let key = idempotency_key(&headers)?;
     let request: OrderRequest = json_body(&state, &headers, body)?;
     let order = NewOrder::parse(request).map_err(ApiError::Invalid)?;

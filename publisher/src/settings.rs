@@ -1,6 +1,7 @@
 //! The publisher's settings tree, read once at start.
 
 use crate::auth::AuthSettings;
+use crate::shedding::SheddingSettings;
 use runtime::SecretUrl;
 use runtime::config::{ConfigError, Source, Var, amqp_url, database_url};
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub struct PublisherSettings {
     pub max_body_bytes: usize,
     /// `DATABASE_POOL_SIZE`: connections for the read side.
     pub database_pool_size: u32,
+    /// `RATE_LIMIT_PER_KEY`, `RATE_LIMIT_BURST`, `MAX_BACKLOG`.
+    pub shedding: SheddingSettings,
     /// `API_KEYS`, or `AUTH=off`.
     pub auth: AuthSettings,
 }
@@ -42,6 +45,7 @@ impl PublisherSettings {
             request_timeout: Duration::from_millis(timeout_ms),
             max_body_bytes: source.get(MAX_BODY_BYTES)?,
             database_pool_size: source.get(DATABASE_POOL_SIZE)?,
+            shedding: SheddingSettings::read(source)?,
             // Last: a publisher without keys is refused after any other
             // bad variable is named.
             auth: AuthSettings::read(source)?,
@@ -57,6 +61,7 @@ impl PublisherSettings {
             max_body_bytes = self.max_body_bytes,
             database_pool_size = self.database_pool_size,
             auth = %self.auth.describe(),
+            shedding = %self.shedding.describe(),
             "Effective configuration"
         );
         if matches!(self.auth, AuthSettings::Off) {

@@ -4,6 +4,7 @@ use crate::auth::{self, Authenticator};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::routes::{self, AppState};
 use crate::settings::PublisherSettings;
+use crate::shedding::{self, Shedding};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::StatusCode;
@@ -16,12 +17,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 pub struct Application {
     listener: TcpListener,
     router: Router,
     publisher: Arc<Publisher>,
+    /// Ends the backlog watcher with the application.
+    token: CancellationToken,
 }
 
 impl Application {
@@ -44,11 +48,15 @@ impl Application {
                 settings.database_url.expose(),
                 "publisher",
             )?);
+        let shedding = Arc::new(Shedding::new(&settings.shedding));
+        let token = CancellationToken::new();
+        shedding.watch_backlog(settings.amqp_url.expose().to_owned(), token.clone());
         let state = AppState {
             publisher: publisher.clone(),
             pool,
             metrics: Arc::new(Metrics::new()),
             max_body_bytes: settings.max_body_bytes,
+            shedding,
         };
         let authenticator = Arc::new(Authenticator::new(settings.auth.clone()));
         let router = router(state, authenticator, settings.request_timeout);
@@ -56,6 +64,7 @@ impl Application {
             listener,
             router,
             publisher,
+            token,
         })
     }
 
@@ -72,9 +81,11 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port(), "Publisher listening");
-        axum::serve(self.listener, self.router)
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await?;
+            .await;
+        self.token.cancel();
+        served?;
         self.publisher.close().await;
         tracing::info!("Publisher stopped");
         Ok(())
@@ -87,8 +98,10 @@ pub fn router(
     request_timeout: Duration,
 ) -> Router {
     let max_body = state.max_body_bytes;
-    // Every route but the probes knows its caller; each handler checks the
-    // role it needs (`Caller::require`).
+    // Every route but the probes knows its caller (the last layer runs
+    // first), is held to the caller's rate, and checks the role it needs
+    // (`Caller::require`).
+    let shedding = state.shedding.clone();
     let authenticated = Router::new()
         .route("/orders", post(routes::place_order))
         .route("/orders/{id}", get(routes::get_order))
@@ -100,6 +113,7 @@ pub fn router(
             get(routes::get_product).put(routes::set_price),
         )
         .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(shedding, shedding::limit))
         .route_layer(middleware::from_fn_with_state(
             authenticator,
             auth::authenticate,
