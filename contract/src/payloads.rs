@@ -48,6 +48,10 @@ pub struct PlaceOrder {
     pub currency: String,
     pub items: Vec<OrderedLine>,
     pub payment_method: String,
+    /// The customer who placed it (a JWT's `sub`), who alone may read and
+    /// cancel it; absent for orders placed with an API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placed_by: Option<String>,
 }
 
 /// Set the catalog price of a product (from the publisher): what an order

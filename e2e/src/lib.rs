@@ -59,13 +59,47 @@ pub const PRICE: u64 = 1999;
 pub const ADMIN_TOKEN: &str = "e2e-admin-0123456789abcdef";
 pub const ORDERS_TOKEN: &str = "e2e-orders-0123456789abcdef";
 
-/// `API_KEYS` with [`ADMIN_TOKEN`] and [`ORDERS_TOKEN`].
+/// What every system's publisher accepts: `API_KEYS` with [`ADMIN_TOKEN`]
+/// and [`ORDERS_TOKEN`], and JWTs signed with [`JWT_SECRET`], issued by
+/// [`JWT_ISSUER`] for [`JWT_AUDIENCE`] (see [`jwt`]).
 pub fn test_keys() -> publisher::auth::AuthSettings {
     let keys = format!("e2e-admin:admin:{ADMIN_TOKEN},e2e-shop:orders:{ORDERS_TOKEN}");
-    publisher::auth::AuthSettings::read(&runtime::config::Source::from_pairs([(
-        "API_KEYS",
-        keys.as_str(),
-    )]))
+    publisher::auth::AuthSettings::read(&runtime::config::Source::from_pairs([
+        ("API_KEYS", keys.as_str()),
+        ("JWT_HS256_SECRET", JWT_SECRET),
+        ("JWT_ISSUER", JWT_ISSUER),
+        ("JWT_AUDIENCE", JWT_AUDIENCE),
+    ]))
+    .unwrap()
+}
+
+pub const JWT_SECRET: &str = "e2e-jwt-secret-0123456789abcdef0123456789";
+pub const JWT_ISSUER: &str = "https://id.orderflow.test";
+pub const JWT_AUDIENCE: &str = "orderflow-api";
+
+/// A JWT for `sub` with `scope`, valid for an hour, signed with `secret`
+/// (the system's is [`JWT_SECRET`]) by [`JWT_ISSUER`] for [`JWT_AUDIENCE`];
+/// `claims` are laid over those.
+pub fn jwt(sub: &str, scope: &str, secret: &str, claims: Value) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut body = json!({
+        "sub": sub,
+        "scope": scope,
+        "iss": JWT_ISSUER,
+        "aud": JWT_AUDIENCE,
+        "iat": now,
+        "exp": now + 3600,
+    });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), claims.as_object()) {
+        for (k, v) in extra {
+            body.insert(k.clone(), v.clone());
+        }
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &body,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
     .unwrap()
 }
 

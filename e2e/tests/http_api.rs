@@ -588,6 +588,170 @@ async fn no_token_a_wrong_token_or_a_wrong_role_is_refused_and_publishes_nothing
     system.stop().await;
 }
 
+/// JWTs: a customer (`scope` `orders`) places, reads and cancels its own
+/// orders and gets `404` for another's; an admin sees every order; a
+/// token with a bad signature, `alg: none`, expired, for another audience
+/// or issuer is `401`, one without a scope `403`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_token_sees_only_its_own_orders_and_forged_tokens_are_refused() {
+    let system = System::start(Options::default()).await;
+    system.stock("SKU-J", 10).await;
+    let as_jwt = |sub: &str, scope: &str| {
+        e2e::client_with_token(&e2e::jwt(sub, scope, e2e::JWT_SECRET, json!({})))
+    };
+    let ada = as_jwt("customer-ada", "orders");
+    let eve = as_jwt("customer-eve", "orders");
+    let back_office = as_jwt("ops-1", "admin");
+    let api = &system.api;
+    let body = json!({
+        "customer_email": "ada@example.com",
+        "currency": "EUR",
+        "items": [{ "sku": "SKU-J", "quantity": 1 }],
+    });
+    let placed = ada
+        .post(format!("{api}/orders"))
+        .header("Idempotency-Key", "shared-key-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), StatusCode::ACCEPTED);
+    let id = placed.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    system.wait_final(&id).await;
+    let order = format!("{api}/orders/{id}");
+    assert_eq!(
+        ada.get(&order).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        back_office.get(&order).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    // Another customer: not found, whether reading or cancelling.
+    assert_eq!(
+        eve.get(&order).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    let cancel = format!("{order}/cancel");
+    assert_eq!(
+        eve.post(&cancel).send().await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+    // The same key from another customer is another order.
+    let theirs = eve
+        .post(format!("{api}/orders"))
+        .header("Idempotency-Key", "shared-key-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), StatusCode::ACCEPTED);
+    let theirs = theirs.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(theirs, id);
+    // A customer is no admin.
+    let restock = ada
+        .post(format!("{api}/inventory/SKU-J/restock"))
+        .json(&json!({"quantity": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(restock.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        ada.post(&cancel).send().await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        system.wait_status(&id, "CANCELLED").await["reason"],
+        "customer_cancelled"
+    );
+
+    // Forged, expired, for someone else, or in the clear.
+    let now = chrono::Utc::now().timestamp();
+    let forged = [
+        (
+            "another key",
+            e2e::jwt(
+                "customer-ada",
+                "orders",
+                "not-the-secret-0123456789abcdef0123",
+                json!({}),
+            ),
+        ),
+        (
+            "expired",
+            e2e::jwt(
+                "customer-ada",
+                "orders",
+                e2e::JWT_SECRET,
+                json!({"exp": now - 3600}),
+            ),
+        ),
+        (
+            "another audience",
+            e2e::jwt(
+                "customer-ada",
+                "orders",
+                e2e::JWT_SECRET,
+                json!({"aud": "elsewhere"}),
+            ),
+        ),
+        (
+            "another issuer",
+            e2e::jwt(
+                "customer-ada",
+                "orders",
+                e2e::JWT_SECRET,
+                json!({"iss": "https://evil.test"}),
+            ),
+        ),
+        (
+            "exp as text",
+            e2e::jwt(
+                "customer-ada",
+                "orders",
+                e2e::JWT_SECRET,
+                json!({"exp": "9999999999"}),
+            ),
+        ),
+        ("alg none", unsigned("customer-ada", "admin")),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (what, token) in forged {
+        let response = e2e::client_with_token(&token)
+            .get(&order)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{what}");
+    }
+    let no_scope = as_jwt("customer-ada", "profile");
+    assert_eq!(
+        no_scope.get(&order).send().await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+    system.stop().await;
+}
+
+/// A token that claims `alg: none`, unsigned.
+fn unsigned(sub: &str, scope: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"alg":"none","typ":"JWT"}"#);
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    let claims = b64.encode(
+        json!({"sub": sub, "scope": scope, "exp": exp, "iss": e2e::JWT_ISSUER, "aud": e2e::JWT_AUDIENCE})
+            .to_string(),
+    );
+    format!("{header}.{claims}.")
+}
+
 /// 10,000 requests in a burst from one key: the bucket lets its burst and
 /// its rate through and answers the rest `429` with `Retry-After`, at
 /// once; another key is not held back by it.

@@ -235,6 +235,7 @@ async fn prices_come_from_the_catalog_and_a_wrong_one_cancels_the_order() {
                 unit_price_cents: price,
             }],
             payment_method: "pm_card_visa".into(),
+            placed_by: None,
         });
         system
             .env

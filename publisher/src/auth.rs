@@ -20,6 +20,14 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 const API_KEYS: Var = Var::optional("API_KEYS");
+const JWT_HS256_SECRET: Var = Var::optional("JWT_HS256_SECRET");
+const JWT_ISSUER: Var = Var::optional("JWT_ISSUER");
+const JWT_AUDIENCE: Var = Var::optional("JWT_AUDIENCE");
+
+/// The shortest HS256 secret accepted: the hash's size (RFC 7518, 3.2).
+const MIN_JWT_SECRET_LEN: usize = 32;
+/// Clock skew allowed on `exp` and `nbf`.
+const JWT_LEEWAY_SECONDS: u64 = 30;
 /// `off` serves every endpoint without authentication (local development).
 const AUTH: Var = Var::new("AUTH", "on");
 
@@ -69,12 +77,33 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
+/// How JWTs are checked.
+#[derive(Clone)]
+pub struct JwtSettings {
+    key: jsonwebtoken::DecodingKey,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSettings")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How callers are authenticated.
 #[derive(Debug, Clone)]
 pub enum AuthSettings {
     /// `AUTH=off`: every caller may do everything. Local development only.
     Off,
-    Keys(Vec<ApiKey>),
+    /// API keys, JWTs, or both.
+    On {
+        keys: Vec<ApiKey>,
+        jwt: Option<JwtSettings>,
+    },
 }
 
 impl AuthSettings {
@@ -82,24 +111,57 @@ impl AuthSettings {
     /// is never open by accident.
     pub fn read(source: &Source) -> Result<Self, ConfigError> {
         let keys = source.secret(API_KEYS, mask_keys, parse_keys)?;
+        let secret = source.secret(
+            JWT_HS256_SECRET,
+            |_| "***".to_owned(),
+            |raw| {
+                if raw.len() < MIN_JWT_SECRET_LEN {
+                    Err(format!("must be at least {MIN_JWT_SECRET_LEN} bytes"))
+                } else {
+                    jsonwebtoken::DecodingKey::from_secret(raw.as_bytes())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )?;
+        let text = |raw: &str| Ok::<_, String>(raw.to_owned());
+        let issuer = source.optional(JWT_ISSUER, text)?;
+        let audience = source.optional(JWT_AUDIENCE, text)?;
+        let jwt = match secret {
+            Some(key) => Some(JwtSettings {
+                key,
+                issuer,
+                audience,
+            }),
+            None if issuer.is_some() || audience.is_some() => {
+                return Err(runtime::config::invalid(
+                    JWT_HS256_SECRET,
+                    "",
+                    "not set, but JWT_ISSUER or JWT_AUDIENCE is: JWTs need the key they are signed with",
+                ));
+            }
+            None => None,
+        };
         let off = source.parse(AUTH, |raw| match raw {
             "on" => Ok(false),
             "off" => Ok(true),
             _ => Err("expected on or off".to_owned()),
         })?;
-        match (keys, off) {
-            (Some(keys), false) => Ok(Self::Keys(keys)),
-            (None, true) => Ok(Self::Off),
-            (Some(_), true) => Err(runtime::config::invalid(
+        match (keys, jwt, off) {
+            (None, None, true) => Ok(Self::Off),
+            (_, _, true) => Err(runtime::config::invalid(
                 AUTH,
                 "off",
-                "API_KEYS is set too: unset one of them",
+                "API_KEYS or JWT_HS256_SECRET is set too: unset one of them",
             )),
-            (None, false) => Err(runtime::config::invalid(
+            (None, None, false) => Err(runtime::config::invalid(
                 API_KEYS,
                 "",
-                "not set: give each client a key (name:role:secret, role orders or admin, comma-separated), or set AUTH=off to serve without authentication",
+                "not set: give each client a key (name:role:secret, role orders or admin, comma-separated), or set JWT_HS256_SECRET, or AUTH=off to serve without authentication",
             )),
+            (keys, jwt, false) => Ok(Self::On {
+                keys: keys.unwrap_or_default(),
+                jwt,
+            }),
         }
     }
 
@@ -107,11 +169,20 @@ impl AuthSettings {
     pub fn describe(&self) -> String {
         match self {
             Self::Off => "off".to_owned(),
-            Self::Keys(keys) => keys
-                .iter()
-                .map(|k| format!("{}:{}", k.name, k.role.as_str()))
-                .collect::<Vec<_>>()
-                .join(","),
+            Self::On { keys, jwt } => {
+                let mut parts: Vec<String> = keys
+                    .iter()
+                    .map(|k| format!("{}:{}", k.name, k.role.as_str()))
+                    .collect();
+                if let Some(jwt) = jwt {
+                    parts.push(format!(
+                        "jwt(HS256, issuer {}, audience {})",
+                        jwt.issuer.as_deref().unwrap_or("any"),
+                        jwt.audience.as_deref().unwrap_or("any")
+                    ));
+                }
+                parts.join(",")
+            }
         }
     }
 }
@@ -178,11 +249,15 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// Who made a request: the key's name (for logs and rate limits) and role.
+/// Who made a request: the key's name or the JWT's subject (for logs and
+/// rate limits), its role, and, for a customer, the subject whose orders
+/// alone it may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub name: String,
     pub role: Role,
+    /// A customer's `sub`: it sees and cancels only the orders it placed.
+    pub customer: Option<String>,
 }
 
 impl Caller {
@@ -200,15 +275,52 @@ impl Caller {
     }
 }
 
+/// The claims a JWT must carry; `scope` is space-separated (RFC 8693).
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    scope: String,
+}
+
 /// Finds callers by their token.
-#[derive(Debug)]
 pub struct Authenticator {
     settings: AuthSettings,
+    jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Authenticator {
     pub fn new(settings: AuthSettings) -> Self {
-        Self { settings }
+        let jwt = match &settings {
+            AuthSettings::On { jwt: Some(jwt), .. } => {
+                let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+                validation.leeway = JWT_LEEWAY_SECONDS;
+                let mut required = vec!["exp", "sub"];
+                if let Some(issuer) = &jwt.issuer {
+                    validation.set_issuer(&[issuer]);
+                    required.push("iss");
+                }
+                match &jwt.audience {
+                    Some(audience) => {
+                        validation.set_audience(&[audience]);
+                        required.push("aud");
+                    }
+                    None => validation.validate_aud = false,
+                }
+                validation.set_required_spec_claims(&required);
+                Some((jwt.key.clone(), validation))
+            }
+            _ => None,
+        };
+        Self { settings, jwt }
     }
 
     /// The caller a request's `Authorization` header names.
@@ -218,11 +330,19 @@ impl Authenticator {
                 return Ok(Caller {
                     name: "anonymous".to_owned(),
                     role: Role::Admin,
+                    customer: None,
                 });
             }
-            AuthSettings::Keys(keys) => keys,
+            AuthSettings::On { keys, .. } => keys,
         };
         let token = bearer(headers)?;
+        // Three dot-separated parts: a JWT, where JWTs are accepted. API
+        // key secrets made as the README says have no dots.
+        if let Some((key, validation)) = &self.jwt
+            && token.split('.').count() == 3
+        {
+            return jwt_caller(token, key, validation);
+        }
         let presented = digest(token.as_bytes());
         // Every key is compared, whichever matches: the time taken does
         // not tell how many keys there are before the right one.
@@ -236,8 +356,43 @@ impl Authenticator {
             .map(|key| Caller {
                 name: key.name.clone(),
                 role: key.role,
+                customer: None,
             })
             .ok_or_else(|| ApiError::Unauthenticated("unknown token".into()))
+    }
+}
+
+/// The caller a JWT names, once its signature, algorithm (HS256 only),
+/// expiry and, where configured, issuer and audience are checked.
+fn jwt_caller(
+    token: &str,
+    key: &jsonwebtoken::DecodingKey,
+    validation: &jsonwebtoken::Validation,
+) -> Result<Caller, ApiError> {
+    let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map_err(|e| ApiError::Unauthenticated(format!("invalid token: {e}")))?
+        .claims;
+    if claims.sub.is_empty() {
+        return Err(ApiError::Unauthenticated("invalid token: empty sub".into()));
+    }
+    let scopes: Vec<&str> = claims.scope.split_whitespace().collect();
+    let name = format!("jwt:{}", claims.sub);
+    if scopes.contains(&"admin") {
+        Ok(Caller {
+            name,
+            role: Role::Admin,
+            customer: None,
+        })
+    } else if scopes.contains(&"orders") {
+        Ok(Caller {
+            name,
+            role: Role::Orders,
+            customer: Some(claims.sub),
+        })
+    } else {
+        Err(ApiError::Forbidden(
+            "the token's scope grants neither orders nor admin".into(),
+        ))
     }
 }
 
@@ -349,6 +504,30 @@ mod tests {
             assert!(e.contains(reason), "{raw}: {e}");
             assert!(!e.contains("0123456789abcdef"), "secret shown: {e}");
         }
+    }
+
+    #[test]
+    fn a_jwt_secret_alone_is_enough_and_a_weak_one_is_refused_unshown() {
+        let jwt = AuthSettings::read(&Source::from_pairs([(
+            "JWT_HS256_SECRET",
+            "0123456789abcdef0123456789abcdef",
+        )]))
+        .unwrap();
+        assert!(
+            jwt.describe().starts_with("jwt(HS256"),
+            "{}",
+            jwt.describe()
+        );
+        let weak = AuthSettings::read(&Source::from_pairs([("JWT_HS256_SECRET", "short-secret")]))
+            .unwrap_err();
+        assert_eq!(weak.name, "JWT_HS256_SECRET");
+        assert!(!weak.to_string().contains("short-secret"), "{weak}");
+        let orphan = AuthSettings::read(&Source::from_pairs([
+            ("API_KEYS", "a:admin:0123456789abcdef"),
+            ("JWT_ISSUER", "https://id.example.com"),
+        ]))
+        .unwrap_err();
+        assert_eq!(orphan.name, "JWT_HS256_SECRET");
     }
 
     #[test]

@@ -146,12 +146,17 @@ pub async fn place_order(
     let request: OrderRequest = json_body(&state, &headers, body)?;
     let order = NewOrder::parse(request).map_err(ApiError::Invalid)?;
     refuse_what_the_catalog_refuses(&state, &order).await?;
-    let order_id = match &key {
-        Some(k) => derived_id(&format!("order:{}", k.as_str())),
+    let order_id = match (&key, &caller.customer) {
+        (Some(k), None) => derived_id(&format!("order:{}", k.as_str())),
+        // A customer's keys are its own: another customer's key names
+        // another order.
+        (Some(k), Some(customer)) => {
+            derived_id(&format!("order:customer:{customer}:{}", k.as_str()))
+        }
         // Time-ordered, so the order's rows in every schema (keyed by
         // order id) are inserted at the right edge of their indexes
         // (decision 0015).
-        None => Uuid::now_v7(),
+        (None, _) => Uuid::now_v7(),
     };
     let command = PlaceOrder {
         order_id,
@@ -159,6 +164,7 @@ pub async fn place_order(
         currency: order.currency.as_str().to_owned(),
         items: order.items,
         payment_method: order.payment_method,
+        placed_by: caller.customer.clone(),
     };
     if key.is_some() {
         refuse_another_body(&state, &command).await?;
@@ -312,12 +318,16 @@ pub async fn cancel_order(
     caller.require(Role::Orders)?;
     let key = idempotency_key(&headers)?;
     let order_id = parse_order_id(&id)?;
-    let known: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders.orders WHERE id = $1)")
-            .bind(order_id)
-            .fetch_one(&state.pool)
-            .await
-            .map_err(read_model_unavailable)?;
+    // A customer's own orders only: another's is not found, so that ids
+    // cannot be probed.
+    let known: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM orders.orders WHERE id = $1 AND ($2::text IS NULL OR placed_by = $2))",
+    )
+    .bind(order_id)
+    .bind(caller.customer.as_deref())
+    .fetch_one(&state.pool)
+    .await
+    .map_err(read_model_unavailable)?;
     if !known {
         return Err(ApiError::NotFound("order"));
     }
@@ -380,9 +390,11 @@ pub async fn get_order(
     let order_id = parse_order_id(&id)?;
     type OrderRow = (String, Option<String>, String, String, i64, bool);
     let order: Option<OrderRow> = sqlx::query_as(
-        "SELECT status, reason, customer_email, currency, total_cents, refunded FROM orders.orders WHERE id = $1",
+        "SELECT status, reason, customer_email, currency, total_cents, refunded FROM orders.orders \
+         WHERE id = $1 AND ($2::text IS NULL OR placed_by = $2)",
     )
     .bind(order_id)
+    .bind(caller.customer.as_deref())
     .fetch_optional(&state.pool)
     .await
     .map_err(read_model_unavailable)?;

@@ -114,6 +114,8 @@ fn one_second_of(requests: NonZeroU32, per: Duration) -> NonZeroU32 {
 /// The limits in force.
 pub struct Shedding {
     limiter: Option<DefaultKeyedRateLimiter<String>>,
+    /// Checks since the limiter last forgot full buckets.
+    checks: AtomicU64,
     clock: DefaultClock,
     max_backlog: Option<u64>,
     backlog: Backlog,
@@ -139,6 +141,7 @@ impl Shedding {
         });
         Self {
             limiter,
+            checks: AtomicU64::new(0),
             clock: DefaultClock::default(),
             max_backlog: settings.max_backlog,
             backlog: Backlog::default(),
@@ -150,6 +153,12 @@ impl Shedding {
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
+        // Every JWT subject gets a bucket: those that are full again are
+        // forgotten now and then, so the map stays the size of the callers
+        // active in the last second or so.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            limiter.retain_recent();
+        }
         limiter.check_key(&caller.name).map_err(|not_until| {
             ApiError::TooManyRequests(not_until.wait_time_from(self.clock.now()))
         })
@@ -299,6 +308,7 @@ mod tests {
         let caller = |name: &str| Caller {
             name: name.to_owned(),
             role: Role::Orders,
+            customer: None,
         };
         for _ in 0..3 {
             shedding.admit(&caller("shop")).unwrap();

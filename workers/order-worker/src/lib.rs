@@ -587,10 +587,10 @@ async fn place_many(db: &mut PgConnection, orders: &[NewOrder]) -> Result<Vec<Uu
     }
     let refused = |o: &NewOrder| o.priced.refused.as_ref().map(|(why, _)| *why);
     let placed: Vec<Uuid> = sqlx::query_scalar(
-        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status, reason) \
+        "WITH placed AS (INSERT INTO orders.orders (id, customer_email, currency, total_cents, payment_method, status, reason, placed_by) \
          SELECT o.id, o.email, o.currency, o.total, o.method, \
-         CASE WHEN o.reason IS NULL THEN 'PENDING' ELSE 'CANCELLED' END, o.reason \
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $11::text[]) AS o(id, email, currency, total, method, reason) \
+         CASE WHEN o.reason IS NULL THEN 'PENDING' ELSE 'CANCELLED' END, o.reason, o.placed_by \
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $11::text[], $12::text[]) AS o(id, email, currency, total, method, reason, placed_by) \
          ON CONFLICT (id) DO NOTHING RETURNING id, reason), \
          lines AS (INSERT INTO orders.order_items (order_id, line, sku, quantity, unit_price_cents) \
          SELECT l.order_id, l.line, l.sku, l.quantity, l.price \
@@ -614,6 +614,7 @@ async fn place_many(db: &mut PgConnection, orders: &[NewOrder]) -> Result<Vec<Uu
     .bind(&lines.quantities)
     .bind(&lines.prices)
     .bind(orders.iter().map(refused).collect::<Vec<_>>())
+    .bind(orders.iter().map(|o| o.cmd.placed_by.as_deref()).collect::<Vec<_>>())
     .fetch_all(db)
     .await?;
     Ok(placed)

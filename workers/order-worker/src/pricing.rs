@@ -190,6 +190,7 @@ mod tests {
                 })
                 .collect(),
             payment_method: "pm_card_visa".into(),
+            placed_by: None,
         }
     }
 
