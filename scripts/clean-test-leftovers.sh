@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Removes the vhosts and databases that tests make (prefix oftest_) and that a
-# killed or panicking test left behind, and a memory alarm one left raised.
+# Removes the vhosts, broker users and databases that tests make (prefix
+# oftest_) and that a killed or panicking test left behind, and a memory
+# alarm one left raised.
 # Touches nothing else.
 set -euo pipefail
 prefix=oftest_
 for vhost in $(curl -fsS -u guest:guest http://127.0.0.1:15672/api/vhosts 2>/dev/null \
     | grep -o "\"name\":\"${prefix}[a-z0-9]*\"" | cut -d'"' -f4); do
     curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:15672/api/vhosts/$vhost" >/dev/null || true
+done
+for user in $(curl -fsS -u guest:guest http://127.0.0.1:15672/api/users 2>/dev/null \
+    | grep -o "\"name\":\"${prefix}[a-z0-9]*-[a-z-]*\"" | cut -d'"' -f4); do
+    curl -fsS -u guest:guest -X DELETE "http://127.0.0.1:15672/api/users/$user" >/dev/null || true
 done
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -Atc "select datname from pg_database where datname like '${prefix}%'"); do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists \"$db\" with (force)" >/dev/null || true

@@ -29,6 +29,9 @@ pub struct Options {
     /// Serve the (first) payment worker's `/metrics` and `/readyz`, at
     /// [`System::payment_metrics`].
     pub payment_metrics: bool,
+    /// Run every binary as its own least-privilege broker user
+    /// (`topology::identities`), as a deployment does, instead of `guest`.
+    pub identities: bool,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
                 ..runtime::BreakerSettings::default()
             },
             payment_metrics: false,
+            identities: false,
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct System {
     pub payment_metrics: Option<String>,
     pub pool: sqlx::PgPool,
     smtp: SmtpSink,
+    /// The broker users made for this system (`Options::identities`).
+    users: Vec<String>,
     nodes: Vec<Forwarder>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -152,6 +158,31 @@ impl System {
             amqp_url = env.amqp_url_with_nodes(&list);
         }
 
+        // Each binary's URL: its own user, or `guest` for all.
+        let mut users = Vec::new();
+        if options.identities {
+            let password = format!("pw-{}", env.vhost);
+            for identity in topology::identities::identities() {
+                identity
+                    .apply(
+                        &env.management,
+                        &env.vhost,
+                        &format!("{}-", env.vhost),
+                        &password,
+                    )
+                    .await
+                    .unwrap();
+                users.push(format!("{}-{}", env.vhost, identity.binary));
+            }
+        }
+        let url_of = |binary: &str| -> String {
+            if !options.identities {
+                return amqp_url.clone();
+            }
+            let user = format!("{}-{binary}", env.vhost);
+            amqp_url.replacen("guest:guest@", &format!("{user}:pw-{}@", env.vhost), 1)
+        };
+
         let mut stops = Vec::new();
         let mut tasks = Vec::new();
         let mut spawn = |fut: std::pin::Pin<
@@ -177,7 +208,7 @@ impl System {
         // Publisher.
         let settings = publisher::PublisherSettings {
             http_addr: "127.0.0.1:0".into(),
-            amqp_url: runtime::SecretUrl::new(amqp_url.clone()),
+            amqp_url: runtime::SecretUrl::new(url_of("publisher")),
             database_url: runtime::SecretUrl::new(env.database_url.clone()),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
@@ -193,8 +224,8 @@ impl System {
             let _ = stopped.await;
         })));
 
-        let worker_settings = || runtime::WorkerSettings {
-            amqp_url: runtime::SecretUrl::new(amqp_url.clone()),
+        let worker_settings = |domain: contract::Domain| runtime::WorkerSettings {
+            amqp_url: runtime::SecretUrl::new(url_of(domain.worker())),
             database_url: runtime::SecretUrl::new(env.database_url.clone()),
             retry_delays: retry.clone(),
             prefetch: 16,
@@ -224,11 +255,16 @@ impl System {
             .payment_metrics
             .then(|| format!("127.0.0.1:{}", testkit::free_port()));
         for replica in 0..options.replicas {
-            let order = order_worker::build(worker_settings(), options.payment_timeout)
+            let order = order_worker::build(
+                worker_settings(contract::Domain::Order),
+                options.payment_timeout,
+            )
+            .await
+            .unwrap();
+            let inventory = inventory_worker::build(worker_settings(contract::Domain::Inventory))
                 .await
                 .unwrap();
-            let inventory = inventory_worker::build(worker_settings()).await.unwrap();
-            let mut payment_settings = worker_settings();
+            let mut payment_settings = worker_settings(contract::Domain::Payment);
             if replica == 0 {
                 payment_settings.metrics_addr =
                     payment_metrics.as_ref().map(|a| a.parse().unwrap());
@@ -236,9 +272,12 @@ impl System {
             let payment = payment_worker::build(payment_settings, &gateway_settings)
                 .await
                 .unwrap();
-            let notification = notification_worker::build(worker_settings(), mail.clone())
-                .await
-                .unwrap();
+            let notification = notification_worker::build(
+                worker_settings(contract::Domain::Notification),
+                mail.clone(),
+            )
+            .await
+            .unwrap();
             spawn(until_stopped(&mut stops, order));
             spawn(until_stopped(&mut stops, inventory));
             spawn(until_stopped(&mut stops, payment));
@@ -251,6 +290,7 @@ impl System {
             gateway,
             http: client_with_token(ADMIN_TOKEN),
             payment_metrics: payment_metrics.map(|a| format!("http://{a}")),
+            users,
             pool,
             smtp,
             nodes,
@@ -547,6 +587,10 @@ impl System {
         }
         self.smtp.remove().await;
         self.pool.close().await;
+        for user in &self.users {
+            let user = topology::management::encode_vhost(user);
+            let _ = self.env.management.delete(&format!("users/{user}")).await;
+        }
         self.env.cleanup().await;
     }
 }

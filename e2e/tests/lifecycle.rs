@@ -304,6 +304,58 @@ async fn prices_come_from_the_catalog_and_a_wrong_one_cancels_the_order() {
     system.stop().await;
 }
 
+/// Every binary on its own least-privilege broker user, as a deployment
+/// runs it: the saga's every path (confirmed, declined, out of stock,
+/// cancelled after confirmation and refunded, payments retried through
+/// their tiers) needs nothing its users may not do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_binary_on_its_own_least_privilege_user_drives_every_path_of_the_saga() {
+    let system = System::start(Options {
+        identities: true,
+        trouble: Trouble {
+            error_rate: 0.3,
+            latency_ms: 0,
+            ..Trouble::default()
+        },
+        retry_delays: "100ms,100ms,100ms,100ms,100ms,100ms",
+        ..Options::default()
+    })
+    .await;
+    system.stock("SKU-U", 3).await;
+    let confirmed = system.place("SKU-U", 1, "pm_card_visa").await;
+    let declined = system.place("SKU-U", 1, "pm_card_chargeDeclined").await;
+    let short = system.place("SKU-U", 5, "pm_card_visa").await;
+    let mut confirmed_ids = Vec::new();
+    for _ in 0..5 {
+        confirmed_ids.push(system.place("SKU-U", 1, "pm_card_visa").await);
+    }
+    assert_eq!(system.wait_final(&confirmed).await["status"], "CONFIRMED");
+    let order = system.wait_final(&declined).await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("payment_declined"))
+    );
+    let order = system.wait_final(&short).await;
+    assert_eq!(order["reason"], "out_of_stock");
+    for id in &confirmed_ids {
+        system.wait_final(id).await;
+    }
+    let (status, _) = system
+        .post(&format!("/orders/{confirmed}/cancel"), &json!({}), None)
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let order = system.wait_status(&confirmed, "CANCELLED").await;
+    assert_eq!(order["reason"], "customer_cancelled");
+    testkit::eventually(Duration::from_secs(30), "the refund", || async {
+        system.get(&format!("/orders/{confirmed}")).await.1["refunded"] == true
+    })
+    .await;
+    system.wait_mails(&confirmed, 2).await;
+    system.wait_mails(&declined, 1).await;
+    system.assert_quiet_and_consistent().await;
+    system.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_again() {
     let system = System::start(Options::default()).await;

@@ -8,6 +8,7 @@ pub mod addresses;
 pub mod declare;
 pub mod diff;
 pub mod https;
+pub mod identities;
 pub mod management;
 pub mod model;
 pub mod report;

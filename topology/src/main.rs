@@ -30,7 +30,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Declare every exchange, queue and binding (idempotent).
-    Apply,
+    Apply {
+        /// Also create one broker user per binary (publisher, each worker,
+        /// dlq) with the least permissions it needs on the vhost, through
+        /// the management API; each password from AMQP_PASSWORD_<BINARY>
+        /// (AMQP_PASSWORD_PUBLISHER, AMQP_PASSWORD_ORDER_WORKER, …).
+        #[arg(long)]
+        users: bool,
+        /// Put before each user's name (one broker serving several deployments).
+        #[arg(long, default_value = "", requires = "users")]
+        user_prefix: String,
+        /// The management API for --users; overrides RABBITMQ_MANAGEMENT_URL.
+        #[arg(long)]
+        management_url: Option<String>,
+    },
     /// Print a RabbitMQ definitions document (management UI import, `load_definitions`).
     Export {
         /// The vhost named in the document; defaults to the vhost of AMQP_URL.
@@ -83,10 +96,44 @@ impl Settings {
     }
 }
 
+/// Each identity with its password (`AMQP_PASSWORD_<BINARY>`, at least 16
+/// characters), or the first one missing, named.
+fn identity_passwords(
+    source: &Source,
+) -> anyhow::Result<Vec<(topology::identities::Identity, String)>> {
+    topology::identities::identities()
+        .into_iter()
+        .map(|identity| {
+            let var = settings::Var::optional(identity.password_var);
+            let password = source.secret(
+                var,
+                |_| "***".to_owned(),
+                |raw| {
+                    if raw.len() < 16 {
+                        Err("must be at least 16 characters".to_owned())
+                    } else {
+                        Ok(raw.to_owned())
+                    }
+                },
+            )?;
+            let password = password.ok_or_else(|| {
+                settings::invalid(
+                    var,
+                    "",
+                    "not set: topology apply --users needs a password for each binary's user",
+                )
+            })?;
+            Ok((identity, password))
+        })
+        .collect()
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let management_url = match &cli.command {
-        Command::Diff { management_url } => management_url.clone(),
-        _ => None,
+        Command::Diff { management_url } | Command::Apply { management_url, .. } => {
+            management_url.clone()
+        }
+        Command::Export { .. } => None,
     };
     let source = Source::environment()
         .with(AMQP_URL, cli.amqp_url)
@@ -96,7 +143,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let declared = Topology::contract(&cli_settings.retry_delays);
     let amqp_url = &cli_settings.amqp_url;
     match cli.command {
-        Command::Apply => {
+        Command::Apply {
+            users, user_prefix, ..
+        } => {
+            // Every password is read before anything changes on the broker.
+            let passwords = if users {
+                identity_passwords(&source)?
+            } else {
+                Vec::new()
+            };
             let addresses =
                 BrokerAddresses::parse(amqp_url).context("AMQP_URL is not an AMQP URL")?;
             let connection = addresses
@@ -116,6 +171,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 declared.queues.len(),
                 declared.bindings.len()
             );
+            if users {
+                let management_url = cli_settings.management_url.as_deref();
+                let (api, vhost) =
+                    Management::reachable_for_amqp_url(amqp_url, management_url).await?;
+                for (identity, password) in &passwords {
+                    identity
+                        .apply(&api, &vhost, &user_prefix, password)
+                        .await
+                        .with_context(|| {
+                            format!("cannot set up the user of {}", identity.binary)
+                        })?;
+                    println!(
+                        "user {user_prefix}{} set on vhost {vhost:?}",
+                        identity.binary
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { vhost, user } => {
