@@ -54,7 +54,25 @@ elif [ -n "${API_KEYS:-}" ] && [ "$demo" = 1 ]; then
     demo=0
 fi
 
-"$bin/topology" apply
+# One least-privilege broker user per binary (topology apply --users, as
+# the operator's AMQP_URL user); passwords made once for this checkout.
+passwords_file=$run_dir/amqp-passwords
+if [ ! -s "$passwords_file" ]; then
+    ( umask 077
+      for b in PUBLISHER ORDER_WORKER INVENTORY_WORKER PAYMENT_WORKER NOTIFICATION_WORKER DLQ; do
+          printf 'AMQP_PASSWORD_%s=%s\n' "$b" "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')"
+      done >"$passwords_file" )
+fi
+set -a
+# shellcheck disable=SC1090
+. "$passwords_file"
+set +a
+"$bin/topology" apply --users
+# AMQP_URL with another user and password (its userinfo replaced).
+as_user() {
+    local rest=${AMQP_URL#*://}
+    echo "${AMQP_URL%%://*}://$1:$2@${rest#*@}"
+}
 
 pids=()
 start() {
@@ -81,11 +99,14 @@ start payment-gateway-sim env HTTP_ADDR=127.0.0.1:8090 "$bin/payment-gateway-sim
 for i in $(seq 1 "$replicas"); do
     n=1
     for worker in order-worker inventory-worker payment-worker notification-worker; do
-        start "$worker-$i" env METRICS_ADDR="127.0.0.1:$((9100 + (i - 1) * 10 + n))" "$bin/$worker"
+        password_var=AMQP_PASSWORD_$(echo "$worker" | tr 'a-z-' 'A-Z_')
+        start "$worker-$i" env METRICS_ADDR="127.0.0.1:$((9100 + (i - 1) * 10 + n))" \
+            AMQP_URL="$(as_user "$worker" "${!password_var}")" "$bin/$worker"
         n=$((n + 1))
     done
 done
-start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" "$bin/publisher"
+start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" \
+    AMQP_URL="$(as_user publisher "$AMQP_PASSWORD_PUBLISHER")" "$bin/publisher"
 
 log "waiting until the publisher is ready"
 for _ in $(seq 1 120); do
@@ -130,7 +151,8 @@ orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
   API                 $api   (try: curl -H "Authorization: Bearer \$ORDERS_TOKEN" $api/orders/<id>)
   API keys            $run_dir/api-keys (ADMIN_TOKEN: every endpoint; ORDERS_TOKEN: orders and stock);
                       load them with: . $run_dir/api-keys
-  RabbitMQ management http://127.0.0.1:15672   (guest / guest)
+  RabbitMQ management http://127.0.0.1:15672   (guest / guest; each binary on its own user,
+                      passwords in $run_dir/amqp-passwords)
   Mail received       http://127.0.0.1:8025
   Payment gateway     http://127.0.0.1:8090/charges
   Worker metrics      http://127.0.0.1:9101/metrics (order), 9102 (inventory), 9103 (payment), 9104 (notification)

@@ -19,7 +19,7 @@ use anyhow::{Context as _, bail};
 use chrono::Utc;
 use contract::{Domain, headers};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use message::DeadMessage;
@@ -127,18 +127,9 @@ impl Snapshot {
     /// Takes every message now in `queue` without acking any.
     pub async fn take(connection: &Connection, queue: &str) -> anyhow::Result<Self> {
         let channel = connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let count = topology::queue_depth(&channel, queue)
             .await
-            .with_context(|| format!("queue {queue} does not exist"))?;
-        let count = declared.message_count() as usize;
+            .with_context(|| format!("queue {queue} does not exist"))? as usize;
         let mut messages = Vec::with_capacity(count);
         if count > 0 {
             channel.basic_qos(0, BasicQosOptions::default()).await?;

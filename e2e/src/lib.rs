@@ -433,6 +433,15 @@ impl System {
             .await
     }
 
+    /// Asks to cancel the order (`202`) and waits until it is cancelled.
+    pub async fn cancel(&self, order_id: &str) -> Value {
+        let (status, body) = self
+            .post(&format!("/orders/{order_id}/cancel"), &json!({}), None)
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        self.wait_status(order_id, "CANCELLED").await
+    }
+
     /// Waits until the order reaches `status`.
     pub async fn wait_status(&self, order_id: &str, status: &str) -> Value {
         self.wait_order(order_id, status, |s| s == status).await

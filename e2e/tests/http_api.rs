@@ -608,18 +608,7 @@ async fn a_customer_token_sees_only_its_own_orders_and_forged_tokens_are_refused
         "currency": "EUR",
         "items": [{ "sku": "SKU-J", "quantity": 1 }],
     });
-    let placed = ada
-        .post(format!("{api}/orders"))
-        .header("Idempotency-Key", "shared-key-1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(placed.status(), StatusCode::ACCEPTED);
-    let id = placed.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = place_as(&ada, api, "shared-key-1", &body).await;
     system.wait_final(&id).await;
     let order = format!("{api}/orders/{id}");
     assert_eq!(
@@ -641,18 +630,7 @@ async fn a_customer_token_sees_only_its_own_orders_and_forged_tokens_are_refused
         StatusCode::NOT_FOUND
     );
     // The same key from another customer is another order.
-    let theirs = eve
-        .post(format!("{api}/orders"))
-        .header("Idempotency-Key", "shared-key-1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(theirs.status(), StatusCode::ACCEPTED);
-    let theirs = theirs.json::<Value>().await.unwrap()["order_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let theirs = place_as(&eve, api, "shared-key-1", &body).await;
     assert_ne!(theirs, id);
     // A customer is no admin.
     let restock = ada
@@ -737,6 +715,22 @@ async fn a_customer_token_sees_only_its_own_orders_and_forged_tokens_are_refused
         StatusCode::FORBIDDEN
     );
     system.stop().await;
+}
+
+/// Places `body` with `key` as `client`'s caller; the order id of the 202.
+async fn place_as(client: &reqwest::Client, api: &str, key: &str, body: &Value) -> String {
+    let placed = client
+        .post(format!("{api}/orders"))
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status(), StatusCode::ACCEPTED);
+    placed.json::<Value>().await.unwrap()["order_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// A token that claims `alg: none`, unsigned.

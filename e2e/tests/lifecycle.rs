@@ -103,11 +103,7 @@ async fn an_order_of_several_lines_keeps_them_and_sells_then_gives_back_each_sku
     system.wait_stock_exactly("LINE-A", 8, 0, 2).await;
     system.wait_stock_exactly("LINE-B", 6, 0, 4).await;
 
-    let (status, _) = system
-        .post(&format!("/orders/{id}/cancel"), &json!({}), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    system.wait_status(&id, "CANCELLED").await;
+    system.cancel(&id).await;
     system.wait_stock_exactly("LINE-A", 10, 0, 0).await;
     system.wait_stock_exactly("LINE-B", 10, 0, 0).await;
     system.assert_quiet_and_consistent().await;
@@ -340,11 +336,7 @@ async fn every_binary_on_its_own_least_privilege_user_drives_every_path_of_the_s
     for id in &confirmed_ids {
         system.wait_final(id).await;
     }
-    let (status, _) = system
-        .post(&format!("/orders/{confirmed}/cancel"), &json!({}), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let order = system.wait_status(&confirmed, "CANCELLED").await;
+    let order = system.cancel(&confirmed).await;
     assert_eq!(order["reason"], "customer_cancelled");
     testkit::eventually(Duration::from_secs(30), "the refund", || async {
         system.get(&format!("/orders/{confirmed}")).await.1["refunded"] == true
@@ -363,12 +355,7 @@ async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_a
     let id = system.place("SKU-C", 2, "pm_card_visa").await;
     assert_eq!(system.wait_final(&id).await["status"], "CONFIRMED");
 
-    let (status, _) = system
-        .post(&format!("/orders/{id}/cancel"), &json!({}), None)
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-
-    let order = system.wait_status(&id, "CANCELLED").await;
+    let order = system.cancel(&id).await;
     assert_eq!(order["reason"], "customer_cancelled");
     testkit::eventually(Duration::from_secs(30), "the refund", || async {
         system.standing_charges(&id).await == 0

@@ -15,8 +15,6 @@ use axum::middleware::Next;
 use axum::response::Response;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use runtime::config::{ConfigError, Source, Var};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -233,17 +231,7 @@ impl Backlog {
             let read = async {
                 let channel = connection.create_channel().await?;
                 loop {
-                    let declared = channel
-                        .queue_declare(
-                            queue.into(),
-                            QueueDeclareOptions {
-                                passive: true,
-                                ..QueueDeclareOptions::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await?;
-                    self.record(u64::from(declared.message_count()));
+                    self.record(u64::from(topology::queue_depth(&channel, queue).await?));
                     tokio::time::sleep(BACKLOG_POLL).await;
                 }
             };

@@ -4,7 +4,7 @@ use crate::model::{Queue, Topology};
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Connection, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use serde_json::Value;
 
 /// A queue or exchange that already exists on the broker with other
@@ -136,4 +136,21 @@ fn amqp_value(value: &Value) -> AMQPValue {
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
         other => AMQPValue::LongString(LongString::from(other.to_string().as_str())),
     }
+}
+
+/// The messages ready in `queue`, by a passive declare: no permission is
+/// needed, and a queue that does not exist is an error (which closes the
+/// channel).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
 }

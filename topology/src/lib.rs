@@ -15,7 +15,7 @@ pub mod report;
 pub mod retry;
 
 pub use addresses::{AddressError, BrokerAddresses};
-pub use declare::{Mismatch, declare};
+pub use declare::{Mismatch, declare, queue_depth};
 pub use diff::{Drift, diff};
 pub use management::Management;
 pub use model::{DELIVERY_LIMIT, Topology};
