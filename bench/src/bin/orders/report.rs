@@ -139,7 +139,8 @@ impl Report {
         // Every order confirmed consumed 7 messages (place, reserve,
         // reserved, charge, charged, commit, confirmed) and the set-up a
         // restock per SKU, warm-up included.
-        let expected_applied = 7 * (driven.accepted() + args.warm_up) as u64 + SKUS as u64;
+        // Seven per order, and per SKU its price and its restock.
+        let expected_applied = 7 * (driven.accepted() + args.warm_up) as u64 + 2 * SKUS as u64;
         let all_confirmed = states.iter().all(|(s, _)| s == "CONFIRMED");
         Ok(Self {
             accepted: driven.accepted(),
@@ -251,7 +252,7 @@ impl Report {
         );
         let applied = self.count("applied");
         println!(
-            "| messages consumed by outcome (workers' `/metrics`, warm-up included) | {}; applied {} 7 × {} orders + {SKUS} restocks |",
+            "| messages consumed by outcome (workers' `/metrics`, warm-up included) | {}; applied {} 7 × {} orders + {SKUS} prices + {SKUS} restocks |",
             joined(self.consumed.iter()),
             if applied == self.expected_applied {
                 "="
