@@ -55,6 +55,16 @@ impl Default for Options {
     }
 }
 
+/// The statuses of an order's history, oldest first, as `GET /orders/{id}` shows them.
+pub fn history(order: &Value) -> Vec<&str> {
+    order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect()
+}
+
 /// The unit price, in EUR cents, of every SKU [`System::stock`] stocks.
 pub const PRICE: u64 = 1999;
 
@@ -431,6 +441,18 @@ impl System {
     pub async fn wait_final(&self, order_id: &str) -> Value {
         self.wait_order(order_id, "final", |s| s == "CONFIRMED" || s == "CANCELLED")
             .await
+    }
+
+    /// The text a GET of `url` answers (metrics pages), with the admin key.
+    pub async fn text(&self, url: &str) -> String {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// Asks to cancel the order (`202`) and waits until it is cancelled.

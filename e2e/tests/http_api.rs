@@ -400,15 +400,7 @@ async fn bad_input_of_every_kind_gets_a_clear_json_error_and_publishes_nothing()
     assert!(body["error"].is_string());
 
     // Nothing reached the broker.
-    let metrics = system
-        .http
-        .get(url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.text(&url("/metrics")).await;
     assert!(!metrics.contains("commands_published_total{"), "{metrics}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders")
@@ -462,15 +454,7 @@ async fn health_readiness_and_metrics_answer() {
     assert_eq!(body, json!({"broker": "ok", "database": "ok"}));
     system.price("SKU-X", e2e::PRICE).await;
     system.place("SKU-X", 1, "pm_card_visa").await;
-    let metrics = system
-        .http
-        .get(format!("{}/metrics", system.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.text(&format!("{}/metrics", system.api)).await;
     assert!(
         metrics.contains("orderflow_publisher_commands_published_total{command=\"order.place\"} 1"),
         "{metrics}"

@@ -20,12 +20,7 @@ async fn many_orders_are_all_confirmed_with_full_history_and_one_email_each() {
     for id in &ids {
         let order = system.wait_final(id).await;
         assert_eq!(order["status"], "CONFIRMED", "{order}");
-        let history: Vec<&str> = order["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["status"].as_str().unwrap())
-            .collect();
+        let history = e2e::history(&order);
         assert_eq!(
             history,
             vec!["PENDING", "STOCK_RESERVED", "PAID", "CONFIRMED"]
@@ -246,12 +241,7 @@ async fn prices_come_from_the_catalog_and_a_wrong_one_cancels_the_order() {
         assert_eq!(order["status"], "CANCELLED", "{order}");
         assert_eq!(order["reason"], reason, "{order}");
         assert_eq!(order["total_cents"], 0);
-        let history: Vec<&str> = order["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["status"].as_str().unwrap())
-            .collect();
+        let history = e2e::history(&order);
         assert_eq!(history, ["PENDING", "CANCELLED"]);
         refused.push(order_id.to_string());
     }
@@ -371,12 +361,7 @@ async fn cancelling_a_confirmed_order_refunds_it_releases_the_stock_and_emails_a
         .collect();
     assert!(subjects.contains(&format!("Order {id} confirmed")));
     assert!(subjects.contains(&format!("Order {id} cancelled")));
-    let history: Vec<&str> = order["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap())
-        .collect();
+    let history = e2e::history(&order);
     assert_eq!(
         history,
         vec![
@@ -544,15 +529,7 @@ async fn a_gateway_outage_longer_than_every_retry_tier_dead_letters_nothing() {
     let (status, ready) = get_json(&system, &format!("{observed}/readyz")).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(ready["breakers"]["payment-gateway"], "closed");
-    let metrics = system
-        .http
-        .get(format!("{observed}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = system.text(&format!("{observed}/metrics")).await;
     assert!(
         metrics.contains(r#"orderflow_worker_breaker_open{worker="payment-worker",dependency="payment-gateway"} 0"#),
         "{metrics}"
