@@ -13,6 +13,7 @@
 //! beyond its own keys.
 
 use crate::management::{Management, ManagementError, encode_vhost};
+use crate::model::{password_hash, push};
 use contract::{COMMANDS, Domain, EVENTS, keys};
 use serde_json::json;
 
@@ -203,6 +204,41 @@ pub fn identities() -> Vec<Identity> {
 }
 
 impl Identity {
+    /// Adds the user `prefix` + binary, with `password`, its permissions on
+    /// `vhost` and its topic permissions, to a definitions document (for a
+    /// broker that loads its definitions at start).
+    pub fn add_to_definitions(
+        &self,
+        doc: &mut serde_json::Value,
+        vhost: &str,
+        prefix: &str,
+        password: &str,
+    ) {
+        let user = format!("{prefix}{}", self.binary);
+        push(
+            doc,
+            "users",
+            json!({
+                "name": user,
+                "password_hash": password_hash(password),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }),
+        );
+        push(
+            doc,
+            "permissions",
+            json!({ "user": user, "vhost": vhost, "configure": self.configure, "write": self.write, "read": self.read }),
+        );
+        for topic in &self.topics {
+            push(
+                doc,
+                "topic_permissions",
+                json!({ "user": user, "vhost": vhost, "exchange": topic.exchange, "write": topic.write, "read": topic.read }),
+            );
+        }
+    }
+
     /// Creates or updates the user `prefix` + binary with `password` and
     /// sets its permissions on `vhost`.
     pub async fn apply(

@@ -53,6 +53,13 @@ enum Command {
         /// for brokers that load the document at start and so skip the default user.
         #[arg(long)]
         user: Option<String>,
+        /// Also define one least-privilege user per binary, as `apply --users`
+        /// does, each password from AMQP_PASSWORD_<BINARY> (stored hashed).
+        #[arg(long)]
+        users: bool,
+        /// Put before each binary's user name.
+        #[arg(long, default_value = "", requires = "users")]
+        user_prefix: String,
     },
     /// Compare the live broker with the declared topology; exit 1 on any drift.
     Diff {
@@ -190,7 +197,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Export { vhost, user } => {
+        Command::Export {
+            vhost,
+            user,
+            users,
+            user_prefix,
+        } => {
             let vhost = match vhost {
                 Some(v) => v,
                 None => topology::management::Management::for_amqp_url(amqp_url, None)?.1,
@@ -200,6 +212,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let (name, password) =
                     user.split_once(':').context("--user takes NAME:PASSWORD")?;
                 topology::model::add_user(&mut doc, &vhost, name, password);
+            }
+            if users {
+                for (identity, password) in identity_passwords(&source)? {
+                    identity.add_to_definitions(&mut doc, &vhost, &user_prefix, &password);
+                }
             }
             println!("{}", serde_json::to_string_pretty(&doc)?);
             Ok(ExitCode::SUCCESS)

@@ -199,6 +199,35 @@ fn bindings() -> Vec<Binding> {
 /// document must carry the one the services log in with. The password is
 /// stored as RabbitMQ's salted SHA-256 hash, never in clear.
 pub fn add_user(doc: &mut Value, vhost: &str, name: &str, password: &str) {
+    push(
+        doc,
+        "users",
+        json!({
+            "name": name,
+            "password_hash": password_hash(password),
+            "hashing_algorithm": "rabbit_password_hashing_sha256",
+            "tags": ["administrator"],
+        }),
+    );
+    push(
+        doc,
+        "permissions",
+        json!({ "user": name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*" }),
+    );
+}
+
+/// Appends `item` to the array `key` of the definitions document.
+pub(crate) fn push(doc: &mut Value, key: &str, item: Value) {
+    match doc.get_mut(key).and_then(Value::as_array_mut) {
+        Some(items) => items.push(item),
+        None => doc[key] = json!([item]),
+    }
+}
+
+/// A password as RabbitMQ's definitions carry it
+/// (`rabbit_password_hashing_sha256`): base64 of a 4-byte salt and the
+/// SHA-256 of the salt and the password.
+pub(crate) fn password_hash(password: &str) -> String {
     use base64::Engine as _;
     use sha2::Digest as _;
     let salt: [u8; 4] = rand::random();
@@ -207,15 +236,7 @@ pub fn add_user(doc: &mut Value, vhost: &str, name: &str, password: &str) {
     hasher.update(password.as_bytes());
     let mut salted = salt.to_vec();
     salted.extend_from_slice(&hasher.finalize());
-    doc["users"] = json!([{
-        "name": name,
-        "password_hash": base64::engine::general_purpose::STANDARD.encode(salted),
-        "hashing_algorithm": "rabbit_password_hashing_sha256",
-        "tags": ["administrator"],
-    }]);
-    doc["permissions"] = json!([{
-        "user": name, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*",
-    }]);
+    base64::engine::general_purpose::STANDARD.encode(salted)
 }
 
 #[cfg(test)]

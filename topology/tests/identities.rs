@@ -191,6 +191,71 @@ async fn each_binary_does_its_own_work_as_its_user_and_nothing_else() {
     env.cleanup().await;
 }
 
+/// `topology export --users` carries the same users, their passwords
+/// hashed: a broker that loads the document lets each binary in as itself,
+/// with the same limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exported_users_load_into_a_broker_with_their_passwords_and_limits() {
+    let env = TestEnv::new().await;
+    let prefix = format!("{}-x-", env.vhost);
+    let password = format!("pw-{}", env.vhost);
+    let mut export = Command::new(env!("CARGO_BIN_EXE_topology"));
+    export
+        .args([
+            "export",
+            "--vhost",
+            &env.vhost,
+            "--users",
+            "--user-prefix",
+            &prefix,
+        ])
+        .env("AMQP_URL", &env.amqp_url)
+        .env("RETRY_DELAYS", "1s");
+    for identity in identities() {
+        export.env(identity.password_var, &password);
+    }
+    let out = export.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = doc.to_string();
+    assert!(!text.contains(&password), "a password in the clear");
+    env.management.post("definitions", &doc).await.unwrap();
+
+    let url = |binary: &str| {
+        format!(
+            "amqp://{prefix}{binary}:{password}@127.0.0.1:5672/{}",
+            encode_vhost(&env.vhost)
+        )
+    };
+    let publisher = connect(&url("publisher")).await;
+    publish(&publisher, COMMANDS, keys::ORDER_PLACE)
+        .await
+        .unwrap();
+    refused(
+        publish(&publisher, EVENTS, keys::PAYMENT_CHARGED).await,
+        "publisher: payment.charged",
+    );
+    let worker = connect(&url(Domain::Inventory.worker())).await;
+    consume(&worker, Domain::Inventory.queue()).await.unwrap();
+    refused(
+        consume(&worker, Domain::Payment.queue()).await,
+        "inventory-worker: consume payment",
+    );
+
+    for identity in identities() {
+        let user = encode_vhost(&format!("{prefix}{}", identity.binary));
+        env.management
+            .delete(&format!("users/{user}"))
+            .await
+            .unwrap();
+    }
+    env.cleanup().await;
+}
+
 #[test]
 fn apply_users_without_a_password_names_the_variable() {
     let out = Command::new(env!("CARGO_BIN_EXE_topology"))
