@@ -67,6 +67,17 @@ async fn consume(connection: &Connection, queue: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Users are the broker's, not the vhost's: a test removes those it made.
+async fn remove_users(env: &TestEnv, prefix: &str) {
+    for identity in identities() {
+        let user = encode_vhost(&format!("{prefix}{}", identity.binary));
+        env.management
+            .delete(&format!("users/{user}"))
+            .await
+            .unwrap();
+    }
+}
+
 fn refused(result: Result<(), String>, what: &str) {
     match result {
         Err(e) => assert!(e.contains("ACCESS_REFUSED"), "{what}: {e}"),
@@ -181,13 +192,7 @@ async fn each_binary_does_its_own_work_as_its_user_and_nothing_else() {
         "dlq: consume payment",
     );
 
-    for identity in identities() {
-        let user = encode_vhost(&format!("{prefix}{}", identity.binary));
-        env.management
-            .delete(&format!("users/{user}"))
-            .await
-            .unwrap();
-    }
+    remove_users(&env, &prefix).await;
     env.cleanup().await;
 }
 
@@ -246,13 +251,7 @@ async fn exported_users_load_into_a_broker_with_their_passwords_and_limits() {
         "inventory-worker: consume payment",
     );
 
-    for identity in identities() {
-        let user = encode_vhost(&format!("{prefix}{}", identity.binary));
-        env.management
-            .delete(&format!("users/{user}"))
-            .await
-            .unwrap();
-    }
+    remove_users(&env, &prefix).await;
     env.cleanup().await;
 }
 
