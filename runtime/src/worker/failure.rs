@@ -60,27 +60,14 @@ async fn next_tier<H>(inner: &Inner<H>, delivery: &Delivery, envelope: &Envelope
 /// unchanged, while its dependency's breaker is open; without tiers, gives
 /// it back to its queue.
 async fn hold_back<H>(inner: &Inner<H>, delivery: &Delivery, envelope: &Envelope, why: &str) {
-    let queue = inner.spec.domain.queue();
     let Some(delay) = inner.settings.retry_delays.delay(1) else {
         inner.acks.requeue(delivery).await;
         inner.metrics.settled(Outcome::HeldBack, 1);
         return;
     };
-    let properties = failure_properties(delivery, why, &[]).with_expiration(
-        routing::jittered(delay)
-            .as_millis()
-            .to_string()
-            .as_str()
-            .into(),
-    );
-    let target = inner.spec.domain.retry_queue(1);
-    match publish_with_retries(inner, &target, &delivery.data, properties).await {
-        Ok(()) => {
-            debug!(queue, message_id = %envelope.message_id, attempt = envelope.attempt, error = why, "Dependency unavailable and its breaker open; waiting without spending an attempt");
-            inner.acks.ack(&[delivery]).await;
-            inner.metrics.settled(Outcome::HeldBack, 1);
-        }
-        Err(e) => requeue(inner, delivery, &target, &e).await,
+    if move_to_tier(inner, delivery, 1, delay, why, &[]).await {
+        debug!(queue = inner.spec.domain.queue(), message_id = %envelope.message_id, attempt = envelope.attempt, error = why, "Dependency unavailable and its breaker open; waiting without spending an attempt");
+        inner.metrics.settled(Outcome::HeldBack, 1);
     }
 }
 
@@ -94,28 +81,47 @@ async fn retry<H>(
     delay: Duration,
     why: &str,
 ) {
-    let queue = inner.spec.domain.queue();
-    let next = envelope.attempt + 1;
-    let properties = failure_properties(
+    let next = AMQPValue::LongLongInt((envelope.attempt + 1).into());
+    if move_to_tier(
+        inner,
         delivery,
+        tier,
+        delay,
         why,
-        &[(headers::ATTEMPT, AMQPValue::LongLongInt(next.into()))],
+        &[(headers::ATTEMPT, next)],
     )
-    .with_expiration(
-        routing::jittered(delay)
-            .as_millis()
-            .to_string()
-            .as_str()
-            .into(),
-    );
+    .await
+    {
+        warn!(queue = inner.spec.domain.queue(), message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, trace_id = trace_id(delivery), error = why, "Transient failure, retrying");
+        inner.metrics.settled(Outcome::Retried, 1);
+    }
+}
+
+/// Publishes the delivery's copy, with the failure headers and `extra`, to
+/// retry tier `tier`, expiring after about `delay`, and acks it once the
+/// broker confirmed the copy: true. When the copy cannot be published the
+/// delivery goes back to its queue instead: false.
+async fn move_to_tier<H>(
+    inner: &Inner<H>,
+    delivery: &Delivery,
+    tier: usize,
+    delay: Duration,
+    why: &str,
+    extra: &[(&str, AMQPValue)],
+) -> bool {
+    let expiration = routing::jittered(delay).as_millis().to_string();
+    let properties =
+        failure_properties(delivery, why, extra).with_expiration(expiration.as_str().into());
     let target = inner.spec.domain.retry_queue(tier);
     match publish_with_retries(inner, &target, &delivery.data, properties).await {
         Ok(()) => {
-            warn!(queue, message_id = %envelope.message_id, kind = %envelope.kind, attempt = envelope.attempt, tier, trace_id = trace_id(delivery), error = why, "Transient failure, retrying");
             inner.acks.ack(&[delivery]).await;
-            inner.metrics.settled(Outcome::Retried, 1);
+            true
         }
-        Err(e) => requeue(inner, delivery, &target, &e).await,
+        Err(e) => {
+            requeue(inner, delivery, &target, &e).await;
+            false
+        }
     }
 }
 
