@@ -31,8 +31,8 @@ pub struct Probe {
     #[serde(default)]
     pub sleep_ms: u64,
     /// Blocks its thread this long at its first attempt, as a handler
-    /// doing blocking work on the async runtime would: out of reach of the
-    /// handler deadline.
+    /// doing blocking work in place would: out of reach of the handler
+    /// deadline.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub block_ms: u64,
     #[serde(default)]
@@ -90,7 +90,12 @@ impl<const OUTSIDE_EFFECTS: bool> Handler for ProbeHandler<OUTSIDE_EFFECTS> {
             tokio::time::sleep(Duration::from_millis(probe.sleep_ms)).await;
         }
         if probe.block_ms > 0 && attempt == 1 {
-            std::thread::sleep(Duration::from_millis(probe.block_ms));
+            // In place: the handler's future is stuck in this poll, where
+            // no deadline reaches it, while the runtime moves its other
+            // tasks (the `/readyz` server among them) to another thread.
+            tokio::task::block_in_place(|| {
+                std::thread::sleep(Duration::from_millis(probe.block_ms))
+            });
         }
         match probe.fail.as_deref() {
             Some("transient") if probe.succeed_at_attempt.is_none_or(|n| attempt < n) => {
