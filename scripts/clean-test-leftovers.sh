@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Removes the vhosts, broker users and databases that tests make (prefix
+# Removes the vhosts, broker users, databases and database roles that tests make (prefix
 # oftest_) and that a killed or panicking test left behind, and a memory
 # alarm one left raised.
 # Touches nothing else.
@@ -15,6 +15,10 @@ for user in $(curl -fsS -u guest:guest http://127.0.0.1:15672/api/users 2>/dev/n
 done
 for db in $(psql -h 127.0.0.1 -U postgres -d postgres -Atc "select datname from pg_database where datname like '${prefix}%'"); do
     psql -h 127.0.0.1 -U postgres -d postgres -qc "drop database if exists \"$db\" with (force)" >/dev/null || true
+done
+# The PostgreSQL roles of tests (prefix oftest_), once their databases are gone.
+for role in $(psql -h 127.0.0.1 -U postgres -d postgres -Atc "select rolname from pg_roles where rolname like '${prefix}%'"); do
+    psql -h 127.0.0.1 -U postgres -d postgres -qc "drop role if exists \"$role\"" >/dev/null || true
 done
 # The memory alarm a killed `broker_alarm` test left raised (it sets the
 # watermark to 0.0001 and puts the broker's value back when it ends).

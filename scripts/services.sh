@@ -77,6 +77,48 @@ if ! port_open 15672; then
     rabbitmq-plugins enable rabbitmq_management >/dev/null
     wait_port 15672 "the RabbitMQ management plugin"
 fi
+# A TLS listener on 127.0.0.1:5671, for the tests of `amqps://` (and for
+# trying it by hand): a CA and a server certificate for localhost made here,
+# the CA left where the tests read it (ORDERFLOW_TEST_AMQPS_CA in testkit).
+tls_dir=/etc/rabbitmq/orderflow-test-tls
+tls_conf=/etc/rabbitmq/conf.d/90-orderflow-test-tls.conf
+if [ ! -s "$tls_dir/server.pem" ] || ! openssl x509 -checkend 86400 -noout -in "$tls_dir/server.pem" >/dev/null 2>&1; then
+    need_root_for "making the broker's test TLS certificate"
+    command -v openssl >/dev/null || apt_install openssl
+    log "making a test CA and a server certificate for RabbitMQ's TLS listener"
+    mkdir -p "$tls_dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj "/CN=orderflow test broker CA" \
+        -keyout "$tls_dir/ca.key" -out "$tls_dir/ca.pem" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+        -keyout "$tls_dir/server.key" -out "$tls_dir/server.csr" 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n' >"$tls_dir/server.ext"
+    openssl x509 -req -days 365 -in "$tls_dir/server.csr" -CA "$tls_dir/ca.pem" -CAkey "$tls_dir/ca.key" \
+        -CAcreateserial -extfile "$tls_dir/server.ext" -out "$tls_dir/server.pem" 2>/dev/null
+    chown -R rabbitmq:rabbitmq "$tls_dir" 2>/dev/null || true
+    chmod 0644 "$tls_dir/ca.pem" "$tls_dir/server.pem"
+    chmod 0640 "$tls_dir/server.key" "$tls_dir/ca.key"
+    rm -f "$tls_conf"
+fi
+if [ ! -s "$tls_conf" ]; then
+    need_root_for "configuring RabbitMQ's TLS listener"
+    mkdir -p "$(dirname "$tls_conf")"
+    cat >"$tls_conf" <<CONF
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $tls_dir/ca.pem
+ssl_options.certfile = $tls_dir/server.pem
+ssl_options.keyfile = $tls_dir/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+fi
+if ! port_open 5671; then
+    # The configuration is read when the application starts: restarting it
+    # (the node and its data stay) opens the listener.
+    log "restarting RabbitMQ's application to open its TLS listener on 5671"
+    rabbitmqctl -q stop_app >/dev/null
+    rabbitmqctl -q start_app >/dev/null
+    wait_port 5671 "RabbitMQ's TLS listener"
+fi
 # The management API answers only once the node has finished booting.
 for _ in $(seq 1 60); do
     curl -fsS -u guest:guest http://127.0.0.1:15672/api/overview >/dev/null 2>&1 && break

@@ -30,8 +30,12 @@ pub struct Options {
     /// [`System::payment_metrics`].
     pub payment_metrics: bool,
     /// Run every binary as its own least-privilege broker user
-    /// (`topology::identities`), as a deployment does, instead of `guest`.
+    /// (`topology::identities`) and database role (`runtime::db::roles`),
+    /// as a deployment does, instead of `guest` and the database's owner.
     pub identities: bool,
+    /// Every binary speaks TLS to the broker (`amqps://`, its listener's CA
+    /// in the URL's `cacertfile`).
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -51,6 +55,7 @@ impl Default for Options {
             },
             payment_metrics: false,
             identities: false,
+            tls: false,
         }
     }
 }
@@ -142,6 +147,8 @@ pub struct System {
     smtp: SmtpSink,
     /// The broker users made for this system (`Options::identities`).
     users: Vec<String>,
+    /// The database roles made for this system (`Options::identities`).
+    database_roles: Vec<String>,
     nodes: Vec<Forwarder>,
     stops: Vec<oneshot::Sender<()>>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -156,8 +163,16 @@ impl System {
         let pool = env.pool().await;
         runtime::db::migrate(&pool).await.unwrap();
         let mut nodes = Vec::new();
-        let mut amqp_url = env.amqp_url.clone();
+        let mut amqp_url = if options.tls {
+            env.amqps_url()
+        } else {
+            env.amqp_url.clone()
+        };
         if options.broker_nodes > 1 {
+            assert!(
+                !options.tls,
+                "the forwarders that stand for nodes are plain TCP"
+            );
             for _ in 0..options.broker_nodes {
                 nodes.push(Forwarder::start(testkit::BROKER).await);
             }
@@ -185,6 +200,30 @@ impl System {
                 users.push(format!("{}-{}", env.vhost, identity.binary));
             }
         }
+        // Each binary's database URL: its own role, or the owner's for all.
+        let mut database_roles = Vec::new();
+        if options.identities {
+            let prefix = format!("{}_", env.database);
+            let mut admin = pool.acquire().await.unwrap();
+            for role in runtime::db::roles::roles() {
+                role.apply(&mut admin, &prefix, &format!("pw-{}", env.vhost))
+                    .await
+                    .unwrap();
+                database_roles.push(role.name(&prefix));
+            }
+        }
+        let database_url_of = |binary: &str| -> String {
+            if !options.identities {
+                return env.database_url.clone();
+            }
+            let role = runtime::db::roles::roles()
+                .into_iter()
+                .find(|r| r.binary == binary)
+                .unwrap()
+                .name(&format!("{}_", env.database));
+            env.database_url
+                .replacen("postgres@", &format!("{role}:pw-{}@", env.vhost), 1)
+        };
         let url_of = |binary: &str| -> String {
             if !options.identities {
                 return amqp_url.clone();
@@ -219,7 +258,7 @@ impl System {
         let settings = publisher::PublisherSettings {
             http_addr: "127.0.0.1:0".into(),
             amqp_url: runtime::SecretUrl::new(url_of("publisher")),
-            database_url: runtime::SecretUrl::new(env.database_url.clone()),
+            database_url: runtime::SecretUrl::new(database_url_of("publisher")),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 65536,
             database_pool_size: 4,
@@ -236,7 +275,7 @@ impl System {
 
         let worker_settings = |domain: contract::Domain| runtime::WorkerSettings {
             amqp_url: runtime::SecretUrl::new(url_of(domain.worker())),
-            database_url: runtime::SecretUrl::new(env.database_url.clone()),
+            database_url: runtime::SecretUrl::new(database_url_of(domain.worker())),
             retry_delays: retry.clone(),
             prefetch: 16,
             concurrency: 3,
@@ -301,6 +340,7 @@ impl System {
             http: client_with_token(ADMIN_TOKEN),
             payment_metrics: payment_metrics.map(|a| format!("http://{a}")),
             users,
+            database_roles,
             pool,
             smtp,
             nodes,
@@ -546,6 +586,16 @@ impl System {
     /// Asserts the system-wide invariants: no stock reserved by a cancelled
     /// order, no negative stock, no charge standing on a cancelled order and
     /// exactly one on each confirmed one, empty dead queues.
+    /// The system's connections to the broker, as the management API shows them.
+    pub async fn broker_connections(&self) -> Vec<Value> {
+        let path = format!(
+            "vhosts/{}/connections",
+            topology::management::encode_vhost(&self.env.vhost)
+        );
+        let all = self.env.management.get(&path).await.unwrap();
+        all.as_array().unwrap().clone()
+    }
+
     pub async fn assert_quiet_and_consistent(&self) {
         // Refunds may still be on their way: the money settles within a while.
         eventually(Duration::from_secs(30), "charges settled", || async {
@@ -623,6 +673,7 @@ impl System {
             let _ = self.env.management.delete(&format!("users/{user}")).await;
         }
         self.env.cleanup().await;
+        testkit::drop_database_roles(&self.database_roles).await;
     }
 }
 

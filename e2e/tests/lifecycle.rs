@@ -290,14 +290,17 @@ async fn prices_come_from_the_catalog_and_a_wrong_one_cancels_the_order() {
     system.stop().await;
 }
 
-/// Every binary on its own least-privilege broker user, as a deployment
-/// runs it: the saga's every path (confirmed, declined, out of stock,
-/// cancelled after confirmation and refunded, payments retried through
-/// their tiers) needs nothing its users may not do.
+/// Every binary on its own least-privilege broker user and database role,
+/// and over TLS to the broker, as a deployment runs it: the saga's every
+/// path (confirmed, declined, out of stock, cancelled after confirmation
+/// and refunded, payments retried through their tiers) needs nothing its
+/// users and roles may not do, and every connection to the broker is
+/// encrypted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_binary_on_its_own_least_privilege_user_drives_every_path_of_the_saga() {
+async fn every_binary_as_deployed_drives_every_path_of_the_saga() {
     let system = System::start(Options {
         identities: true,
+        tls: true,
         trouble: Trouble {
             error_rate: 0.3,
             latency_ms: 0,
@@ -307,10 +310,12 @@ async fn every_binary_on_its_own_least_privilege_user_drives_every_path_of_the_s
         ..Options::default()
     })
     .await;
-    system.stock("SKU-U", 3).await;
+    // Enough for every order but the short one, in whatever order the
+    // workers take them (three at a time, in chunks).
+    system.stock("SKU-U", 7).await;
     let confirmed = system.place("SKU-U", 1, "pm_card_visa").await;
     let declined = system.place("SKU-U", 1, "pm_card_chargeDeclined").await;
-    let short = system.place("SKU-U", 5, "pm_card_visa").await;
+    let short = system.place("SKU-U", 8, "pm_card_visa").await;
     let mut confirmed_ids = Vec::new();
     for _ in 0..5 {
         confirmed_ids.push(system.place("SKU-U", 1, "pm_card_visa").await);
@@ -335,6 +340,18 @@ async fn every_binary_on_its_own_least_privilege_user_drives_every_path_of_the_s
     system.wait_mails(&confirmed, 2).await;
     system.wait_mails(&declined, 1).await;
     system.assert_quiet_and_consistent().await;
+    // The management API lists a connection once its first statistics are
+    // in (every 5 s by default).
+    testkit::eventually(
+        Duration::from_secs(15),
+        "the system's connections listed",
+        || async { system.broker_connections().await.len() >= 5 },
+    )
+    .await;
+    let connections = system.broker_connections().await;
+    for connection in &connections {
+        assert_eq!(connection["ssl"], true, "a plain connection: {connection}");
+    }
     system.stop().await;
 }
 

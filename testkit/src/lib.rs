@@ -15,6 +15,11 @@ use topology::management::{Management, encode_vhost};
 
 pub const BROKER: &str = "127.0.0.1:5672";
 pub const MANAGEMENT: &str = "http://127.0.0.1:15672";
+/// RabbitMQ's TLS listener, which `scripts/services.sh` opens with a
+/// certificate for `localhost` and `127.0.0.1` signed by [`BROKER_TLS_CA`].
+pub const BROKER_TLS: &str = "127.0.0.1:5671";
+/// The CA of the broker's TLS listener (made by `scripts/services.sh`).
+pub const BROKER_TLS_CA: &str = "/etc/rabbitmq/orderflow-test-tls/ca.pem";
 pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 
 /// Prefix of every vhost and database a test makes.
@@ -75,6 +80,19 @@ impl TestEnv {
         .execute(&admin)
         .await;
         admin.close().await;
+    }
+
+    /// This test's vhost over TLS (`amqps://`), trusting the listener's CA.
+    pub fn amqps_url(&self) -> String {
+        assert!(
+            std::path::Path::new(BROKER_TLS_CA).exists(),
+            "{BROKER_TLS_CA} is missing: run scripts/services.sh, which opens the broker's TLS listener"
+        );
+        let url = self
+            .amqp_url
+            .replacen("amqp://", "amqps://", 1)
+            .replacen(BROKER, BROKER_TLS, 1);
+        format!("{url}?cacertfile={BROKER_TLS_CA}")
     }
 
     /// This test's `AMQP_URL` naming `nodes` (`host:port` each) in place of
@@ -238,6 +256,20 @@ impl TestEnv {
 /// management UI shows it.
 fn connection_name(connection: &serde_json::Value) -> Option<&str> {
     connection["client_properties"]["connection_name"].as_str()
+}
+
+/// Drops the PostgreSQL roles a test made, once the databases they hold
+/// grants in are gone (a role with grants cannot be dropped).
+pub async fn drop_database_roles(names: &[String]) {
+    let admin = admin_pool().await;
+    for name in names {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {quoted}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
 }
 
 async fn admin_pool() -> sqlx::PgPool {

@@ -7,9 +7,17 @@
 //! The crate that names the broker's exchanges and queues also reads its
 //! address, so that `topology` and the runtime (which depends on this
 //! crate) read `AMQP_URL` the same way.
+//!
+//! `amqps://` speaks TLS (rustls), always verifying the broker's
+//! certificate and name against the platform's roots and, where the query
+//! names one, a CA of the deployment's own: `?cacertfile=/path/ca.pem`,
+//! RabbitMQ's URI parameter. `certfile` and `keyfile` (PEM) present a
+//! client certificate. The files are read at every connection, so a
+//! renewed certificate is taken at the next reconnect.
 
-use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{ConnectionProperties, DefaultConnectionBuilder};
 use settings::{ConfigError, SecretUrl, Source, Var};
 use std::fmt;
 use std::sync::LazyLock;
@@ -31,9 +39,10 @@ pub const AMQP_URL: Var = Var::new("AMQP_URL", "amqp://guest:guest@127.0.0.1:567
 /// wait for.
 pub fn amqp_url(source: &Source) -> Result<SecretUrl, ConfigError> {
     source.secret_url(AMQP_URL, |url| {
-        BrokerAddresses::parse(url)
-            .map(|_| ())
-            .map_err(|reason| format!("not an AMQP URL: {reason}"))
+        let addresses =
+            BrokerAddresses::parse(url).map_err(|reason| format!("not an AMQP URL: {reason}"))?;
+        // The TLS files must be there at start, not at the first reconnect.
+        addresses.tls().load().map(|_| ())
     })
 }
 
@@ -41,6 +50,84 @@ pub fn amqp_url(source: &Source) -> Result<SecretUrl, ConfigError> {
 #[derive(Clone, Debug)]
 pub struct BrokerAddresses {
     nodes: Vec<AMQPUri>,
+    tls: TlsFiles,
+}
+
+/// The TLS files an `amqps://` URL's query names (RabbitMQ's URI
+/// parameters): a CA to trust beside the platform's roots, and a client
+/// certificate with its key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cacertfile: Option<String>,
+    pub certfile: Option<String>,
+    pub keyfile: Option<String>,
+}
+
+impl TlsFiles {
+    /// The parameters in `query` (without its `?`); TLS parameters on an
+    /// `amqp://` URL are refused, so that nobody believes a plain
+    /// connection is encrypted.
+    fn read(query: &str, scheme: AMQPScheme) -> Result<Self, AddressError> {
+        let mut files = Self::default();
+        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let slot = match key.as_ref() {
+                "cacertfile" => &mut files.cacertfile,
+                "certfile" => &mut files.certfile,
+                "keyfile" => &mut files.keyfile,
+                "verify" if value == "verify_peer" => continue,
+                "verify" => {
+                    return Err(AddressError::Bad(format!(
+                        "verify={value}: the broker's certificate is always verified; give its CA in cacertfile"
+                    )));
+                }
+                _ => continue,
+            };
+            if value.is_empty() {
+                return Err(AddressError::Bad(format!("{key} is empty")));
+            }
+            *slot = Some(value.into_owned());
+        }
+        if files != Self::default() && scheme != AMQPScheme::AMQPS {
+            return Err(AddressError::Bad(
+                "cacertfile, certfile and keyfile are for amqps:// URLs; this one is amqp:// (no TLS)"
+                    .to_owned(),
+            ));
+        }
+        if files.certfile.is_some() != files.keyfile.is_some() {
+            return Err(AddressError::Bad(
+                "certfile and keyfile go together (a client certificate and its key)".to_owned(),
+            ));
+        }
+        Ok(files)
+    }
+
+    /// The files' contents as lapin takes them; an unreadable or
+    /// certificate-less file is an error naming it.
+    pub fn load(&self) -> Result<OwnedTLSConfig, String> {
+        let read = |path: &str| std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"));
+        let cert_chain = match &self.cacertfile {
+            Some(path) => {
+                let pem = String::from_utf8(read(path)?)
+                    .map_err(|_| format!("{path} is not a PEM file"))?;
+                if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!("{path} holds no PEM certificate"));
+                }
+                Some(pem)
+            }
+            None => None,
+        };
+        let identity = match (&self.certfile, &self.keyfile) {
+            (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+                pem: read(cert)?,
+                key: read(key)?,
+            }),
+            _ => None,
+        };
+        Ok(OwnedTLSConfig {
+            identity,
+            cert_chain,
+        })
+    }
 }
 
 /// Why an `AMQP_URL` cannot be read. Never contains the password.
@@ -69,7 +156,10 @@ impl BrokerAddresses {
         let Some(split) = Split::of(url) else {
             // No authority to list nodes in: lapin says what is wrong.
             let node = url.parse::<AMQPUri>().map_err(AddressError::Bad)?;
-            return Ok(Self { nodes: vec![node] });
+            return Ok(Self {
+                nodes: vec![node],
+                tls: TlsFiles::default(),
+            });
         };
         if split.rest.contains("://") {
             return Err(AddressError::SeveralUrls);
@@ -101,7 +191,15 @@ impl BrokerAddresses {
             }
             nodes.push(node);
         }
-        Ok(Self { nodes })
+        let query = split.rest.split_once('?').map_or("", |(_, query)| query);
+        let query = query.split('#').next().unwrap_or_default();
+        let tls = TlsFiles::read(query, nodes[0].scheme.clone())?;
+        Ok(Self { nodes, tls })
+    }
+
+    /// The TLS files the URL names (none for `amqp://`).
+    pub fn tls(&self) -> &TlsFiles {
+        &self.tls
     }
 
     /// Every node, in the order `AMQP_URL` names them; never empty.
@@ -118,7 +216,13 @@ impl BrokerAddresses {
         name: &str,
         frame_max: Option<u32>,
         timeout: Duration,
-    ) -> Result<Connection, lapin::Error> {
+    ) -> Result<lapin::Connection, lapin::Error> {
+        let tls = self.tls.load().map_err(|reason| {
+            lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                reason,
+            ))
+        })?;
         let count = self.nodes.len();
         let start = PREFERRED.load(Ordering::Relaxed) % count;
         let mut failures = Vec::new();
@@ -128,12 +232,12 @@ impl BrokerAddresses {
                 uri.query.frame_max.get_or_insert(frame_max);
             }
             let properties = ConnectionProperties::default().with_connection_name(name.into());
-            let error = match tokio::time::timeout(
-                timeout,
-                Connection::connect_uri(uri, properties),
-            )
-            .await
-            {
+            let builder = DefaultConnectionBuilder::new()?
+                .with_uri(uri)
+                .with_properties(properties)
+                .with_tls_config(tls.clone());
+            let connecting = builder.connect();
+            let error = match tokio::time::timeout(timeout, connecting).await {
                 Ok(Ok(connection)) => {
                     PREFERRED.store(index, Ordering::Relaxed);
                     if count > 1 {
@@ -259,6 +363,24 @@ mod tests {
         let one = BrokerAddresses::parse("amqp://u:a,b@rabbit:5672/%2f").unwrap();
         assert_eq!(one.nodes().len(), 1);
         assert_eq!(one.first().authority.userinfo.password, "a,b");
+    }
+
+    #[test]
+    fn tls_files_are_read_from_an_amqps_query_only() {
+        let url = "amqps://u:p@a:5671,b/%2f?heartbeat=10&cacertfile=%2Fetc%2Fca.pem&certfile=/c.pem&keyfile=/k.pem";
+        let tls = BrokerAddresses::parse(url).unwrap().tls().clone();
+        assert_eq!(tls.cacertfile.as_deref(), Some("/etc/ca.pem"));
+        assert_eq!(tls.certfile.as_deref(), Some("/c.pem"));
+        assert_eq!(tls.keyfile.as_deref(), Some("/k.pem"));
+        let plain = BrokerAddresses::parse("amqps://u:p@a/%2f").unwrap();
+        assert_eq!(plain.tls(), &TlsFiles::default());
+        let refused = |url: &str| BrokerAddresses::parse(url).err().unwrap().to_string();
+        // TLS files on a plain URL would let one believe it is encrypted.
+        assert!(refused("amqp://u:p@a/%2f?cacertfile=/ca.pem").contains("amqps://"));
+        assert!(refused("amqps://u:p@a/%2f?verify=verify_none").contains("always verified"));
+        assert!(refused("amqps://u:p@a/%2f?certfile=/c.pem").contains("go together"));
+        assert!(refused("amqps://u:p@a/%2f?cacertfile=").contains("empty"));
+        assert!(BrokerAddresses::parse("amqps://u:p@a/%2f?verify=verify_peer").is_ok());
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The PostgreSQL pool and migrations.
 
+pub mod roles;
+
 use backon::Retryable;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -25,6 +27,10 @@ pub enum DbError {
     },
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "{count} migration(s) pending, from version {first}, and this role may not apply them: run `migrate` with the database owner's DATABASE_URL first"
+    )]
+    Pending { count: usize, first: i64 },
 }
 
 /// Reads `DATABASE_URL` as libpq would, with one difference: a URL that
@@ -149,9 +155,50 @@ async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), Db
 
 /// Applies pending migrations. The migrator holds a PostgreSQL advisory lock
 /// while it runs, so replicas starting together apply each migration once.
+/// A schema already current is only checked, which a role without the
+/// right to change it (`roles`) may do; such a role finding migrations
+/// pending is told to run `migrate` as the owner.
 pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
-    MIGRATOR.run(pool).await?;
-    Ok(())
+    let pending = pending_migrations(pool).await;
+    let Some(&first) = pending.first() else {
+        return Ok(());
+    };
+    match MIGRATOR.run(pool).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db)))
+            if db.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
+        {
+            Err(DbError::Pending {
+                count: pending.len(),
+                first,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// SQLSTATE 42501: the role lacks a privilege.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// The versions of the migrations this binary carries that the database's
+/// ledger does not hold as applied, with the same checksum. All of them
+/// when the ledger cannot be read (a new database).
+async fn pending_migrations(pool: &PgPool) -> Vec<i64> {
+    let applied: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+    MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .filter(|m| {
+            !applied
+                .iter()
+                .any(|(version, checksum)| *version == m.version && **checksum == *m.checksum)
+        })
+        .map(|m| m.version)
+        .collect()
 }
 
 /// Warns when the server runs without autovacuum. Every message leaves a
