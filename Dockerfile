@@ -3,10 +3,11 @@ FROM rust:1.94-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked \
-      -p topology -p publisher -p payment-gateway-sim \
+      -p topology -p migrate -p dlq -p publisher -p payment-gateway-sim \
       -p order-worker -p inventory-worker -p payment-worker -p notification-worker \
  && mkdir /out \
- && cp target/release/topology target/release/publisher target/release/payment-gateway-sim \
+ && cp target/release/topology target/release/migrate target/release/dlq \
+       target/release/publisher target/release/payment-gateway-sim \
        target/release/order-worker target/release/inventory-worker \
        target/release/payment-worker target/release/notification-worker /out/
 

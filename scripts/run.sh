@@ -74,6 +74,27 @@ as_user() {
     echo "${AMQP_URL%%://*}://$1:$2@${rest#*@}"
 }
 
+# The database: migrated as the owner (DATABASE_URL), and one
+# least-privilege role per binary (migrate --roles); passwords made once
+# for this checkout.
+db_passwords_file=$run_dir/db-passwords
+if [ ! -s "$db_passwords_file" ]; then
+    ( umask 077
+      for b in PUBLISHER ORDER_WORKER INVENTORY_WORKER PAYMENT_WORKER NOTIFICATION_WORKER DLQ; do
+          printf 'DATABASE_PASSWORD_%s=%s\n' "$b" "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')"
+      done >"$db_passwords_file" )
+fi
+set -a
+# shellcheck disable=SC1090
+. "$db_passwords_file"
+set +a
+"$bin/migrate" --roles
+# DATABASE_URL with another role and password (its userinfo replaced).
+as_role() {
+    local rest=${DATABASE_URL#*://}
+    echo "${DATABASE_URL%%://*}://orderflow_$1:$2@${rest#*@}"
+}
+
 pids=()
 start() {
     local name=$1
@@ -99,14 +120,18 @@ start payment-gateway-sim env HTTP_ADDR=127.0.0.1:8090 "$bin/payment-gateway-sim
 for i in $(seq 1 "$replicas"); do
     n=1
     for worker in order-worker inventory-worker payment-worker notification-worker; do
-        password_var=AMQP_PASSWORD_$(echo "$worker" | tr 'a-z-' 'A-Z_')
+        upper=$(echo "$worker" | tr 'a-z-' 'A-Z_')
+        amqp_password=AMQP_PASSWORD_$upper
+        db_password=DATABASE_PASSWORD_$upper
         start "$worker-$i" env METRICS_ADDR="127.0.0.1:$((9100 + (i - 1) * 10 + n))" \
-            AMQP_URL="$(as_user "$worker" "${!password_var}")" "$bin/$worker"
+            AMQP_URL="$(as_user "$worker" "${!amqp_password}")" \
+            DATABASE_URL="$(as_role "$(echo "$worker" | tr - _)" "${!db_password}")" "$bin/$worker"
         n=$((n + 1))
     done
 done
 start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" \
-    AMQP_URL="$(as_user publisher "$AMQP_PASSWORD_PUBLISHER")" "$bin/publisher"
+    AMQP_URL="$(as_user publisher "$AMQP_PASSWORD_PUBLISHER")" \
+    DATABASE_URL="$(as_role publisher "$DATABASE_PASSWORD_PUBLISHER")" "$bin/publisher"
 
 log "waiting until the publisher is ready"
 for _ in $(seq 1 120); do
@@ -153,6 +178,8 @@ orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
                       load them with: . $run_dir/api-keys
   RabbitMQ management http://127.0.0.1:15672   (guest / guest; each binary on its own user,
                       passwords in $run_dir/amqp-passwords)
+  PostgreSQL          each binary on its own role (orderflow_<binary>), passwords in
+                      $run_dir/db-passwords
   Mail received       http://127.0.0.1:8025
   Payment gateway     http://127.0.0.1:8090/charges
   Worker metrics      http://127.0.0.1:9101/metrics (order), 9102 (inventory), 9103 (payment), 9104 (notification)

@@ -177,6 +177,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     }
 }
 
+/// [`migrate`], waiting (with backoff, each wait logged) while migrations
+/// are pending that this role may not apply: a worker started beside the
+/// owner's `migrate` (a Kubernetes Job, a compose service) comes up once
+/// the schema is current, instead of failing and being restarted.
+pub async fn migrate_when_current(pool: &PgPool) -> Result<(), DbError> {
+    (|| migrate(pool))
+        .retry(crate::broker::until_reachable())
+        .when(|e| matches!(e, DbError::Pending { .. }))
+        .notify(|e, delay| warn!(error = %e, retry_in = ?delay, "Database schema not current yet"))
+        .await
+}
+
 /// SQLSTATE 42501: the role lacks a privilege.
 const INSUFFICIENT_PRIVILEGE: &str = "42501";
 

@@ -122,7 +122,8 @@ fn stall_after(settings: &WorkerSettings) -> Duration {
 impl<H: Handler> Worker<H> {
     /// Serves `METRICS_ADDR` at once (alive, not ready), then connects the
     /// database, waiting for it if it is not up yet, and creates and
-    /// migrates it as needed. The broker is connected by [`Worker::run`],
+    /// migrates it as needed (or, as a role that may not, waits until
+    /// `migrate` has). The broker is connected by [`Worker::run`],
     /// which waits for it too.
     pub async fn build(
         spec: WorkerSpec,
@@ -139,7 +140,7 @@ impl<H: Handler> Worker<H> {
                 spec.name,
             )
             .await?;
-            db::migrate(&pool).await?;
+            db::migrate_when_current(&pool).await?;
             Ok::<_, anyhow::Error>(pool)
         }
         .await;
