@@ -36,6 +36,8 @@ pub struct Options {
     /// Every binary speaks TLS to the broker (`amqps://`, its listener's CA
     /// in the URL's `cacertfile`).
     pub tls: bool,
+    /// How the publisher authenticates callers; [`test_keys`] when `None`.
+    pub auth: Option<publisher::auth::AuthSettings>,
 }
 
 impl Default for Options {
@@ -56,6 +58,7 @@ impl Default for Options {
             payment_metrics: false,
             identities: false,
             tls: false,
+            auth: None,
         }
     }
 }
@@ -263,7 +266,7 @@ impl System {
             max_body_bytes: 65536,
             database_pool_size: 4,
             shedding: publisher::shedding::SheddingSettings::read(&Default::default()).unwrap(),
-            auth: test_keys(),
+            auth: options.auth.clone().unwrap_or_else(test_keys),
         };
         let app = publisher::Application::build(settings).await.unwrap();
         let api = format!("http://127.0.0.1:{}", app.port());

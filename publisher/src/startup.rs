@@ -58,7 +58,7 @@ impl Application {
             max_body_bytes: settings.max_body_bytes,
             shedding,
         };
-        let authenticator = Arc::new(Authenticator::new(settings.auth.clone()));
+        let authenticator = Arc::new(Authenticator::start(settings.auth.clone()).await?);
         let router = router(state, authenticator, settings.request_timeout);
         Ok(Self {
             listener,

@@ -6,7 +6,12 @@
 //! answered `401` with `WWW-Authenticate: Bearer`; a token whose role does
 //! not cover the endpoint, `403`. Secrets are compared in constant time, as
 //! SHA-256 digests so that their lengths do not show either, and never
-//! logged: the effective configuration names keys and roles only.
+//! logged: the effective configuration names keys and roles only. JWTs
+//! (`jwt`) name callers too, with keys from a shared secret or the
+//! identity provider's key set (`jwks`).
+
+mod jwks;
+pub mod jwt;
 
 use crate::error::ApiError;
 use axum::extract::{Request, State};
@@ -19,15 +24,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-const API_KEYS: Var = Var::optional("API_KEYS");
-const JWT_HS256_SECRET: Var = Var::optional("JWT_HS256_SECRET");
-const JWT_ISSUER: Var = Var::optional("JWT_ISSUER");
-const JWT_AUDIENCE: Var = Var::optional("JWT_AUDIENCE");
+use jwt::{JwtSettings, JwtVerifier};
 
-/// The shortest HS256 secret accepted: the hash's size (RFC 7518, 3.2).
-const MIN_JWT_SECRET_LEN: usize = 32;
-/// Clock skew allowed on `exp` and `nbf`.
-const JWT_LEEWAY_SECONDS: u64 = 30;
+const API_KEYS: Var = Var::optional("API_KEYS");
 /// `off` serves every endpoint without authentication (local development).
 const AUTH: Var = Var::new("AUTH", "on");
 
@@ -77,23 +76,6 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
-/// How JWTs are checked.
-#[derive(Clone)]
-pub struct JwtSettings {
-    key: jsonwebtoken::DecodingKey,
-    pub issuer: Option<String>,
-    pub audience: Option<String>,
-}
-
-impl std::fmt::Debug for JwtSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtSettings")
-            .field("issuer", &self.issuer)
-            .field("audience", &self.audience)
-            .finish_non_exhaustive()
-    }
-}
-
 /// How callers are authenticated.
 #[derive(Debug, Clone)]
 pub enum AuthSettings {
@@ -111,36 +93,7 @@ impl AuthSettings {
     /// is never open by accident.
     pub fn read(source: &Source) -> Result<Self, ConfigError> {
         let keys = source.secret(API_KEYS, mask_keys, parse_keys)?;
-        let secret = source.secret(
-            JWT_HS256_SECRET,
-            |_| "***".to_owned(),
-            |raw| {
-                if raw.len() < MIN_JWT_SECRET_LEN {
-                    Err(format!("must be at least {MIN_JWT_SECRET_LEN} bytes"))
-                } else {
-                    jsonwebtoken::DecodingKey::from_secret(raw.as_bytes())
-                        .map_err(|e| e.to_string())
-                }
-            },
-        )?;
-        let text = |raw: &str| Ok::<_, String>(raw.to_owned());
-        let issuer = source.optional(JWT_ISSUER, text)?;
-        let audience = source.optional(JWT_AUDIENCE, text)?;
-        let jwt = match secret {
-            Some(key) => Some(JwtSettings {
-                key,
-                issuer,
-                audience,
-            }),
-            None if issuer.is_some() || audience.is_some() => {
-                return Err(runtime::config::invalid(
-                    JWT_HS256_SECRET,
-                    "",
-                    "not set, but JWT_ISSUER or JWT_AUDIENCE is: JWTs need the key they are signed with",
-                ));
-            }
-            None => None,
-        };
+        let jwt = JwtSettings::read(source)?;
         let off = source.parse(AUTH, |raw| match raw {
             "on" => Ok(false),
             "off" => Ok(true),
@@ -151,12 +104,12 @@ impl AuthSettings {
             (_, _, true) => Err(runtime::config::invalid(
                 AUTH,
                 "off",
-                "API_KEYS or JWT_HS256_SECRET is set too: unset one of them",
+                "API_KEYS, JWT_HS256_SECRET or JWT_JWKS_URL is set too: unset them or AUTH",
             )),
             (None, None, false) => Err(runtime::config::invalid(
                 API_KEYS,
                 "",
-                "not set: give each client a key (name:role:secret, role orders or admin, comma-separated), or set JWT_HS256_SECRET, or AUTH=off to serve without authentication",
+                "not set: give each client a key (name:role:secret, role orders or admin, comma-separated), or set JWT_JWKS_URL or JWT_HS256_SECRET, or AUTH=off to serve without authentication",
             )),
             (keys, jwt, false) => Ok(Self::On {
                 keys: keys.unwrap_or_default(),
@@ -175,11 +128,7 @@ impl AuthSettings {
                     .map(|k| format!("{}:{}", k.name, k.role.as_str()))
                     .collect();
                 if let Some(jwt) = jwt {
-                    parts.push(format!(
-                        "jwt(HS256, issuer {}, audience {})",
-                        jwt.issuer.as_deref().unwrap_or("any"),
-                        jwt.audience.as_deref().unwrap_or("any")
-                    ));
+                    parts.push(jwt.describe());
                 }
                 parts.join(",")
             }
@@ -275,18 +224,10 @@ impl Caller {
     }
 }
 
-/// The claims a JWT must carry; `scope` is space-separated (RFC 8693).
-#[derive(Debug, serde::Deserialize)]
-struct Claims {
-    sub: String,
-    #[serde(default)]
-    scope: String,
-}
-
 /// Finds callers by their token.
 pub struct Authenticator {
     settings: AuthSettings,
-    jwt: Option<(jsonwebtoken::DecodingKey, jsonwebtoken::Validation)>,
+    jwt: Option<JwtVerifier>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -298,33 +239,17 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(settings: AuthSettings) -> Self {
+    /// An authenticator; with `JWT_JWKS_URL`, the key set is fetched now.
+    pub async fn start(settings: AuthSettings) -> anyhow::Result<Self> {
         let jwt = match &settings {
-            AuthSettings::On { jwt: Some(jwt), .. } => {
-                let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-                validation.leeway = JWT_LEEWAY_SECONDS;
-                let mut required = vec!["exp", "sub"];
-                if let Some(issuer) = &jwt.issuer {
-                    validation.set_issuer(&[issuer]);
-                    required.push("iss");
-                }
-                match &jwt.audience {
-                    Some(audience) => {
-                        validation.set_audience(&[audience]);
-                        required.push("aud");
-                    }
-                    None => validation.validate_aud = false,
-                }
-                validation.set_required_spec_claims(&required);
-                Some((jwt.key.clone(), validation))
-            }
+            AuthSettings::On { jwt: Some(jwt), .. } => Some(JwtVerifier::start(jwt).await?),
             _ => None,
         };
-        Self { settings, jwt }
+        Ok(Self { settings, jwt })
     }
 
     /// The caller a request's `Authorization` header names.
-    pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub async fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let keys = match &self.settings {
             AuthSettings::Off => {
                 return Ok(Caller {
@@ -338,10 +263,10 @@ impl Authenticator {
         let token = bearer(headers)?;
         // Three dot-separated parts: a JWT, where JWTs are accepted. API
         // key secrets made as the README says have no dots.
-        if let Some((key, validation)) = &self.jwt
+        if let Some(jwt) = &self.jwt
             && token.split('.').count() == 3
         {
-            return jwt_caller(token, key, validation);
+            return jwt.caller(token).await;
         }
         let presented = digest(token.as_bytes());
         // Every key is compared, whichever matches: the time taken does
@@ -359,40 +284,6 @@ impl Authenticator {
                 customer: None,
             })
             .ok_or_else(|| ApiError::Unauthenticated("unknown token".into()))
-    }
-}
-
-/// The caller a JWT names, once its signature, algorithm (HS256 only),
-/// expiry and, where configured, issuer and audience are checked.
-fn jwt_caller(
-    token: &str,
-    key: &jsonwebtoken::DecodingKey,
-    validation: &jsonwebtoken::Validation,
-) -> Result<Caller, ApiError> {
-    let claims = jsonwebtoken::decode::<Claims>(token, key, validation)
-        .map_err(|e| ApiError::Unauthenticated(format!("invalid token: {e}")))?
-        .claims;
-    if claims.sub.is_empty() {
-        return Err(ApiError::Unauthenticated("invalid token: empty sub".into()));
-    }
-    let scopes: Vec<&str> = claims.scope.split_whitespace().collect();
-    let name = format!("jwt:{}", claims.sub);
-    if scopes.contains(&"admin") {
-        Ok(Caller {
-            name,
-            role: Role::Admin,
-            customer: None,
-        })
-    } else if scopes.contains(&"orders") {
-        Ok(Caller {
-            name,
-            role: Role::Orders,
-            customer: Some(claims.sub),
-        })
-    } else {
-        Err(ApiError::Forbidden(
-            "the token's scope grants neither orders nor admin".into(),
-        ))
     }
 }
 
@@ -422,7 +313,7 @@ pub async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let caller = authenticator.caller(request.headers())?;
+    let caller = authenticator.caller(request.headers()).await?;
     request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
 }
@@ -443,26 +334,32 @@ mod tests {
         h
     }
 
-    #[test]
-    fn keys_are_read_with_their_roles_and_never_shown() {
+    #[tokio::test]
+    async fn keys_are_read_with_their_roles_and_never_shown() {
         let settings =
             keys("shop:orders:0123456789abcdef, ops:admin:fedcba9876543210:with:colons").unwrap();
         assert_eq!(settings.describe(), "shop:orders,ops:admin");
         assert!(!format!("{settings:?}").contains("0123456789abcdef"));
-        let auth = Authenticator::new(settings);
-        let shop = auth.caller(&headers("Bearer 0123456789abcdef")).unwrap();
+        let auth = Authenticator::start(settings).await.unwrap();
+        let shop = auth
+            .caller(&headers("Bearer 0123456789abcdef"))
+            .await
+            .unwrap();
         assert_eq!((shop.name.as_str(), shop.role), ("shop", Role::Orders));
         let ops = auth
             .caller(&headers("bearer fedcba9876543210:with:colons"))
+            .await
             .unwrap();
         assert_eq!(ops.role, Role::Admin);
         assert!(shop.require(Role::Admin).is_err());
         assert!(ops.require(Role::Orders).is_ok());
     }
 
-    #[test]
-    fn missing_unknown_and_malformed_tokens_are_unauthenticated() {
-        let auth = Authenticator::new(keys("shop:orders:0123456789abcdef").unwrap());
+    #[tokio::test]
+    async fn missing_unknown_and_malformed_tokens_are_unauthenticated() {
+        let auth = Authenticator::start(keys("shop:orders:0123456789abcdef").unwrap())
+            .await
+            .unwrap();
         for bad in [
             "Bearer 0123456789abcdeX",
             "Bearer ",
@@ -471,14 +368,14 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    auth.caller(&headers(bad)),
+                    auth.caller(&headers(bad)).await,
                     Err(ApiError::Unauthenticated(_))
                 ),
                 "{bad}"
             );
         }
         assert!(matches!(
-            auth.caller(&HeaderMap::new()),
+            auth.caller(&HeaderMap::new()).await,
             Err(ApiError::Unauthenticated(_))
         ));
     }
@@ -528,6 +425,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert_eq!(orphan.name, "JWT_HS256_SECRET");
+        let jwks = AuthSettings::read(&Source::from_pairs([
+            (
+                "JWT_JWKS_URL",
+                "https://id.example.com/.well-known/jwks.json",
+            ),
+            ("JWT_ISSUER", "https://id.example.com"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            jwks.describe(),
+            "jwt(JWKS https://id.example.com/.well-known/jwks.json, issuer https://id.example.com, audience any)"
+        );
+        for (name, value) in [
+            ("JWT_JWKS_URL", "ftp://id.example.com/keys"),
+            ("JWT_JWKS_CA_FILE", "/nonexistent/ca.pem"),
+        ] {
+            let bad = AuthSettings::read(&Source::from_pairs([
+                ("JWT_JWKS_URL", "https://id.example.com/keys"),
+                (name, value),
+            ]))
+            .unwrap_err();
+            assert_eq!(bad.name, name);
+        }
     }
 
     #[test]
