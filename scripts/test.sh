@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: format, lints, the compose file, every test against
+# The whole test suite: format, lints, dependencies (cargo deny), the
+# compose file and the Kubernetes manifests, every test against
 # the real RabbitMQ and PostgreSQL (started or installed by services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ cargo fmt --all -- --check
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo deny (deny.toml)"
+./scripts/deny.sh
 
 log "docker-compose.yml"
 if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
