@@ -141,4 +141,10 @@ if ! command -v openssl >/dev/null; then
     apt_install openssl
 fi
 
+# The console's browser test drives Debian's Chromium through chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    log "installing chromium and chromium-driver (the console's browser test)"
+    apt_install chromium chromium-driver
+fi
+
 log "PostgreSQL on 127.0.0.1:5432, RabbitMQ on 127.0.0.1:5672 (management UI http://127.0.0.1:15672)"

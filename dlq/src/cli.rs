@@ -70,7 +70,17 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Serve the failed-message console (a web page and a JSON API) until
+    /// SIGTERM; callers sign in with an admin key or JWT (API_KEYS, JWT_*).
+    Serve {
+        /// Where to listen; overrides CONSOLE_ADDR.
+        #[arg(long)]
+        addr: Option<String>,
+    },
 }
+
+/// `CONSOLE_ADDR`: where `dlq serve` listens.
+const CONSOLE_ADDR: Var = Var::new("CONSOLE_ADDR", "127.0.0.1:8081");
 
 /// The arguments of `dlq replay`.
 #[derive(clap::Args)]
@@ -188,11 +198,24 @@ impl Progress for indicatif::ProgressBar {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let addr = match &cli.command {
+        Command::Serve { addr } => addr.clone(),
+        _ => None,
+    };
     let source = Source::environment()
         .with(config::AMQP_URL, cli.amqp_url)
         .with(config::DATABASE_URL, cli.database_url)
-        .with(OPERATOR, cli.operator);
+        .with(OPERATOR, cli.operator)
+        .with(CONSOLE_ADDR, addr);
     let settings = Settings::read(&source)?;
+    // The console's settings are read before anything is connected.
+    let console = match cli.command {
+        Command::Serve { .. } => Some((
+            source.get::<String>(CONSOLE_ADDR)?,
+            publisher::auth::AuthSettings::read(&source)?,
+        )),
+        _ => None,
+    };
     let dlq = Dlq::connect(
         settings.amqp_url.expose(),
         settings.database_url.expose(),
@@ -230,6 +253,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
                 .purge(&queue, &select, reason.as_deref(), dry_run, confirm)
                 .await?;
             report(&outcomes, json_out);
+        }
+        Command::Serve { .. } => {
+            let Some((addr, auth)) = console else {
+                unreachable!("read above for Serve");
+            };
+            serve(dlq, &addr, auth, settings.inbox_retention).await?;
         }
         Command::Restore { queue, ids, all } => {
             let (queue, _) = dead_queue(&queue)?;
@@ -516,4 +545,24 @@ fn report(outcomes: &[Outcome], json_out: bool) {
             summary.join(", ")
         }
     );
+}
+
+/// `dlq serve`: the console on `addr` until SIGTERM or Ctrl-C.
+async fn serve(
+    dlq: Dlq,
+    addr: &str,
+    auth: publisher::auth::AuthSettings,
+    inbox_retention: std::time::Duration,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, auth = %auth.describe(), "Console listening");
+    let console = crate::console::Console {
+        dlq,
+        authenticator: publisher::auth::Authenticator::start(auth).await?,
+        inbox_retention,
+        max_replays: DEFAULT_MAX_REPLAYS,
+    };
+    crate::console::serve(listener, console, runtime::shutdown::signal()).await
 }

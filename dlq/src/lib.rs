@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod console;
 pub mod message;
 
 use anyhow::{Context as _, bail};
@@ -26,6 +27,7 @@ use message::DeadMessage;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How often a message may be replayed before `dlq` refuses (`--max-replays`).
@@ -120,19 +122,46 @@ impl Selectors {
 /// The messages of a dead queue, held unacked on a channel of their own.
 pub struct Snapshot {
     channel: Channel,
+    /// How many messages the queue held when the snapshot was taken.
+    pub depth: u32,
     pub messages: Vec<DeadMessage>,
 }
 
 impl Snapshot {
     /// Takes every message now in `queue` without acking any.
     pub async fn take(connection: &Connection, queue: &str) -> anyhow::Result<Self> {
+        Self::take_up_to(connection, queue, None).await
+    }
+
+    /// Takes the first `limit` messages of `queue` (at most) without acking
+    /// any: the broker sends no more than that, so memory stays flat however
+    /// deep the queue is.
+    pub async fn take_at_most(
+        connection: &Connection,
+        queue: &str,
+        limit: usize,
+    ) -> anyhow::Result<Self> {
+        Self::take_up_to(connection, queue, Some(limit)).await
+    }
+
+    async fn take_up_to(
+        connection: &Connection,
+        queue: &str,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let channel = connection.create_channel().await?;
-        let count = topology::queue_depth(&channel, queue)
+        let depth = topology::queue_depth(&channel, queue)
             .await
-            .with_context(|| format!("queue {queue} does not exist"))? as usize;
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        let count = limit.map_or(depth as usize, |l| l.min(depth as usize));
         let mut messages = Vec::with_capacity(count);
         if count > 0 {
-            channel.basic_qos(0, BasicQosOptions::default()).await?;
+            // Unbounded for a whole queue; otherwise the broker stops
+            // sending at the limit.
+            let prefetch = limit.map_or(0, |_| u16::try_from(count).unwrap_or(u16::MAX));
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
             let mut consumer = channel
                 .basic_consume(
                     queue.into(),
@@ -154,7 +183,11 @@ impl Snapshot {
                 }
             }
         }
-        Ok(Self { channel, messages })
+        Ok(Self {
+            channel,
+            depth,
+            messages,
+        })
     }
 
     /// The messages the selectors choose, in queue order.
@@ -187,9 +220,12 @@ pub struct Outcome {
     pub detail: String,
 }
 
+/// The tool's connections and who acts; cheap to clone, so that a console
+/// serving several operators acts as each (`acting_as`).
+#[derive(Clone)]
 pub struct Dlq {
-    pub connection: Connection,
-    pub publisher: runtime::Publisher,
+    pub connection: Arc<Connection>,
+    pub publisher: Arc<runtime::Publisher>,
     pub pool: PgPool,
     pub operator: String,
 }
@@ -221,11 +257,20 @@ impl Dlq {
         let pool = runtime::db::connect(database_url, 2, "dlq").await?;
         runtime::db::migrate(&pool).await?;
         Ok(Self {
-            connection,
-            publisher,
+            connection: Arc::new(connection),
+            publisher: Arc::new(publisher),
             pool,
             operator: operator.to_owned(),
         })
+    }
+
+    /// The same tool, acting as `operator` (for the audit trail and the
+    /// archive).
+    pub fn acting_as(&self, operator: &str) -> Self {
+        Self {
+            operator: operator.to_owned(),
+            ..self.clone()
+        }
     }
 
     async fn audit(
@@ -271,7 +316,7 @@ impl Dlq {
         domain: Domain,
         selectors: &Selectors,
         options: &ReplayOptions,
-        progress: &dyn Progress,
+        progress: &(dyn Progress + Sync),
     ) -> anyhow::Result<Vec<Outcome>> {
         let snapshot = Snapshot::take(&self.connection, queue).await?;
         let chosen = snapshot.chosen(selectors);

@@ -1,0 +1,598 @@
+//! `dlq serve`: the failed-message console, a web page and a JSON API over
+//! the same library as the command line, with its guarantees: a replay is
+//! confirmed by the broker before its dead copy is acked, a purge archived
+//! before it, an applied message is not replayed again, replays count
+//! against their budget, and every action is a row of the audit trail
+//! under the name of the authenticated operator.
+//!
+//! Every page and API call needs the `admin` role of the publisher's
+//! authentication (`API_KEYS`, JWTs). A browser signs in once with its
+//! token, kept in an `HttpOnly`, `SameSite=Strict` cookie; scripts send
+//! `Authorization: Bearer`. Every change is a `POST` that first shows what
+//! it would do (a dry run) and acts only once confirmed.
+
+mod pages;
+
+use crate::{Dlq, Outcome, ReplayOptions, Selectors, Snapshot, dead_queue};
+use axum::Router;
+use axum::extract::{Form, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use contract::Domain;
+use publisher::auth::{Authenticator, Caller, Role};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The cookie that carries a signed-in browser's token.
+const COOKIE: &str = "orderflow_console";
+/// Messages of a dead queue read to group them: memory stays flat however
+/// deep the queue is.
+pub const SAMPLE: usize = 1000;
+/// Messages listed on a queue's page.
+pub const LISTED: usize = 100;
+
+/// What the console serves from.
+pub struct Console {
+    pub dlq: Dlq,
+    pub authenticator: Authenticator,
+    pub inbox_retention: Duration,
+    pub max_replays: i64,
+}
+
+type Shared = Arc<Console>;
+
+/// The console's routes; every one but the sign-in page and the
+/// stylesheet behind authentication.
+pub fn router(console: Console) -> Router {
+    let shared = Arc::new(console);
+    let private = Router::new()
+        .route("/", get(queues_page))
+        .route("/queues/{queue}", get(queue_page))
+        .route("/queues/{queue}/messages/{id}", get(message_page))
+        .route("/queues/{queue}/replay", post(replay))
+        .route("/queues/{queue}/purge", post(purge))
+        .route("/archive", get(archive_page))
+        .route("/archive/restore", post(restore))
+        .route("/audit", get(audit_page))
+        .route("/logout", post(logout))
+        .route("/api/queues", get(api_queues))
+        .route("/api/queues/{queue}", get(api_queue))
+        .route("/api/queues/{queue}/messages/{id}", get(api_message))
+        .route("/api/audit", get(api_audit))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authenticate,
+        ));
+    Router::new()
+        .route("/login", get(login_page).post(login))
+        .route("/console.css", get(stylesheet))
+        .merge(private)
+        .with_state(shared)
+}
+
+/// Serves the console on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    console: Console,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(console))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// A failure shown as a page (or JSON under `/api`).
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.status, pages::failure(self.status, &self.message)).into_response()
+    }
+}
+
+/// The caller of a request: its bearer token or the sign-in cookie, with
+/// the `admin` role. A browser without one is sent to the sign-in page.
+async fn authenticate(State(console): State<Shared>, mut request: Request, next: Next) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    let headers = with_cookie_as_bearer(request.headers());
+    let caller = match console.authenticator.caller(&headers).await {
+        Ok(caller) => caller,
+        Err(e) if api => return e.into_response(),
+        Err(_) => return Redirect::to("/login").into_response(),
+    };
+    if let Err(e) = caller.require(Role::Admin) {
+        return if api {
+            e.into_response()
+        } else {
+            Failure::new(StatusCode::FORBIDDEN, e.to_string()).into_response()
+        };
+    }
+    // A change comes from this console's own pages: a form posted from
+    // another site is refused (the cookie is `SameSite=Strict` as well).
+    if request.method() == axum::http::Method::POST && !same_origin(request.headers()) {
+        return Failure::new(
+            StatusCode::FORBIDDEN,
+            "a change must come from the console's own pages",
+        )
+        .into_response();
+    }
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+/// The request's headers, with the sign-in cookie's token as its bearer
+/// token when it has none of its own.
+fn with_cookie_as_bearer(headers: &HeaderMap) -> HeaderMap {
+    let mut headers = headers.clone();
+    if headers.contains_key(header::AUTHORIZATION) {
+        return headers;
+    }
+    if let Some(token) = cookie(&headers, COOKIE)
+        && let Ok(value) = format!("Bearer {token}").parse()
+    {
+        headers.insert(header::AUTHORIZATION, value);
+    }
+    headers
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Whether a `POST` comes from this host: its `Origin` (or, without one,
+/// its `Referer`) names the host the request was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let from = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    match from {
+        // Scripts with a bearer token send neither.
+        None => headers.contains_key(header::AUTHORIZATION) && cookie(headers, COOKIE).is_none(),
+        Some(from) => from
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next() == Some(host))
+            .unwrap_or(false),
+    }
+}
+
+async fn stylesheet() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("console.css"),
+    )
+}
+
+async fn login_page() -> impl IntoResponse {
+    pages::login(None)
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(console): State<Shared>, Form(form): Form<LoginForm>) -> Response {
+    let token = form.token.trim();
+    let mut headers = HeaderMap::new();
+    let refused = |why: &str| (StatusCode::UNAUTHORIZED, pages::login(Some(why))).into_response();
+    let Ok(value) = format!("Bearer {token}").parse() else {
+        return refused("that is not a token");
+    };
+    headers.insert(header::AUTHORIZATION, value);
+    match console.authenticator.caller(&headers).await {
+        Ok(caller) if caller.require(Role::Admin).is_ok() => {
+            let cookie = format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/");
+            ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+        }
+        Ok(_) => refused("this token does not have the admin role"),
+        Err(_) => refused("unknown or invalid token"),
+    }
+}
+
+async fn logout() -> Response {
+    let cookie = format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
+}
+
+/// One dead queue as the front page shows it.
+#[derive(serde::Serialize)]
+struct QueueRow {
+    queue: String,
+    depth: u32,
+    oldest_age_seconds: Option<i64>,
+}
+
+async fn dead_queues(console: &Console) -> Result<Vec<QueueRow>, Failure> {
+    let mut rows = Vec::new();
+    for domain in Domain::ALL {
+        let queue = contract::names::dead_queue(domain.queue());
+        let oldest = Snapshot::take_at_most(&console.dlq.connection, &queue, 1).await?;
+        let depth = oldest.depth;
+        let age = oldest
+            .messages
+            .first()
+            .and_then(|m| m.age(chrono::Utc::now()))
+            .map(|a| a.num_seconds());
+        oldest.release().await;
+        rows.push(QueueRow {
+            queue,
+            depth,
+            oldest_age_seconds: age,
+        });
+    }
+    Ok(rows)
+}
+
+async fn queues_page(State(console): State<Shared>) -> Result<Response, Failure> {
+    let rows = dead_queues(&console).await?;
+    Ok(pages::queues(&rows).into_response())
+}
+
+async fn api_queues(State(console): State<Shared>) -> Result<Response, Failure> {
+    Ok(axum::Json(dead_queues(&console).await?).into_response())
+}
+
+/// A dead queue's first messages and their groups.
+struct QueueView {
+    queue: String,
+    depth: u32,
+    sampled: usize,
+    groups: Vec<Group>,
+    messages: Vec<serde_json::Value>,
+}
+
+/// Messages alike: the same kind of failure, type and error.
+#[derive(serde::Serialize)]
+struct Group {
+    kind: String,
+    message_type: String,
+    error: String,
+    count: usize,
+}
+
+async fn queue_view(console: &Console, queue: &str) -> Result<QueueView, Failure> {
+    let (queue, _) =
+        dead_queue(queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let snapshot = Snapshot::take_at_most(&console.dlq.connection, &queue, SAMPLE).await?;
+    let all: Vec<_> = snapshot.messages.iter().collect();
+    let now = chrono::Utc::now();
+    let mut groups: Vec<Group> = Vec::new();
+    for m in &all {
+        match groups
+            .iter_mut()
+            .find(|g| g.kind == m.error_kind && g.message_type == m.kind && g.error == m.error)
+        {
+            Some(g) => g.count += 1,
+            None => groups.push(Group {
+                kind: m.error_kind.clone(),
+                message_type: m.kind.clone(),
+                error: m.error.clone(),
+                count: 1,
+            }),
+        }
+    }
+    groups.sort_by_key(|g| std::cmp::Reverse(g.count));
+    let messages = all.iter().take(LISTED).map(|m| m.summary(now)).collect();
+    let view = QueueView {
+        queue,
+        depth: snapshot.depth,
+        sampled: all.len(),
+        groups,
+        messages,
+    };
+    snapshot.release().await;
+    Ok(view)
+}
+
+async fn queue_page(
+    State(console): State<Shared>,
+    Path(queue): Path<String>,
+) -> Result<Response, Failure> {
+    let view = queue_view(&console, &queue).await?;
+    Ok(pages::queue(&view).into_response())
+}
+
+async fn api_queue(
+    State(console): State<Shared>,
+    Path(queue): Path<String>,
+) -> Result<Response, Failure> {
+    let view = queue_view(&console, &queue).await?;
+    Ok(axum::Json(json!({
+        "queue": view.queue,
+        "depth": view.depth,
+        "sampled": view.sampled,
+        "groups": view.groups,
+        "messages": view.messages,
+    }))
+    .into_response())
+}
+
+async fn one_message(
+    console: &Console,
+    queue: &str,
+    id: &str,
+) -> Result<(String, serde_json::Value, serde_json::Value), Failure> {
+    let (queue, _) =
+        dead_queue(queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let snapshot = Snapshot::take(&console.dlq.connection, &queue).await?;
+    let found = snapshot
+        .messages
+        .iter()
+        .find(|m| m.message_id == id)
+        .map(|m| (m.summary(chrono::Utc::now()), m.details()));
+    snapshot.release().await;
+    let (summary, details) = found.ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            format!("message {id} is not in {queue} (replayed or purged meanwhile?)"),
+        )
+    })?;
+    Ok((queue, summary, details))
+}
+
+async fn message_page(
+    State(console): State<Shared>,
+    Path((queue, id)): Path<(String, String)>,
+) -> Result<Response, Failure> {
+    let (queue, summary, details) = one_message(&console, &queue, &id).await?;
+    Ok(pages::message(&queue, &summary, &details).into_response())
+}
+
+async fn api_message(
+    State(console): State<Shared>,
+    Path((queue, id)): Path<(String, String)>,
+) -> Result<Response, Failure> {
+    let (_, summary, details) = one_message(&console, &queue, &id).await?;
+    Ok(axum::Json(json!({"summary": summary, "details": details})).into_response())
+}
+
+/// Which messages a form acts on: ids, or a group; and whether the
+/// operator confirmed.
+#[derive(Deserialize, Default)]
+struct ActionForm {
+    /// Message ids, one per line or comma-separated.
+    #[serde(default)]
+    ids: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    message_type: String,
+    #[serde(default)]
+    error: String,
+    /// A corrected body (replay of one message).
+    #[serde(default)]
+    body: Option<String>,
+    /// Why, for a purge.
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+impl ActionForm {
+    fn selectors(&self) -> Result<Selectors, Failure> {
+        let ids: Vec<String> = self
+            .ids
+            .split([',', '\n', ' '])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let selectors = Selectors {
+            ids,
+            message_type: nonempty(&self.message_type),
+            error_contains: nonempty(&self.error),
+            kind: nonempty(&self.kind),
+            ..Selectors::default()
+        };
+        if selectors.is_empty() {
+            return Err(Failure::new(
+                StatusCode::BAD_REQUEST,
+                "choose the messages: by id, or a group",
+            ));
+        }
+        Ok(selectors)
+    }
+
+    fn confirmed(&self) -> bool {
+        self.confirm == "yes"
+    }
+
+    /// The fields to carry into the confirmation form.
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut fields = vec![
+            ("ids", self.ids.clone()),
+            ("kind", self.kind.clone()),
+            ("message_type", self.message_type.clone()),
+            ("error", self.error.clone()),
+            ("reason", self.reason.clone()),
+        ];
+        if let Some(body) = &self.body {
+            fields.push(("body", body.clone()));
+        }
+        fields
+    }
+}
+
+fn operator_of(request_caller: &Caller) -> String {
+    request_caller.name.clone()
+}
+
+async fn replay(
+    State(console): State<Shared>,
+    Path(queue): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Form(form): Form<ActionForm>,
+) -> Result<Response, Failure> {
+    let (queue, domain) =
+        dead_queue(&queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let selectors = form.selectors()?;
+    let options = ReplayOptions {
+        dry_run: !form.confirmed(),
+        rate: None,
+        to_queue: None,
+        new_body: form.body.as_ref().map(|b| b.clone().into_bytes()),
+        max_replays: console.max_replays,
+        force: false,
+        inbox_retention: console.inbox_retention,
+    };
+    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let outcomes = dlq
+        .replay(&queue, domain, &selectors, &options, &())
+        .await?;
+    Ok(done_or_confirm(&queue, "replay", &form, &outcomes))
+}
+
+async fn purge(
+    State(console): State<Shared>,
+    Path(queue): Path<String>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Form(form): Form<ActionForm>,
+) -> Result<Response, Failure> {
+    let (queue, _) =
+        dead_queue(&queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let selectors = form.selectors()?;
+    let reason = (!form.reason.trim().is_empty()).then(|| form.reason.trim().to_owned());
+    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let outcomes = dlq
+        .purge(
+            &queue,
+            &selectors,
+            reason.as_deref(),
+            !form.confirmed(),
+            |_| true,
+        )
+        .await?;
+    Ok(done_or_confirm(&queue, "purge", &form, &outcomes))
+}
+
+/// The confirmation page of a dry run, or the outcome of a confirmed one.
+fn done_or_confirm(queue: &str, action: &str, form: &ActionForm, outcomes: &[Outcome]) -> Response {
+    if form.confirmed() {
+        pages::outcomes(queue, action, outcomes).into_response()
+    } else {
+        pages::confirm(queue, action, &form.fields(), outcomes).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+struct RestoreForm {
+    queue: String,
+    message_id: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+async fn restore(
+    State(console): State<Shared>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Form(form): Form<RestoreForm>,
+) -> Result<Response, Failure> {
+    let (queue, _) =
+        dead_queue(&form.queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    if form.confirm != "yes" {
+        let fields = vec![
+            ("queue", queue.clone()),
+            ("message_id", form.message_id.clone()),
+        ];
+        let would = [Outcome {
+            message_id: form.message_id.clone(),
+            action: "would restore",
+            detail: format!("back into {queue}"),
+        }];
+        return Ok(
+            pages::confirm_at("/archive/restore", &queue, "restore", &fields, &would)
+                .into_response(),
+        );
+    }
+    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let outcomes = dlq
+        .restore(&queue, std::slice::from_ref(&form.message_id), false)
+        .await?;
+    Ok(pages::outcomes(&queue, "restore", &outcomes).into_response())
+}
+
+/// A purged message still in the archive.
+#[derive(sqlx::FromRow, serde::Serialize)]
+pub(crate) struct ArchivedRow {
+    id: i64,
+    queue: String,
+    message_id: Option<String>,
+    purged_by: String,
+    reason: Option<String>,
+    purged_at: chrono::DateTime<chrono::Utc>,
+}
+
+async fn archive_page(State(console): State<Shared>) -> Result<Response, Failure> {
+    let rows: Vec<ArchivedRow> = sqlx::query_as(
+        "SELECT id, queue, message_id, purged_by, reason, purged_at FROM dlq.archive \
+         WHERE restored_at IS NULL ORDER BY id DESC LIMIT 200",
+    )
+    .fetch_all(&console.dlq.pool)
+    .await
+    .map_err(anyhow::Error::from)?;
+    Ok(pages::archive(&rows).into_response())
+}
+
+/// One row of the audit trail.
+#[derive(sqlx::FromRow, serde::Serialize)]
+pub(crate) struct AuditRow {
+    at: chrono::DateTime<chrono::Utc>,
+    operator: String,
+    action: String,
+    queue: String,
+    message_id: Option<String>,
+    detail: serde_json::Value,
+}
+
+async fn audit_rows(console: &Console) -> Result<Vec<AuditRow>, Failure> {
+    Ok(sqlx::query_as(
+        "SELECT at, operator, action, queue, message_id, detail FROM dlq.audit ORDER BY id DESC LIMIT 200",
+    )
+    .fetch_all(&console.dlq.pool)
+    .await
+    .map_err(anyhow::Error::from)?)
+}
+
+async fn audit_page(State(console): State<Shared>) -> Result<Response, Failure> {
+    Ok(pages::audit(&audit_rows(&console).await?).into_response())
+}
+
+async fn api_audit(State(console): State<Shared>) -> Result<Response, Failure> {
+    Ok(axum::Json(audit_rows(&console).await?).into_response())
+}
