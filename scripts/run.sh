@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole orderflow system on this machine, without Docker: RabbitMQ
 # and PostgreSQL (started or installed by services.sh), the payment gateway
-# simulator, an SMTP server with a web page of the mail it got, every worker
-# and the publisher. Places a demo order, prints its lifecycle and the URLs,
+# simulator, an SMTP server with a web page of the mail it got, every worker,
+# the publisher and the failed-message console (`dlq serve`). Places a demo order, prints its lifecycle and the URLs,
 # then runs until Ctrl-C (or SIGTERM), when it stops what it started.
 #
 #   REPLICAS=2 ./scripts/run.sh      # two replicas of each worker
@@ -133,6 +133,11 @@ start publisher env HTTP_ADDR="${HTTP_ADDR:-127.0.0.1:8080}" \
     AMQP_URL="$(as_user publisher "$AMQP_PASSWORD_PUBLISHER")" \
     DATABASE_URL="$(as_role publisher "$DATABASE_PASSWORD_PUBLISHER")" "$bin/publisher"
 
+# The failed-message console, as the dlq user and role, taking the same keys.
+start console env CONSOLE_ADDR=127.0.0.1:8081 \
+    AMQP_URL="$(as_user dlq "$AMQP_PASSWORD_DLQ")" \
+    DATABASE_URL="$(as_role dlq "$DATABASE_PASSWORD_DLQ")" "$bin/dlq" serve
+
 log "waiting until the publisher is ready"
 for _ in $(seq 1 120); do
     curl -fsS "$api/readyz" >/dev/null 2>&1 && break
@@ -176,6 +181,7 @@ orderflow is running ($replicas replica(s) of each worker). Logs: $run_dir/logs/
   API                 $api   (try: curl -H "Authorization: Bearer \$ORDERS_TOKEN" $api/orders/<id>)
   API keys            $run_dir/api-keys (ADMIN_TOKEN: every endpoint; ORDERS_TOKEN: orders and stock);
                       load them with: . $run_dir/api-keys
+  Console             http://127.0.0.1:8081   (dead messages: sign in with ADMIN_TOKEN)
   RabbitMQ management http://127.0.0.1:15672   (guest / guest; each binary on its own user,
                       passwords in $run_dir/amqp-passwords)
   PostgreSQL          each binary on its own role (orderflow_<binary>), passwords in

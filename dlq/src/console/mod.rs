@@ -45,8 +45,8 @@ pub struct Console {
 
 type Shared = Arc<Console>;
 
-/// The console's routes; every one but the sign-in page and the
-/// stylesheet behind authentication.
+/// The console's routes; every one but the sign-in page, the stylesheet
+/// and `/healthz` behind authentication.
 pub fn router(console: Console) -> Router {
     let shared = Arc::new(console);
     let private = Router::new()
@@ -70,6 +70,7 @@ pub fn router(console: Console) -> Router {
     Router::new()
         .route("/login", get(login_page).post(login))
         .route("/console.css", get(stylesheet))
+        .route("/healthz", get(|| async { "ok" }))
         .merge(private)
         .with_state(shared)
 }
