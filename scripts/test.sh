@@ -26,6 +26,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo deny (deny.toml)"
 ./scripts/deny.sh
 
+log "monitoring (promtool: alerts, their tests, the dashboard's queries)"
+./scripts/monitoring.sh
+
 log "docker-compose.yml"
 if ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then

@@ -205,6 +205,20 @@ async fn a_role_that_finds_migrations_pending_says_to_run_migrate_or_waits_for_i
         }
         other => panic!("{other:?}"),
     }
+    // The migrator's advisory lock went with the connection that failed: a
+    // session keeping it would block every later run.
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND a.usename = $1",
+    )
+    .bind(format!("{}order_worker", prefix(&env)))
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        held, 0,
+        "a pooled connection still holds the migrator's lock"
+    );
     // A worker waits for the owner's `migrate` instead of failing.
     let waiting = tokio::spawn({
         let order = order.clone();

@@ -163,7 +163,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     let Some(&first) = pending.first() else {
         return Ok(());
     };
-    match MIGRATOR.run(pool).await {
+    // On a connection of its own, closed after: the migrator holds a
+    // session-level advisory lock that it does not release when a migration
+    // fails, and a pooled connection keeping it would block every later
+    // run (another replica's, or this worker's next try) for ever.
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .map_err(DbError::Connect)?;
+    let result = MIGRATOR.run(&own).await;
+    own.close().await;
+    match result {
         Ok(()) => Ok(()),
         Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db)))
             if db.code().as_deref() == Some(INSUFFICIENT_PRIVILEGE) =>
