@@ -39,10 +39,12 @@ enum Command {
     /// List dead messages (the queue is left exactly as it was).
     List {
         queue: String,
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with = "limit")]
         group_by: Option<GroupByArg>,
         #[command(flatten)]
         select: SelectorArgs,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show one message: properties, headers (with x-death) and body.
     Show { queue: String, id: String },
@@ -109,6 +111,34 @@ struct ReplayArgs {
     /// Replay even when the consumer's inbox says it was applied.
     #[arg(long)]
     force: bool,
+}
+
+/// A page of a listing: memory flat in the queue's depth.
+#[derive(Debug, Default, Clone, clap::Args)]
+struct PageArgs {
+    /// List a page of at most this many messages, and the cursor of the next.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Start after this message id: the cursor a page printed.
+    #[arg(long, requires = "limit")]
+    after: Option<String>,
+    /// Died at or after this: an RFC 3339 time, or an age (2h: two hours ago).
+    #[arg(long, value_parser = parse_time, requires = "limit")]
+    since: Option<chrono::DateTime<Utc>>,
+    /// Died before this: an RFC 3339 time, or an age.
+    #[arg(long, value_parser = parse_time, requires = "limit")]
+    until: Option<chrono::DateTime<Utc>>,
+}
+
+/// An RFC 3339 time, or an age before now (`30m`, `2h`).
+fn parse_time(raw: &str) -> Result<chrono::DateTime<Utc>, String> {
+    if let Ok(time) = chrono::DateTime::parse_from_rfc3339(raw) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    let age = parse_age(raw)
+        .map_err(|_| format!("{raw:?} is neither an RFC 3339 time nor an age such as 2h"))?;
+    let age = chrono::Duration::from_std(age).map_err(|e| e.to_string())?;
+    Ok(Utc::now() - age)
 }
 
 /// What `dlq` reads: its flags laid over the environment, read like every
@@ -228,10 +258,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
             queue,
             group_by,
             select,
+            page,
         } => {
             let (queue, _) = dead_queue(&queue)?;
-            let group_by = group_by.map(GroupBy::from);
-            list(&dlq, &queue, &select.into(), group_by, json_out).await?;
+            match page.limit {
+                Some(limit) => {
+                    let request = crate::PageRequest {
+                        limit,
+                        after: page.after,
+                        since: page.since,
+                        until: page.until,
+                    };
+                    list_page(&dlq, &queue, &select.into(), &request, json_out).await?;
+                }
+                None => {
+                    let group_by = group_by.map(GroupBy::from);
+                    list(&dlq, &queue, &select.into(), group_by, json_out).await?;
+                }
+            }
         }
         Command::Show { queue, id } => show(&dlq, &queue, &id).await?,
         Command::Replay(args) => replay(&dlq, args, settings.inbox_retention, json_out).await?,
@@ -359,6 +403,44 @@ fn progress(json_out: bool) -> indicatif::ProgressBar {
 
 /// Lists the chosen messages of `queue`, or counts them by group; the
 /// queue is left exactly as it was.
+/// One page of a listing, and how to get the next.
+async fn list_page(
+    dlq: &Dlq,
+    queue: &str,
+    select: &Selectors,
+    request: &crate::PageRequest,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let page = crate::page(&dlq.connection, queue, select, request).await?;
+    let shown: Vec<_> = page.messages.iter().collect();
+    if json_out {
+        let now = Utc::now();
+        print_json(&json!({
+            "messages": shown.iter().map(|m| m.summary(now)).collect::<Vec<_>>(),
+            "next_cursor": page.next,
+            "depth": page.depth,
+            "scanned": page.scanned,
+        }));
+    } else {
+        println!(
+            "{}\n{} message(s) of the {} in {queue}",
+            table_of(&shown),
+            shown.len(),
+            page.depth
+        );
+        if let Some(next) = &page.next {
+            let mut command = format!("dlq list {queue} --limit {} --after {next}", request.limit);
+            for (flag, time) in [("--since", request.since), ("--until", request.until)] {
+                if let Some(time) = time {
+                    command.push_str(&format!(" {flag} {}", time.to_rfc3339()));
+                }
+            }
+            println!("next page: {command}");
+        }
+    }
+    Ok(())
+}
+
 async fn list(
     dlq: &Dlq,
     queue: &str,

@@ -835,3 +835,91 @@ fn the_inbox_dlq_checks_is_the_one_each_worker_writes() {
         );
     }
 }
+
+/// A listing in pages: each page holds at most `--limit` messages in queue
+/// order with the cursor of the next, `--since`/`--until` keep to a window
+/// of death times, a cursor whose message is gone is refused, and the queue
+/// is left exactly as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_queue_is_listed_in_pages_with_a_cursor_and_left_in_place() {
+    let env = TestEnv::new().await;
+    apply(&env).await;
+    let hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut buried = Vec::new();
+    for n in 0..25 {
+        let message = Outgoing::of(&contract::Restock {
+            sku: format!("SKU-{n}"),
+            quantity: 1,
+        });
+        // The first ten died an hour ago, the others just now.
+        let died = if n < 10 { hour_ago } else { chrono::Utc::now() };
+        bury_since(&env, "inventory.dead", &message, "permanent", died).await;
+        buried.push(message.message_id.to_string());
+    }
+    let page_of = |args: &[&str]| {
+        let mut all = vec!["list", "inventory.dead"];
+        all.extend_from_slice(args);
+        dlq_json(&env, &all)
+    };
+    let first = page_of(&["--limit", "10"]);
+    assert_eq!(ids(&first["messages"]), buried[..10]);
+    assert_eq!(first["depth"], 25);
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    assert_eq!(cursor, buried[9]);
+    let second = page_of(&["--limit", "10", "--after", &cursor]);
+    assert_eq!(ids(&second["messages"]), buried[10..20]);
+    let cursor = second["next_cursor"].as_str().unwrap().to_owned();
+    let last = page_of(&["--limit", "10", "--after", &cursor]);
+    assert_eq!(ids(&last["messages"]), buried[20..]);
+    assert_eq!(last["next_cursor"], Value::Null);
+
+    // Died in the last half hour: the fifteen recent ones, in pages.
+    let recent = page_of(&["--limit", "20", "--since", "30m"]);
+    assert_eq!(ids(&recent["messages"]), buried[10..]);
+    let old = page_of(&["--limit", "20", "--until", "30m"]);
+    assert_eq!(ids(&old["messages"]), buried[..10]);
+
+    // Human output names the next page's command.
+    let (code, stdout, _) = dlq(&env, &["list", "inventory.dead", "--limit", "5"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains(&format!("--limit 5 --after {}", buried[4])),
+        "{stdout}"
+    );
+
+    // Garbage: a cursor that names no message, a time that is no time.
+    let (code, _, stderr) = dlq(
+        &env,
+        &[
+            "list",
+            "inventory.dead",
+            "--limit",
+            "5",
+            "--after",
+            "gone-message",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("no longer in inventory.dead"), "{stderr}");
+    let (code, _, stderr) = dlq(
+        &env,
+        &[
+            "list",
+            "inventory.dead",
+            "--limit",
+            "5",
+            "--since",
+            "yesterday-ish",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("neither an RFC 3339 time nor an age"),
+        "{stderr}"
+    );
+
+    // Every message is still there, in its order.
+    let everything = dlq_json(&env, &["list", "inventory.dead"]);
+    assert_eq!(ids(&everything), buried);
+    env.cleanup().await;
+}

@@ -273,7 +273,17 @@ struct QueueView {
     depth: u32,
     sampled: usize,
     groups: Vec<Group>,
+    /// The page of messages listed, from `after`.
     messages: Vec<serde_json::Value>,
+    after: Option<String>,
+    /// The cursor of the next page, if there are more.
+    next: Option<String>,
+}
+
+/// `?after=<message id>`: the page of messages after it.
+#[derive(Deserialize, Default)]
+struct PageQuery {
+    after: Option<String>,
 }
 
 /// Messages alike: the same kind of failure, type and error.
@@ -285,7 +295,11 @@ struct Group {
     count: usize,
 }
 
-async fn queue_view(console: &Console, queue: &str) -> Result<QueueView, Failure> {
+async fn queue_view(
+    console: &Console,
+    queue: &str,
+    after: Option<String>,
+) -> Result<QueueView, Failure> {
     let (queue, _) =
         dead_queue(queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
     let snapshot = Snapshot::take_at_most(&console.dlq.connection, &queue, SAMPLE).await?;
@@ -307,37 +321,54 @@ async fn queue_view(console: &Console, queue: &str) -> Result<QueueView, Failure
         }
     }
     groups.sort_by_key(|g| std::cmp::Reverse(g.count));
-    let messages = all.iter().take(LISTED).map(|m| m.summary(now)).collect();
-    let view = QueueView {
-        queue,
-        depth: snapshot.depth,
-        sampled: all.len(),
-        groups,
-        messages,
-    };
+    let (depth, sampled) = (snapshot.depth, all.len());
     snapshot.release().await;
-    Ok(view)
+    let request = crate::PageRequest {
+        limit: LISTED,
+        after: after.clone(),
+        ..crate::PageRequest::default()
+    };
+    let page = crate::page(
+        &console.dlq.connection,
+        &queue,
+        &Selectors::default(),
+        &request,
+    )
+    .await
+    .map_err(|e| Failure::new(StatusCode::NOT_FOUND, format!("{e:#}")))?;
+    Ok(QueueView {
+        queue,
+        depth,
+        sampled,
+        groups,
+        messages: page.messages.iter().map(|m| m.summary(now)).collect(),
+        after,
+        next: page.next,
+    })
 }
 
 async fn queue_page(
     State(console): State<Shared>,
     Path(queue): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<PageQuery>,
 ) -> Result<Response, Failure> {
-    let view = queue_view(&console, &queue).await?;
+    let view = queue_view(&console, &queue, page.after).await?;
     Ok(pages::queue(&view).into_response())
 }
 
 async fn api_queue(
     State(console): State<Shared>,
     Path(queue): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<PageQuery>,
 ) -> Result<Response, Failure> {
-    let view = queue_view(&console, &queue).await?;
+    let view = queue_view(&console, &queue, page.after).await?;
     Ok(axum::Json(json!({
         "queue": view.queue,
         "depth": view.depth,
         "sampled": view.sampled,
         "groups": view.groups,
         "messages": view.messages,
+        "next_cursor": view.next,
     }))
     .into_response())
 }

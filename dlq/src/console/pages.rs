@@ -39,6 +39,12 @@ fn layout(title: &str, signed_in: bool, body: Markup) -> Markup {
     }
 }
 
+/// `raw` as one URL path segment or query value: a message id is whatever
+/// its producer chose.
+fn encoded(raw: &str) -> String {
+    url::form_urlencoded::byte_serialize(raw.as_bytes()).collect()
+}
+
 fn age(seconds: Option<i64>) -> String {
     match seconds {
         None => "—".to_owned(),
@@ -146,6 +152,9 @@ pub(super) fn queue(view: &QueueView) -> Markup {
                 }
             }
             h2 { "Messages" }
+            @if view.after.is_some() {
+                p { a href={ "/queues/" (queue) } { "← First page" } }
+            }
             div.scroll {
                 table {
                     thead { tr { th { "Message" } th { "Type" } th { "Order" } th { "Kind" } th { "Error" } th { "Died" } } }
@@ -153,7 +162,7 @@ pub(super) fn queue(view: &QueueView) -> Markup {
                         @for m in &view.messages {
                             @let id = m["message_id"].as_str().unwrap_or_default();
                             tr {
-                                td { a href={ "/queues/" (queue) "/messages/" (id) } { code { (id) } } }
+                                td { a href={ "/queues/" (queue) "/messages/" (encoded(id)) } { code { (id) } } }
                                 td { (m["type"].as_str().unwrap_or_default()) }
                                 td { code { (m["order_id"].as_str().unwrap_or_default()) } }
                                 td { (m["error_kind"].as_str().unwrap_or_default()) }
@@ -163,6 +172,9 @@ pub(super) fn queue(view: &QueueView) -> Markup {
                         }
                     }
                 }
+            }
+            @if let Some(next) = &view.next {
+                p { a href={ "/queues/" (queue) "?after=" (encoded(next)) } { "Next page →" } }
             }
         },
     )
