@@ -54,19 +54,25 @@ elif [ -n "${API_KEYS:-}" ] && [ "$demo" = 1 ]; then
     demo=0
 fi
 
+# A password per binary, NAME_<BINARY>, made once for this checkout (kept
+# in FILE, readable by its owner only) and exported.
+load_passwords() {
+    local name=$1 file=$2
+    if [ ! -s "$file" ]; then
+        ( umask 077
+          for b in PUBLISHER ORDER_WORKER INVENTORY_WORKER PAYMENT_WORKER NOTIFICATION_WORKER DLQ; do
+              printf '%s_%s=%s\n' "$name" "$b" "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')"
+          done >"$file" )
+    fi
+    set -a
+    # shellcheck disable=SC1090
+    . "$file"
+    set +a
+}
+
 # One least-privilege broker user per binary (topology apply --users, as
 # the operator's AMQP_URL user); passwords made once for this checkout.
-passwords_file=$run_dir/amqp-passwords
-if [ ! -s "$passwords_file" ]; then
-    ( umask 077
-      for b in PUBLISHER ORDER_WORKER INVENTORY_WORKER PAYMENT_WORKER NOTIFICATION_WORKER DLQ; do
-          printf 'AMQP_PASSWORD_%s=%s\n' "$b" "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')"
-      done >"$passwords_file" )
-fi
-set -a
-# shellcheck disable=SC1090
-. "$passwords_file"
-set +a
+load_passwords AMQP_PASSWORD "$run_dir/amqp-passwords"
 "$bin/topology" apply --users
 # AMQP_URL with another user and password (its userinfo replaced).
 as_user() {
@@ -77,17 +83,7 @@ as_user() {
 # The database: migrated as the owner (DATABASE_URL), and one
 # least-privilege role per binary (migrate --roles); passwords made once
 # for this checkout.
-db_passwords_file=$run_dir/db-passwords
-if [ ! -s "$db_passwords_file" ]; then
-    ( umask 077
-      for b in PUBLISHER ORDER_WORKER INVENTORY_WORKER PAYMENT_WORKER NOTIFICATION_WORKER DLQ; do
-          printf 'DATABASE_PASSWORD_%s=%s\n' "$b" "$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')"
-      done >"$db_passwords_file" )
-fi
-set -a
-# shellcheck disable=SC1090
-. "$db_passwords_file"
-set +a
+load_passwords DATABASE_PASSWORD "$run_dir/db-passwords"
 "$bin/migrate" --roles
 # DATABASE_URL with another role and password (its userinfo replaced).
 as_role() {

@@ -4,6 +4,8 @@
 # the real RabbitMQ and PostgreSQL (started or installed by services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A fresh build each run (CI): incremental compilation would only fill the disk.
+export CARGO_INCREMENTAL=0
 
 ./scripts/services.sh
 

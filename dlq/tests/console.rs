@@ -8,7 +8,7 @@
 
 use dlq::Dlq;
 use dlq::console::Console;
-use e2e::{Options, System};
+use e2e::System;
 use fantoccini::{Client, ClientBuilder, Locator, key::Key};
 use payment_gateway_sim::Trouble;
 use serde_json::json;
@@ -16,8 +16,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use testkit::eventually;
 use tokio::sync::oneshot;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 /// chromedriver on a port of its own, ended with the test.
 struct Driver {
@@ -96,32 +94,6 @@ async fn console(system: &System) -> (String, oneshot::Sender<()>) {
     (url, stop)
 }
 
-/// A system whose payment gateway is down, with an order whose charge
-/// spent every retry tier and died (no circuit breaker to hold it).
-async fn a_dead_charge() -> (System, String) {
-    let system = System::start(Options {
-        trouble: Trouble {
-            error_rate: 1.0,
-            latency_ms: 0,
-            ..Trouble::default()
-        },
-        payment_timeout: Duration::from_secs(300),
-        breaker: runtime::BreakerSettings {
-            threshold: 0,
-            ..runtime::BreakerSettings::default()
-        },
-        ..Options::default()
-    })
-    .await;
-    system.stock("SKU-C", 5).await;
-    let id = system.place("SKU-C", 1, "pm_card_visa").await;
-    eventually(WAIT, "the charge is dead", || async {
-        system.env.depth("payment.dead").await == 1
-    })
-    .await;
-    (system, id)
-}
-
 /// A screenshot that is a picture of something: a PNG of the window's size
 /// with more than a few colours (not a blank or error page).
 fn check_screenshot(png: &[u8], name: &str) {
@@ -149,7 +121,7 @@ fn check_screenshot(png: &[u8], name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes() {
-    let (system, order) = a_dead_charge().await;
+    let (system, order) = System::with_a_dead_charge().await;
     let (console, stop) = console(&system).await;
     let driver = Driver::start().await;
     let browser = driver.browser(1280, 900).await;
@@ -292,7 +264,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_serves_only_admins_and_changes_only_from_its_own_pages() {
-    let (system, _order) = a_dead_charge().await;
+    let (system, _order) = System::with_a_dead_charge().await;
     let (console, stop) = console(&system).await;
     let http = topology::https::client_builder()
         .redirect(reqwest::redirect::Policy::none())

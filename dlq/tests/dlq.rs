@@ -230,28 +230,7 @@ async fn dead_messages_of_every_path_are_listed_with_their_reason_grouped_and_le
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_order_whose_payment_died_while_the_gateway_was_down_completes_after_replay_charged_once()
  {
-    let system = System::start(Options {
-        trouble: Trouble {
-            error_rate: 1.0,
-            latency_ms: 0,
-            ..Trouble::default()
-        },
-        payment_timeout: Duration::from_secs(300),
-        // Without circuit breakers, as an operator may run the workers: the
-        // charge spends every tier on the outage and dies.
-        breaker: runtime::BreakerSettings {
-            threshold: 0,
-            ..runtime::BreakerSettings::default()
-        },
-        ..Options::default()
-    })
-    .await;
-    system.stock("SKU-P", 5).await;
-    let id = system.place("SKU-P", 1, "pm_card_visa").await;
-    eventually(WAIT, "the charge is exhausted", || async {
-        system.env.depth("payment.dead").await == 1
-    })
-    .await;
+    let (system, id) = System::with_a_dead_charge().await;
     let listed = dlq_json(&system.env, &["list", "payment.dead"]);
     assert_eq!(listed[0]["error_kind"], "exhausted");
     assert_eq!(listed[0]["order_id"], id.as_str());

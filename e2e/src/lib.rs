@@ -589,6 +589,34 @@ impl System {
     /// Asserts the system-wide invariants: no stock reserved by a cancelled
     /// order, no negative stock, no charge standing on a cancelled order and
     /// exactly one on each confirmed one, empty dead queues.
+    /// A system whose payment gateway is down, run without circuit breakers
+    /// (as an operator may run the workers), with one order whose charge
+    /// spent every retry tier on the outage and died in `payment.dead`;
+    /// its payment deadline is far. Returns the order's id.
+    pub async fn with_a_dead_charge() -> (Self, String) {
+        let system = Self::start(Options {
+            trouble: Trouble {
+                error_rate: 1.0,
+                latency_ms: 0,
+                ..Trouble::default()
+            },
+            payment_timeout: Duration::from_secs(300),
+            breaker: runtime::BreakerSettings {
+                threshold: 0,
+                ..runtime::BreakerSettings::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        system.stock("SKU-P", 5).await;
+        let id = system.place("SKU-P", 1, "pm_card_visa").await;
+        testkit::eventually(Duration::from_secs(60), "the charge is dead", || async {
+            system.env.depth("payment.dead").await == 1
+        })
+        .await;
+        (system, id)
+    }
+
     /// The system's connections to the broker, as the management API shows them.
     pub async fn broker_connections(&self) -> Vec<Value> {
         let path = format!(

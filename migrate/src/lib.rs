@@ -10,9 +10,6 @@ use settings::{Source, Var};
 /// The default prefix of the roles' names (`orderflow_order_worker`).
 pub const ROLE_PREFIX: &str = "orderflow_";
 
-/// The shortest password accepted for a role.
-const MIN_PASSWORD_LEN: usize = 16;
-
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "migrate",
@@ -79,25 +76,10 @@ fn role_passwords(source: &Source) -> anyhow::Result<Vec<(DatabaseRole, String)>
     roles()
         .into_iter()
         .map(|role| {
-            let var = Var::optional(role.password_var);
-            let password = source.secret(
-                var,
-                |_| "***".to_owned(),
-                |raw| {
-                    if raw.len() < MIN_PASSWORD_LEN {
-                        Err(format!("must be at least {MIN_PASSWORD_LEN} characters"))
-                    } else {
-                        Ok(raw.to_owned())
-                    }
-                },
+            let password = source.password(
+                Var::optional(role.password_var),
+                "migrate --roles needs a password for each binary's role",
             )?;
-            let password = password.ok_or_else(|| {
-                settings::invalid(
-                    var,
-                    "",
-                    "not set: migrate --roles needs a password for each binary's role",
-                )
-            })?;
             Ok((role, password))
         })
         .collect()

@@ -205,20 +205,26 @@ async fn a_role_that_finds_migrations_pending_says_to_run_migrate_or_waits_for_i
         }
         other => panic!("{other:?}"),
     }
-    // The migrator's advisory lock went with the connection that failed: a
-    // session keeping it would block every later run.
-    let held: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND a.usename = $1",
+    // The migrator's advisory lock goes with the connection that failed (its
+    // server process ends a moment after the close): a pooled session
+    // keeping it would block every later run for ever.
+    let role = format!("{}order_worker", prefix(&env));
+    testkit::eventually(
+        std::time::Duration::from_secs(10),
+        "no session of the role holding the migrator's lock",
+        || async {
+            let held: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND a.usename = $1",
+            )
+            .bind(&role)
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+            held == 0
+        },
     )
-    .bind(format!("{}order_worker", prefix(&env)))
-    .fetch_one(&admin)
-    .await
-    .unwrap();
-    assert_eq!(
-        held, 0,
-        "a pooled connection still holds the migrator's lock"
-    );
+    .await;
     // A worker waits for the owner's `migrate` instead of failing.
     let waiting = tokio::spawn({
         let order = order.clone();

@@ -54,6 +54,9 @@ pub struct Source {
     values: HashMap<String, String>,
 }
 
+/// The shortest password [`Source::password`] accepts.
+pub const MIN_PASSWORD_LEN: usize = 16;
+
 impl Source {
     /// The process environment, as it is now.
     pub fn environment() -> Self {
@@ -137,6 +140,24 @@ impl Source {
     /// `var` holding secrets, parsed by `parse`, or `None` when unset and
     /// without a default; when refused, the error shows the value as
     /// `mask` writes it, never the secrets.
+    /// A password that must be set, of `MIN_PASSWORD_LEN` characters or
+    /// more, never shown in an error; `needed_by` says who needs it when
+    /// it is missing.
+    pub fn password(&self, var: Var, needed_by: &str) -> Result<String, ConfigError> {
+        let password = self.secret(
+            var,
+            |_| "***".to_owned(),
+            |raw| {
+                if raw.len() < MIN_PASSWORD_LEN {
+                    Err(format!("must be at least {MIN_PASSWORD_LEN} characters"))
+                } else {
+                    Ok(raw.to_owned())
+                }
+            },
+        )?;
+        password.ok_or_else(|| invalid(var, "", format!("not set: {needed_by}")))
+    }
+
     pub fn secret<T>(
         &self,
         var: Var,

@@ -111,25 +111,10 @@ fn identity_passwords(
     topology::identities::identities()
         .into_iter()
         .map(|identity| {
-            let var = settings::Var::optional(identity.password_var);
-            let password = source.secret(
-                var,
-                |_| "***".to_owned(),
-                |raw| {
-                    if raw.len() < 16 {
-                        Err("must be at least 16 characters".to_owned())
-                    } else {
-                        Ok(raw.to_owned())
-                    }
-                },
+            let password = source.password(
+                settings::Var::optional(identity.password_var),
+                "topology apply --users needs a password for each binary's user",
             )?;
-            let password = password.ok_or_else(|| {
-                settings::invalid(
-                    var,
-                    "",
-                    "not set: topology apply --users needs a password for each binary's user",
-                )
-            })?;
             Ok((identity, password))
         })
         .collect()
