@@ -146,6 +146,8 @@ pub struct System {
     /// The first payment worker's `/metrics` and `/readyz`, with
     /// `Options::payment_metrics`.
     pub payment_metrics: Option<String>,
+    /// The publisher's `METRICS_ADDR` (`/metrics` without a key).
+    pub publisher_metrics: Option<String>,
     pub pool: sqlx::PgPool,
     smtp: SmtpSink,
     /// The broker users made for this system (`Options::identities`).
@@ -267,9 +269,13 @@ impl System {
             database_pool_size: 4,
             shedding: publisher::shedding::SheddingSettings::read(&Default::default()).unwrap(),
             auth: options.auth.clone().unwrap_or_else(test_keys),
+            metrics_addr: Some("127.0.0.1:0".into()),
         };
         let app = publisher::Application::build(settings).await.unwrap();
         let api = format!("http://127.0.0.1:{}", app.port());
+        let publisher_metrics = app
+            .metrics_port()
+            .map(|port| format!("http://127.0.0.1:{port}"));
         let (stop, stopped) = oneshot::channel::<()>();
         stops.push(stop);
         spawn(Box::pin(app.run(async move {
@@ -342,6 +348,7 @@ impl System {
             gateway,
             http: client_with_token(ADMIN_TOKEN),
             payment_metrics: payment_metrics.map(|a| format!("http://{a}")),
+            publisher_metrics,
             users,
             database_roles,
             pool,

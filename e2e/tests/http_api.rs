@@ -31,6 +31,7 @@ impl LonePublisher {
             database_pool_size: 1,
             shedding: publisher::shedding::SheddingSettings::read(&shedding).unwrap(),
             auth: e2e::test_keys(),
+            metrics_addr: None,
         };
         let app = publisher::Application::build(settings).await.unwrap();
         let api = format!("http://127.0.0.1:{}", app.port());

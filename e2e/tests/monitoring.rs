@@ -141,8 +141,38 @@ async fn the_alerts_and_the_dashboard_watch_metrics_the_binaries_export() {
 
     let mut names = BTreeSet::new();
     let mut labels = BTreeSet::new();
+    // The publisher's metrics port serves them without a key, and nothing
+    // of the API; the API's `/metrics` still takes an admin key.
+    let publisher_metrics = system.publisher_metrics.as_ref().unwrap();
+    let plain = topology::https::client();
+    let unkeyed = plain
+        .get(format!("{publisher_metrics}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unkeyed.status(), 200);
+    assert!(
+        unkeyed
+            .text()
+            .await
+            .unwrap()
+            .contains("orderflow_publisher_commands_published_total")
+    );
+    let api = plain
+        .get(format!("{publisher_metrics}/orders/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(api.status(), 404);
+    let unkeyed_api = plain
+        .get(format!("{}/metrics", system.api))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unkeyed_api.status(), 401);
     for url in [
         format!("{}/metrics", system.api),
+        format!("{publisher_metrics}/metrics"),
         format!("{}/metrics", system.payment_metrics.as_ref().unwrap()),
     ] {
         let text = admin.get(&url).send().await.unwrap().text().await.unwrap();

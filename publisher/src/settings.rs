@@ -11,6 +11,9 @@ const HTTP_ADDR: Var = Var::new("HTTP_ADDR", "127.0.0.1:8080");
 const REQUEST_TIMEOUT_MS: Var = Var::new("REQUEST_TIMEOUT_MS", "10000");
 const MAX_BODY_BYTES: Var = Var::new("MAX_BODY_BYTES", "65536");
 const DATABASE_POOL_SIZE: Var = Var::new("DATABASE_POOL_SIZE", "5");
+/// `METRICS_ADDR`: `/metrics` on a port of its own, for a scraper inside
+/// the deployment, without a key (unset: only the API's, admin only).
+const METRICS_ADDR: Var = Var::optional("METRICS_ADDR");
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
@@ -28,6 +31,8 @@ pub struct PublisherSettings {
     pub shedding: SheddingSettings,
     /// `API_KEYS`, or `AUTH=off`.
     pub auth: AuthSettings,
+    /// `METRICS_ADDR`: where `/metrics` is also served, without a key.
+    pub metrics_addr: Option<String>,
 }
 
 impl PublisherSettings {
@@ -46,6 +51,7 @@ impl PublisherSettings {
             max_body_bytes: source.get(MAX_BODY_BYTES)?,
             database_pool_size: source.get(DATABASE_POOL_SIZE)?,
             shedding: SheddingSettings::read(source)?,
+            metrics_addr: source.optional(METRICS_ADDR, runtime::config::host_port)?,
             // Last: a publisher without keys is refused after any other
             // bad variable is named.
             auth: AuthSettings::read(source)?,
@@ -62,6 +68,7 @@ impl PublisherSettings {
             database_pool_size = self.database_pool_size,
             auth = %self.auth.describe(),
             shedding = %self.shedding.describe(),
+            metrics_addr = self.metrics_addr.as_deref().unwrap_or("unset"),
             "Effective configuration"
         );
         if matches!(self.auth, AuthSettings::Off) {

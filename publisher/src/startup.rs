@@ -23,6 +23,8 @@ use tower_http::timeout::TimeoutLayer;
 pub struct Application {
     listener: TcpListener,
     router: Router,
+    /// `METRICS_ADDR`'s listener and its router, serving `/metrics` only.
+    metrics: Option<(TcpListener, Router)>,
     publisher: Arc<Publisher>,
     /// Ends the backlog watcher with the application.
     token: CancellationToken,
@@ -51,6 +53,14 @@ impl Application {
         let shedding = Arc::new(Shedding::new(&settings.shedding));
         let token = CancellationToken::new();
         shedding.watch_backlog(settings.amqp_url.expose().to_owned(), token.clone());
+        let metrics = match &settings.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on METRICS_ADDR={addr}: {e}"))?,
+            ),
+            None => None,
+        };
         let state = AppState {
             publisher: publisher.clone(),
             pool,
@@ -59,13 +69,23 @@ impl Application {
             shedding,
         };
         let authenticator = Arc::new(Authenticator::start(settings.auth.clone()).await?);
+        let metrics = metrics.map(|listener| (listener, metrics_router(state.metrics.clone())));
         let router = router(state, authenticator, settings.request_timeout);
         Ok(Self {
             listener,
             router,
+            metrics,
             publisher,
             token,
         })
+    }
+
+    /// The port of `METRICS_ADDR`, when set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+            .map(|a| a.port())
     }
 
     pub fn port(&self) -> u16 {
@@ -80,11 +100,23 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(port = self.port(), "Publisher listening");
+        tracing::info!(port = self.port(), metrics_port = ?self.metrics_port(), "Publisher listening");
+        // The metrics port ends with the API.
+        let metrics = self.metrics.map(|(listener, router)| {
+            let token = self.token.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(async move { token.cancelled().await })
+                    .await
+            })
+        });
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
         self.token.cancel();
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         served?;
         self.publisher.close().await;
         tracing::info!("Publisher stopped");
@@ -168,4 +200,24 @@ fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         _ => "other",
     }
+}
+
+/// `METRICS_ADDR`'s routes: `/metrics` without a key, for a scraper inside
+/// the deployment; nothing of the API.
+fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    )
 }

@@ -9,6 +9,8 @@ async fn a_garbage_setting_stops_the_publisher_at_start_with_the_variable_named(
         ("AMQP_URL", "amqp://127.0.0.1:99999/%2f"),
         ("AMQP_URL", "amqp://127.0.0.1:5672,,127.0.0.1:5673/%2f"),
         ("HTTP_ADDR", "nowhere"),
+        ("METRICS_ADDR", "nowhere"),
+        ("JWT_JWKS_URL", "ftp://id.example.com/keys"),
         ("REQUEST_TIMEOUT_MS", "10s"),
         ("LOG_FORMAT", "yaml"),
         ("RUST_LOG", "orderflow=loud"),
