@@ -416,6 +416,14 @@ impl Dlq {
     }
 
     /// Replays the selected messages of `queue`; `progress` is told of each.
+    /// Replays the selected messages of `queue`; `progress` is told of each
+    /// message read. Streamed: the messages are taken one at a time, each
+    /// chosen one published, confirmed and only then acked, the others held
+    /// unacked and put back in place at the end, so memory stays flat
+    /// however deep the queue. A replay that stops (a publish not
+    /// confirmed, the process killed) loses nothing: what was not acked is
+    /// back in the queue, and running it again goes on where it stopped (a
+    /// copy confirmed but not acked is found applied by the inbox check).
     pub async fn replay(
         &self,
         queue: &str,
@@ -424,88 +432,147 @@ impl Dlq {
         options: &ReplayOptions,
         progress: &(dyn Progress + Sync),
     ) -> anyhow::Result<Vec<Outcome>> {
-        let snapshot = Snapshot::take(&self.connection, queue).await?;
-        let chosen = snapshot.chosen(selectors);
-        if options.new_body.is_some() && chosen.len() != 1 {
-            let n = chosen.len();
-            drop(chosen);
-            snapshot.release().await;
-            if let ([id], 0) = (selectors.ids.as_slice(), n) {
-                bail!(
-                    "message {id} is no longer in {queue} (replayed or purged meanwhile); the new body was for it, nothing replayed"
-                );
-            }
-            bail!("a new body replays exactly one message; the selectors chose {n}");
-        }
-        progress.start(chosen.len());
         let mut outcomes = Vec::new();
-        let mut result = Ok(());
-        for m in chosen {
+        if options.new_body.is_some() {
+            // A new body is for exactly the message it was read from.
+            let snapshot = Snapshot::take(&self.connection, queue).await?;
+            let chosen = snapshot.chosen(selectors);
+            if chosen.len() != 1 {
+                let n = chosen.len();
+                drop(chosen);
+                snapshot.release().await;
+                if let ([id], 0) = (selectors.ids.as_slice(), n) {
+                    bail!(
+                        "message {id} is no longer in {queue} (replayed or purged meanwhile); the new body was for it, nothing replayed"
+                    );
+                }
+                bail!("a new body replays exactly one message; the selectors chose {n}");
+            }
+            progress.start(1);
             progress.advance();
-            let skip = |why: String| Outcome {
-                message_id: m.message_id.clone(),
-                action: "skipped",
-                detail: why,
-            };
-            if let Some(why) = self.refusal(m, domain, options).await? {
-                outcomes.push(skip(why));
-                continue;
-            }
-            let Some((exchange, routing_key)) = destination(m, options) else {
-                outcomes.push(skip(
-                    "no original exchange and routing key; replay it to a queue by name".into(),
-                ));
-                continue;
-            };
-            let target = format!(
-                "{}/{}",
-                if exchange.is_empty() {
-                    "(default)"
-                } else {
-                    &exchange
-                },
-                routing_key
-            );
-            if options.dry_run {
-                outcomes.push(Outcome {
-                    message_id: m.message_id.clone(),
-                    action: "would replay",
-                    detail: format!("to {target}"),
-                });
-                continue;
-            }
-            let body = options.new_body.clone().unwrap_or_else(|| m.body.clone());
-            if let Err(e) = self
-                .publisher
-                .publish_raw(&exchange, &routing_key, &body, replay_properties(m))
+            let result = self
+                .replay_one(
+                    &snapshot.channel,
+                    queue,
+                    domain,
+                    chosen[0],
+                    options,
+                    &mut outcomes,
+                )
+                .await;
+            snapshot.release().await;
+            return result.map(|()| outcomes);
+        }
+        let channel = self.connection.create_channel().await?;
+        let depth = topology::queue_depth(&channel, queue)
+            .await
+            .with_context(|| format!("queue {queue} does not exist"))?;
+        progress.start(depth as usize);
+        let now = Utc::now();
+        let mut result = Ok(());
+        for _ in 0..depth {
+            // Empty before its depth: another operator holds the rest.
+            let got = match channel
+                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
                 .await
             {
-                result = Err(anyhow::anyhow!(
-                    "replay of {} not confirmed, stopping: {e}",
-                    m.message_id
-                ));
+                Ok(Some(got)) => got,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            };
+            progress.advance();
+            let d = got.delivery;
+            let m = DeadMessage::from_delivery(d.delivery_tag, d.properties, d.data);
+            if !selectors.matches(&m, now) {
+                continue;
+            }
+            if let Err(e) = self
+                .replay_one(&channel, queue, domain, &m, options, &mut outcomes)
+                .await
+            {
+                result = Err(e);
                 break;
             }
-            // Confirmed: now the dead copy may go.
-            snapshot.ack(m.delivery_tag).await?;
-            self.audit(
-                "replay",
-                queue,
-                &m.message_id,
-                json!({"to": target, "edited": options.new_body.is_some(), "replays": m.replays + 1}),
-            )
-            .await?;
+        }
+        // Every message not acked goes back to its place.
+        let _ = channel.close(200, "dlq replay done".into()).await;
+        result.map(|()| outcomes)
+    }
+
+    /// Replays one message held unacked on `channel`: refused, skipped,
+    /// described (dry run), or published with a confirm and then acked. An
+    /// error stops the replay.
+    async fn replay_one(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        domain: Domain,
+        m: &DeadMessage,
+        options: &ReplayOptions,
+        outcomes: &mut Vec<Outcome>,
+    ) -> anyhow::Result<()> {
+        let skip = |why: String| Outcome {
+            message_id: m.message_id.clone(),
+            action: "skipped",
+            detail: why,
+        };
+        if let Some(why) = self.refusal(m, domain, options).await? {
+            outcomes.push(skip(why));
+            return Ok(());
+        }
+        let Some((exchange, routing_key)) = destination(m, options) else {
+            outcomes.push(skip(
+                "no original exchange and routing key; replay it to a queue by name".into(),
+            ));
+            return Ok(());
+        };
+        let target = format!(
+            "{}/{}",
+            if exchange.is_empty() {
+                "(default)"
+            } else {
+                &exchange
+            },
+            routing_key
+        );
+        if options.dry_run {
             outcomes.push(Outcome {
                 message_id: m.message_id.clone(),
-                action: "replayed",
+                action: "would replay",
                 detail: format!("to {target}"),
             });
-            if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
-                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
-            }
+            return Ok(());
         }
-        snapshot.release().await;
-        result.map(|()| outcomes)
+        let body = options.new_body.clone().unwrap_or_else(|| m.body.clone());
+        self.publisher
+            .publish_raw(&exchange, &routing_key, &body, replay_properties(m))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("replay of {} not confirmed, stopping: {e}", m.message_id)
+            })?;
+        // Confirmed: now the dead copy may go.
+        channel
+            .basic_ack(m.delivery_tag, BasicAckOptions::default())
+            .await?;
+        self.audit(
+            "replay",
+            queue,
+            &m.message_id,
+            json!({"to": target, "edited": options.new_body.is_some(), "replays": m.replays + 1}),
+        )
+        .await?;
+        outcomes.push(Outcome {
+            message_id: m.message_id.clone(),
+            action: "replayed",
+            detail: format!("to {target}"),
+        });
+        if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+            tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+        }
+        Ok(())
     }
 
     /// Why `m` must not be replayed, if it must not: its replay budget is
