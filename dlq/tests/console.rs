@@ -94,6 +94,18 @@ async fn console(system: &System) -> (String, oneshot::Sender<()>) {
     (url, stop)
 }
 
+/// Clicks what `locator` finds (a link or a button).
+async fn click(browser: &Client, locator: Locator<'_>) {
+    browser.find(locator).await.unwrap().click().await.unwrap();
+}
+
+/// Signs in on the console's sign-in page with `token`, from the keyboard.
+async fn sign_in(browser: &Client, token: &str) {
+    let field = browser.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(token).await.unwrap();
+    field.send_keys(&Key::Enter.to_string()).await.unwrap();
+}
+
 /// A screenshot that is a picture of something: a PNG of the window's size
 /// with more than a few colours (not a blank or error page).
 fn check_screenshot(png: &[u8], name: &str) {
@@ -136,9 +148,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
             .path()
             .ends_with("/login")
     );
-    let token = browser.find(Locator::Css("#token")).await.unwrap();
-    token.send_keys("not-a-key-of-anyone").await.unwrap();
-    token.send_keys(&Key::Enter.to_string()).await.unwrap();
+    sign_in(&browser, "not-a-key-of-anyone").await;
     let refused = browser.find(Locator::Css("p.error")).await.unwrap();
     assert!(
         refused
@@ -147,9 +157,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
             .unwrap()
             .contains("unknown or invalid token")
     );
-    let token = browser.find(Locator::Css("#token")).await.unwrap();
-    token.send_keys(e2e::ADMIN_TOKEN).await.unwrap();
-    token.send_keys(&Key::Enter.to_string()).await.unwrap();
+    sign_in(&browser, e2e::ADMIN_TOKEN).await;
 
     // The dead queues, then the payment worker's: the reason is shown.
     let row = browser
@@ -161,13 +169,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
         "{}",
         row.text().await.unwrap()
     );
-    browser
-        .find(Locator::LinkText("payment.dead"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::LinkText("payment.dead")).await;
     let page = browser.source().await.unwrap();
     assert!(page.contains("exhausted"), "no reason shown");
     assert!(
@@ -178,23 +180,13 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
     check_screenshot(&browser.screenshot().await.unwrap(), "queue");
 
     // The message, then its replay: first what would happen, then done.
-    browser
-        .find(Locator::Css("table tbody td a code"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::Css("table tbody td a code")).await;
     assert!(browser.source().await.unwrap().contains("x-death"));
-    browser
-        .find(Locator::XPath(
-            "//div[@class='actions']//button[text()='Replay…']",
-        ))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        &browser,
+        Locator::XPath("//div[@class='actions']//button[text()='Replay…']"),
+    )
+    .await;
     let page = browser.source().await.unwrap();
     assert!(page.contains("This will replay"), "no confirmation step");
     assert_eq!(
@@ -220,13 +212,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
     assert_eq!(system.env.depth("payment.dead").await, 0);
 
     // The audit trail names the key the operator signed in with.
-    browser
-        .find(Locator::LinkText("Audit trail"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, Locator::LinkText("Audit trail")).await;
     let audit = browser
         .find(Locator::Css("tbody tr"))
         .await
@@ -243,9 +229,7 @@ async fn an_operator_sees_why_a_charge_died_replays_it_and_the_order_completes()
     // On a phone's width the page fits: nothing wider than the screen.
     let phone = driver.browser(390, 844).await;
     phone.goto(&format!("{console}/login")).await.unwrap();
-    let token = phone.find(Locator::Css("#token")).await.unwrap();
-    token.send_keys(e2e::ADMIN_TOKEN).await.unwrap();
-    token.send_keys(&Key::Enter.to_string()).await.unwrap();
+    sign_in(&phone, e2e::ADMIN_TOKEN).await;
     phone.goto(&format!("{console}/audit")).await.unwrap();
     let fits = phone
         .execute(
