@@ -47,12 +47,8 @@ else
     exit 1
 fi
 
-log "deploy/kubernetes (kubernetes-validate --strict)"
-if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
-    python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages kubernetes-validate
-fi
-python3 -m kubernetes_validate --strict --quiet deploy/kubernetes/*.yaml
+log "deploy/kubernetes (the API's schema, and KEDA's and the Prometheus Operator's)"
+./scripts/kubernetes.sh
 
 # Tests that stop the shared broker, or raise its memory alarm, run alone,
 # after the others.
