@@ -521,14 +521,10 @@ fn table_of(chosen: &[&crate::message::DeadMessage]) -> Table {
 /// Prints one message: properties, headers and body.
 async fn show(dlq: &Dlq, queue: &str, id: &str) -> anyhow::Result<()> {
     let (queue, _) = dead_queue(queue)?;
-    let snapshot = Snapshot::take(&dlq.connection, &queue).await?;
-    let found = snapshot
-        .messages
-        .iter()
-        .find(|m| m.message_id == id)
-        .map(|m| m.details());
-    snapshot.release().await;
-    let details = found.with_context(|| format!("no message {id} in {queue}"))?;
+    let found = crate::find(&dlq.connection, &queue, id).await?;
+    let details = found
+        .with_context(|| format!("no message {id} in {queue}"))?
+        .details();
     print_json(&details);
     Ok(())
 }

@@ -15,12 +15,15 @@
 pub mod cli;
 pub mod console;
 pub mod message;
+mod read;
+
+pub use read::{Page, PageRequest, Scan, find, page};
 
 use anyhow::{Context as _, bail};
 use chrono::Utc;
 use contract::{Domain, headers};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use message::DeadMessage;
@@ -212,112 +215,6 @@ impl Snapshot {
     }
 }
 
-/// One page of a dead queue: where it starts, how long it is, and the
-/// window of death times it keeps to.
-#[derive(Debug, Clone, Default)]
-pub struct PageRequest {
-    /// Messages on the page, at most.
-    pub limit: usize,
-    /// The cursor: the id of the last message of the page before.
-    pub after: Option<String>,
-    /// Died at or after this.
-    pub since: Option<chrono::DateTime<Utc>>,
-    /// Died before this.
-    pub until: Option<chrono::DateTime<Utc>>,
-}
-
-/// A page of a dead queue, and the cursor of the next one.
-#[derive(Debug)]
-pub struct Page {
-    pub messages: Vec<DeadMessage>,
-    /// The next page's `after`, when there are more messages to list.
-    pub next: Option<String>,
-    /// Messages read to make the page (the ones before the cursor too).
-    pub scanned: usize,
-    pub depth: u32,
-}
-
-impl PageRequest {
-    fn keeps(&self, m: &DeadMessage) -> bool {
-        let died = m.first_failed_at;
-        self.since
-            .is_none_or(|since| died.is_some_and(|d| d >= since))
-            && self
-                .until
-                .is_none_or(|until| died.is_some_and(|d| d < until))
-    }
-}
-
-/// A page of `queue`: its messages are taken one at a time, unacked, and
-/// only the page's are kept, so memory stays flat however deep the queue
-/// and however far the cursor; closing the channel puts every message back
-/// in its place. Reaching a page costs reading the messages before it.
-pub async fn page(
-    connection: &Connection,
-    queue: &str,
-    selectors: &Selectors,
-    request: &PageRequest,
-) -> anyhow::Result<Page> {
-    let channel = connection.create_channel().await?;
-    let result = read_page(&channel, queue, selectors, request).await;
-    let _ = channel.close(200, "dlq page read".into()).await;
-    result
-}
-
-async fn read_page(
-    channel: &Channel,
-    queue: &str,
-    selectors: &Selectors,
-    request: &PageRequest,
-) -> anyhow::Result<Page> {
-    let depth = topology::queue_depth(channel, queue)
-        .await
-        .with_context(|| format!("queue {queue} does not exist"))?;
-    let now = Utc::now();
-    let mut past_cursor = request.after.is_none();
-    let mut messages = Vec::with_capacity(request.limit.min(1024));
-    let mut next = None;
-    let mut scanned = 0;
-    while scanned < depth as usize {
-        // Empty before its depth: another reader holds the rest.
-        let Some(got) = channel
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
-            break;
-        };
-        scanned += 1;
-        let d = got.delivery;
-        let m = DeadMessage::from_delivery(d.delivery_tag, d.properties, d.data);
-        if !past_cursor {
-            past_cursor = request.after.as_deref() == Some(m.message_id.as_str());
-            continue;
-        }
-        if !selectors.matches(&m, now) || !request.keeps(&m) {
-            continue;
-        }
-        if messages.len() == request.limit {
-            next = messages
-                .last()
-                .map(|last: &DeadMessage| last.message_id.clone());
-            break;
-        }
-        messages.push(m);
-    }
-    if !past_cursor {
-        bail!(
-            "message {} (the cursor) is no longer in {queue}: it was replayed or purged; list again from the start",
-            request.after.as_deref().unwrap_or_default()
-        );
-    }
-    Ok(Page {
-        messages,
-        next,
-        scanned,
-        depth,
-    })
-}
-
 /// What an operation did to one message.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
@@ -464,28 +361,20 @@ impl Dlq {
             return result.map(|()| outcomes);
         }
         let channel = self.connection.create_channel().await?;
-        let depth = topology::queue_depth(&channel, queue)
-            .await
-            .with_context(|| format!("queue {queue} does not exist"))?;
-        progress.start(depth as usize);
+        let mut scan = Scan::open(&channel, queue).await?;
+        progress.start(scan.depth as usize);
         let now = Utc::now();
         let mut result = Ok(());
-        for _ in 0..depth {
-            // Empty before its depth: another operator holds the rest.
-            let got = match channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await
-            {
-                Ok(Some(got)) => got,
+        loop {
+            let m = match scan.next().await {
+                Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(e) => {
-                    result = Err(e.into());
+                    result = Err(e);
                     break;
                 }
             };
             progress.advance();
-            let d = got.delivery;
-            let m = DeadMessage::from_delivery(d.delivery_tag, d.properties, d.data);
             if !selectors.matches(&m, now) {
                 continue;
             }

@@ -300,8 +300,7 @@ async fn queue_view(
     queue: &str,
     after: Option<String>,
 ) -> Result<QueueView, Failure> {
-    let (queue, _) =
-        dead_queue(queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let (queue, _) = known_dead_queue(queue)?;
     let snapshot = Snapshot::take_at_most(&console.dlq.connection, &queue, SAMPLE).await?;
     let all: Vec<_> = snapshot.messages.iter().collect();
     let now = chrono::Utc::now();
@@ -378,22 +377,16 @@ async fn one_message(
     queue: &str,
     id: &str,
 ) -> Result<(String, serde_json::Value, serde_json::Value), Failure> {
-    let (queue, _) =
-        dead_queue(queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
-    let snapshot = Snapshot::take(&console.dlq.connection, &queue).await?;
-    let found = snapshot
-        .messages
-        .iter()
-        .find(|m| m.message_id == id)
-        .map(|m| (m.summary(chrono::Utc::now()), m.details()));
-    snapshot.release().await;
-    let (summary, details) = found.ok_or_else(|| {
-        Failure::new(
-            StatusCode::NOT_FOUND,
-            format!("message {id} is not in {queue} (replayed or purged meanwhile?)"),
-        )
-    })?;
-    Ok((queue, summary, details))
+    let (queue, _) = known_dead_queue(queue)?;
+    let m = crate::find(&console.dlq.connection, &queue, id)
+        .await?
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("message {id} is not in {queue} (replayed or purged meanwhile?)"),
+            )
+        })?;
+    Ok((queue, m.summary(chrono::Utc::now()), m.details()))
 }
 
 async fn message_page(
@@ -481,8 +474,9 @@ impl ActionForm {
     }
 }
 
-fn operator_of(request_caller: &Caller) -> String {
-    request_caller.name.clone()
+/// `name` as a dead queue of a known domain, or `404`.
+fn known_dead_queue(name: &str) -> Result<(String, Domain), Failure> {
+    dead_queue(name).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))
 }
 
 async fn replay(
@@ -491,8 +485,7 @@ async fn replay(
     axum::Extension(caller): axum::Extension<Caller>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, Failure> {
-    let (queue, domain) =
-        dead_queue(&queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let (queue, domain) = known_dead_queue(&queue)?;
     let selectors = form.selectors()?;
     let options = ReplayOptions {
         dry_run: !form.confirmed(),
@@ -503,7 +496,7 @@ async fn replay(
         force: false,
         inbox_retention: console.inbox_retention,
     };
-    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let dlq = console.dlq.acting_as(&caller.name);
     let outcomes = dlq
         .replay(&queue, domain, &selectors, &options, &())
         .await?;
@@ -516,11 +509,10 @@ async fn purge(
     axum::Extension(caller): axum::Extension<Caller>,
     Form(form): Form<ActionForm>,
 ) -> Result<Response, Failure> {
-    let (queue, _) =
-        dead_queue(&queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let (queue, _) = known_dead_queue(&queue)?;
     let selectors = form.selectors()?;
     let reason = (!form.reason.trim().is_empty()).then(|| form.reason.trim().to_owned());
-    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let dlq = console.dlq.acting_as(&caller.name);
     let outcomes = dlq
         .purge(
             &queue,
@@ -555,8 +547,7 @@ async fn restore(
     axum::Extension(caller): axum::Extension<Caller>,
     Form(form): Form<RestoreForm>,
 ) -> Result<Response, Failure> {
-    let (queue, _) =
-        dead_queue(&form.queue).map_err(|e| Failure::new(StatusCode::NOT_FOUND, e.to_string()))?;
+    let (queue, _) = known_dead_queue(&form.queue)?;
     if form.confirm != "yes" {
         let fields = vec![
             ("queue", queue.clone()),
@@ -572,7 +563,7 @@ async fn restore(
                 .into_response(),
         );
     }
-    let dlq = console.dlq.acting_as(&operator_of(&caller));
+    let dlq = console.dlq.acting_as(&caller.name);
     let outcomes = dlq
         .restore(&queue, std::slice::from_ref(&form.message_id), false)
         .await?;
